@@ -1,0 +1,32 @@
+# distill-pipeline: the two commands a new user needs.
+#   make demo   set up .venv and run jobs/demo.yaml end to end
+#   make test   set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch is pinned so pip takes the CPU wheel on disk, not a multi-GB CUDA build.
+PINS   := torch==2.13.0 "ray[default,train,data]==2.60.0" deepspeed==0.19.8 pyarrow==26.0.1 \
+          s3fs==2026.9.0 pyyaml==6.0.4 pydantic==2.14.4 numpy==2.4.6 scikit-learn==1.9.1 matplotlib==3.11.2
+TEST_PINS := pytest==9.2.0 hypothesis==6.170.17 "moto[server]==5.2.5" boto3==1.43.117
+
+.PHONY: demo test setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
+	$(BIN)/pip install -q $(PINS) $(TEST_PINS)
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/distill run jobs/demo.yaml
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

@@ -1,0 +1,1 @@
+"""Ray-based knowledge-distillation pipeline for CTR models."""

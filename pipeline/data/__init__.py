@@ -1,0 +1,1 @@
+"""Click-log data: schema, reading, validation and the synthetic default data set."""

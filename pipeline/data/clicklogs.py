@@ -1,0 +1,86 @@
+"""Click logs on Parquet: find the `date=YYYY-MM-DD` partitions a spec selects, check their schema,
+and open them as a streaming Ray Dataset with only the needed columns.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pyarrow.dataset as pads
+
+from pipeline import storage
+from pipeline.errors import DataError
+
+_PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+
+
+def available_days(root: str) -> dict[dt.date, str]:
+    """All `date=` partitions under `root`, as {day: partition path}."""
+    if not storage.exists(root):
+        raise DataError(f"click-log path {root!r} does not exist; check data.path (or run `distill generate SPEC`)")
+    days = {}
+    for name in storage.list_dir(root):
+        match = _PARTITION.match(name)
+        if match:
+            days[dt.date.fromisoformat(match.group(1))] = storage.join(root, name)
+    if not days:
+        raise DataError(f"no date=YYYY-MM-DD partitions under {root!r}; expected e.g. {root}/date=2026-11-28/*.parquet")
+    return days
+
+
+def partition_paths(root: str, days: list[dt.date]) -> dict[dt.date, str]:
+    """The partition paths for `days`; names every missing day and what exists."""
+    found = available_days(root)
+    missing = [d.isoformat() for d in days if d not in found]
+    if missing:
+        have = ", ".join(d.isoformat() for d in sorted(found))
+        raise DataError(f"missing click-log partitions under {root!r}: {', '.join(missing)}; available days: {have}")
+    return {d: found[d] for d in days}
+
+
+def parquet_files(paths: list[str]) -> list[str]:
+    """The Parquet files of the given partitions; an empty partition is an error, not zero rows."""
+    files = []
+    for path in paths:
+        found = storage.list_files(path)
+        if not found:
+            raise DataError(f"partition {path!r} holds no .parquet files; remove it or rewrite it")
+        files += found
+    return files
+
+
+def partition_dataset(paths: list[str]) -> pads.Dataset:
+    """A pyarrow dataset over partition dirs: reads footers only until data is asked for."""
+    fs, _ = storage.filesystem(paths[0])
+    return pads.dataset([storage.filesystem(f)[1] for f in parquet_files(paths)], format="parquet", filesystem=fs)
+
+
+def check_columns(paths: list[str], needed: list[str]) -> None:
+    """Fails with what is missing and what exists when a needed column is absent."""
+    schema = partition_dataset(paths).schema
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise DataError(
+            f"click logs at {paths[0]!r}... lack column(s) {missing}; columns present: {schema.names}. "
+            "Fix the features section of the spec or the data."
+        )
+
+
+def count_rows(paths: list[str]) -> int:
+    """Row count from Parquet footers, without reading data pages."""
+    return partition_dataset(paths).count_rows()
+
+
+def read_click_logs(root: str, days: list[dt.date], columns: list[str]):
+    """Streams the selected days as a Ray Dataset with only `columns` plus `date`."""
+    import ray.data
+
+    paths = list(partition_paths(root, days).values())
+    check_columns(paths, columns)
+    fs, _ = storage.filesystem(root)
+    return ray.data.read_parquet(
+        [storage.filesystem(f)[1] for f in parquet_files(paths)],
+        filesystem=None if not storage.is_remote(root) else fs,
+        columns=columns,
+    )

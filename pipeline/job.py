@@ -1,0 +1,205 @@
+"""One distillation run, stage by stage: data -> teacher -> soft labels -> students -> evaluation.
+
+Each stage reads the previous stage's outputs and skips itself when its own outputs are already
+there and were made from the same inputs, so rerunning a finished or crashed job redoes only what
+is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import evaluate, shards, storage
+from pipeline.data import clicklogs
+from pipeline.errors import UserError
+from pipeline.label import TeacherPredictor, pool_options, run_label_stage
+from pipeline.spec import JobSpec
+
+log = logging.getLogger(__name__)
+STUDENTS = ("student_distilled", "student_hard")
+
+
+def run_job(spec: JobSpec) -> dict:
+    """Runs the whole job described by `spec`; returns the metrics also written to `<run>/metrics.json`."""
+    started = time.perf_counter()
+    with _stage(1, "click logs"):
+        ensure_click_logs(spec)
+    with ray_session(spec):
+        with _stage(2, "teacher"):
+            teacher = ensure_teacher(spec)
+        with _stage(3, "label: teacher actor pool -> soft-label shards"):
+            shard_dir = storage.join(spec.run_dir, "shards")
+            manifest = run_label_stage(spec, teacher, shard_dir)
+        with _stage(4, "students: distilled (KD loss) and hard-label baseline"):
+            students = {role: ensure_student(spec, manifest, role) for role in STUDENTS}
+        with _stage(5, "evaluate on held-out days"):
+            metrics = evaluate_run(spec, {"teacher": teacher, **students}, manifest)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
+    storage.atomic_write_text(storage.join(spec.run_dir, "report.md"), evaluate.render_report(metrics))
+    return metrics
+
+
+@contextlib.contextmanager
+def ray_session(spec: JobSpec):
+    """Joins `ray.address` or starts a local Ray (dashboard on loopback); shuts down only what it started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if spec.ray.address:
+        ray.init(address=spec.ray.address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _stage(number: int, title: str):
+    print(f"\n{'=' * 72}\n[stage {number}/5] {title}\n{'=' * 72}", flush=True)
+    started = time.perf_counter()
+    yield
+    print(f"[stage {number}/5] done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def ensure_click_logs(spec: JobSpec) -> None:
+    """For `data.source: synthetic`, generates the spec's days when they are not on disk yet."""
+    if spec.data.source != "synthetic":
+        return
+    days = spec.data.all_days()
+    try:
+        clicklogs.partition_paths(spec.data.path, days)
+        log.info("click logs: all %d days present under %s", len(days), spec.data.path)
+        return
+    except UserError:
+        pass
+    generate(spec)
+
+
+def generate(spec: JobSpec) -> list[str]:
+    """Writes the synthetic click log for every day from the first train day to the last eval day."""
+    from pipeline.data.synthetic import generate_click_logs
+
+    days = spec.data.all_days()
+    synthetic = spec.data.synthetic
+    paths = generate_click_logs(
+        spec.data.path, start_date=days[0], days=(days[-1] - days[0]).days + 1,
+        rows_per_day=synthetic.rows_per_day, users=synthetic.users, items=synthetic.items,
+        categories=synthetic.categories, seq_len=synthetic.seq_len, seed=synthetic.seed,
+    )
+    print(f"generated {len(paths)} days x {synthetic.rows_per_day:,} rows under {spec.data.path}", flush=True)
+    return paths
+
+
+def ensure_teacher(spec: JobSpec) -> str:
+    """The teacher checkpoint: the spec's, or one trained here on hard labels (same loop as students)."""
+    if spec.teacher.checkpoint:
+        if not storage.exists(spec.teacher.checkpoint):
+            raise UserError(f"teacher.checkpoint {spec.teacher.checkpoint!r} does not exist; fix the path or "
+                            "remove the field to train a teacher")
+        return spec.teacher.checkpoint
+    model_config = _model_config(spec.teacher)
+    columns = [spec.features.label] + spec.features.input_columns()
+    inputs = {d.isoformat(): clicklogs.count_rows([p])
+              for d, p in clicklogs.partition_paths(spec.data.path, spec.data.train_days.days()).items()}
+    depends_on = {"model": model_config, "train": spec.train.model_dump(), "inputs": inputs,
+                  "epochs": spec.teacher.epochs, "lr": spec.teacher.lr}
+    return _train_once(
+        spec, "teacher", model_config, depends_on,
+        dataset=lambda: clicklogs.read_click_logs(spec.data.path, spec.data.train_days.days(), columns),
+        distill=None, epochs=spec.teacher.epochs or spec.train.epochs, lr=spec.teacher.lr or spec.train.lr,
+    )
+
+
+def ensure_student(spec: JobSpec, manifest: dict, role: str) -> str:
+    """Trains a student on the soft-label shards: with the KD loss, or on hard labels only (alpha = 1)."""
+    import ray.data
+
+    model_config = _model_config(spec.student)
+    distill = spec.distill.model_dump() if role == "student_distilled" else None
+    depends_on = {"model": model_config, "train": spec.train.model_dump(), "distill": distill,
+                  "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"]}
+    files = [s["path"] for s in manifest["shards"]]
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    return _train_once(
+        spec, role, model_config, depends_on,
+        dataset=lambda: ray.data.read_parquet(files, columns=columns),
+        distill=distill, epochs=spec.train.epochs, lr=spec.train.lr,
+    )
+
+
+def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, *, dataset, distill,
+                epochs: int, lr: float) -> str:
+    """Trains unless `models/<role>.pt` exists for the same inputs; a crashed run resumes by name."""
+    from pipeline.train import train_model
+
+    fingerprint = hashlib.sha256(json.dumps(depends_on, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model_path = storage.join(spec.run_dir, "models", f"{role}.pt")
+    record_path = storage.join(spec.run_dir, "models", f"{role}.json")
+    if storage.exists(model_path) and storage.exists(record_path):
+        record = storage.read_json(record_path)
+        if record["fingerprint"] == fingerprint:
+            print(f"{role}: reusing {model_path} (same spec and inputs)", flush=True)
+            return model_path
+    result = train_model(role=f"{role}-{fingerprint}", spec=spec, model_config=model_config, dataset=dataset(),
+                         distill=distill, epochs=epochs, lr=lr, model_path=model_path)
+    for epoch in result.history:
+        print(f"{role}: epoch {epoch['epoch']} loss {epoch['loss']:.4f} ({epoch['rows_per_s']:,.0f} rows/s)")
+    storage.atomic_write_json(record_path, {"fingerprint": fingerprint, "history": result.history})
+    return model_path
+
+
+def _model_config(section) -> dict:
+    keys = ("model", "embedding_dim", "hash_buckets", "hidden", "cross_layers", "sequence_pooling")
+    return {k: getattr(section, k) for k in keys}
+
+
+def evaluate_run(spec: JobSpec, checkpoints: dict[str, str], manifest: dict) -> dict:
+    """Scores every model on the eval days in one actor-pool pass, then computes the metrics."""
+    from pipeline.models import count_parameters, load_model
+
+    columns = _eval_columns(spec)
+    dataset = clicklogs.read_click_logs(spec.data.path, spec.data.eval_days.days(), columns)
+    keep = [c for c in (spec.features.label, spec.features.group, "true_ctr") if c in columns]
+    predictor = {"checkpoints": dict(checkpoints), "keep_columns": keep}
+    scored = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
+    table = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+    labels = table.column(spec.features.label).to_numpy()
+    groups = table.column(spec.features.group).to_numpy() if spec.features.group else None
+    models = {}
+    for name, path in checkpoints.items():
+        model, config, _ = load_model(path)
+        models[name] = evaluate.score_model(labels, table.column(name).to_numpy(), groups)
+        models[name] |= {"family": config["model"], "params": count_parameters(model), "checkpoint": path}
+    ceiling = evaluate.auc(labels, table.column("true_ctr").to_numpy()) if "true_ctr" in keep else None
+    return {
+        "job": spec.name,
+        "spec_hash": spec.fingerprint(),
+        "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
+        "eval": {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
+                 "click_rate": float(np.mean(labels)), "ceiling_auc": ceiling},
+        "label": {"total_rows": manifest["total_rows"], "shards": len(manifest["shards"]),
+                  "status": "reused" if manifest.get("reused") else "labelled",
+                  "teacher_sha256": manifest["teacher"]["checkpoint_sha256"]},
+        "models": models,
+    }
+
+
+def _eval_columns(spec: JobSpec) -> list[str]:
+    """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
+    paths = list(clicklogs.partition_paths(spec.data.path, spec.data.eval_days.days()).values())
+    present = clicklogs.partition_dataset(paths).schema.names
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), "true_ctr"]
+    return list(dict.fromkeys(c for c in wanted if c and (c in present or c != "true_ctr")))

@@ -1,0 +1,77 @@
+"""Shared input encoder: hashed categorical embeddings, a pooled behaviour sequence, dense features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Odd 62-bit multiplier (Fibonacci hashing): spreads consecutive ids across buckets.
+_HASH_MULTIPLIER = 0x9E3779B97F4A7C15 >> 2
+
+
+def hash_ids(ids: torch.Tensor, buckets: int, salt: int = 0) -> torch.Tensor:
+    """Maps arbitrary int64 ids to [0, buckets); unseen ids are fine. Overflow wraps, on purpose."""
+    mixed = ids * _HASH_MULTIPLIER + salt
+    mixed = mixed ^ (mixed >> 29)
+    return torch.remainder(mixed, buckets)
+
+
+class FeatureEncoder(nn.Module):
+    """Embeds F categorical fields (one table of F * buckets rows), pools the sequence, transforms dense.
+
+    Output: (B, output_dim) = F * dim [+ dim for the sequence] + D.
+    """
+
+    def __init__(self, num_fields: int, num_dense: int, buckets: int, dim: int,
+                 sequence_field: int = -1, pooling: str = "mean"):
+        super().__init__()
+        self.num_fields, self.buckets, self.dim = num_fields, buckets, dim
+        self.sequence_field = sequence_field
+        self.embedding = nn.Embedding(num_fields * buckets, dim)
+        nn.init.normal_(self.embedding.weight, std=0.01)
+        self.register_buffer("offsets", torch.arange(num_fields) * buckets, persistent=False)
+        self.attention = SequenceAttention(dim) if sequence_field >= 0 and pooling == "attention" else None
+        self.output_dim = num_fields * dim + num_dense + (dim if sequence_field >= 0 else 0)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        cat = inputs["categorical"]  # (B, F)
+        fields = self.embedding(hash_ids(cat, self.buckets) + self.offsets)  # (B, F, dim)
+        parts = [fields.flatten(1)]
+        if self.sequence_field >= 0:
+            parts.append(self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field]))
+        dense = inputs["dense"].to(fields.dtype)  # (B, D)
+        parts.append(torch.sign(dense) * torch.log1p(dense.abs()))  # tames heavy-tailed counts and prices
+        return torch.cat(parts, dim=1)
+
+    def _pool_sequence(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        offset = self.sequence_field * self.buckets
+        history = self.embedding(hash_ids(seq, self.buckets) + offset)  # (B, L, dim)
+        mask = (seq != 0).to(history.dtype)  # (B, L), 0 is padding
+        if self.attention is not None:
+            return self.attention(target, history, mask)
+        return (history * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+class SequenceAttention(nn.Module):
+    """DIN-style target attention: weights each past item by its relevance to the target item."""
+
+    def __init__(self, dim: int, hidden: int = 32):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(4 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        query = target.unsqueeze(1).expand_as(history)  # (B, L, dim)
+        features = torch.cat([query, history, query * history, query - history], dim=-1)
+        scores = self.score(features).squeeze(-1).masked_fill(mask == 0, -1e4)  # (B, L)
+        weights = torch.softmax(scores, dim=1) * mask  # all-padding rows pool to zero
+        return (weights.unsqueeze(-1) * history).sum(1)  # (B, dim)
+
+
+def mlp(input_dim: int, hidden: list[int], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(input_dim, width), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        input_dim = width
+    return nn.Sequential(*layers)

@@ -1,0 +1,325 @@
+"""Job spec: YAML -> typed, validated `JobSpec`, checked once before any work starts.
+
+Every error names the field path, what was expected, and how to fix it; the CLI turns a
+`SpecError` into exit code 2. Pure logic: no Ray import.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import SpecError
+
+TEACHER_MODELS = ("dcn_v2",)
+STUDENT_MODELS = ("mlp", "dcn_v2")
+
+
+def _known_model(name: str, known: tuple[str, ...], role: str) -> str:
+    if name not in known:
+        raise ValueError(f"unknown {role} model {name!r}; choose one of {list(known)}")
+    return name
+
+
+class Section(BaseModel):
+    """Base for spec sections: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DayRange(Section):
+    """Inclusive range of `date=YYYY-MM-DD` partitions."""
+
+    start: dt.date
+    end: dt.date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DayRange:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}; swap them")
+        return self
+
+    def days(self) -> list[dt.date]:
+        count = (self.end - self.start).days + 1
+        return [self.start + dt.timedelta(days=i) for i in range(count)]
+
+
+class SyntheticSpec(Section):
+    """Size and seed of the built-in synthetic click log."""
+
+    rows_per_day: int = Field(20_000, ge=100)
+    users: int = Field(5_000, ge=10)
+    items: int = Field(20_000, ge=10)
+    categories: int = Field(50, ge=2)
+    seq_len: int = Field(10, ge=1, le=200)
+    seed: int = 0
+
+
+class DataSpec(Section):
+    source: Literal["synthetic", "parquet"] = "synthetic"
+    path: str = Field(min_length=1, description="root holding date=YYYY-MM-DD partitions (local or s3://)")
+    train_days: DayRange
+    eval_days: DayRange
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> DataSpec:
+        overlap = set(self.train_days.days()) & set(self.eval_days.days())
+        if overlap:
+            first = min(overlap).isoformat()
+            raise ValueError(
+                f"eval_days overlap train_days (e.g. {first}); evaluate on held-out days after the training window"
+            )
+        return self
+
+    def all_days(self) -> list[dt.date]:
+        return sorted(set(self.train_days.days()) | set(self.eval_days.days()))
+
+
+class SequenceSpec(Section):
+    column: str
+    length: int = Field(10, ge=1, le=200)
+    embedding_of: str = Field(description="categorical column whose embedding table the sequence shares")
+
+
+class FeaturesSpec(Section):
+    label: str = "clicked"
+    id: str = "event_id"
+    group: str | None = "user_id"
+    categorical: list[str] = Field(min_length=1)
+    dense: list[str] = []
+    sequence: SequenceSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeaturesSpec:
+        names = self.categorical + self.dense + ([self.sequence.column] if self.sequence else [])
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"columns listed twice: {dupes}; each column has one role")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also a feature; remove it from the feature lists")
+        if self.sequence and self.sequence.embedding_of not in self.categorical:
+            raise ValueError(
+                f"sequence.embedding_of {self.sequence.embedding_of!r} is not a categorical column; "
+                f"use one of {self.categorical}"
+            )
+        return self
+
+    def input_columns(self) -> list[str]:
+        """Columns a model reads (never the label, never `true_ctr`)."""
+        return self.categorical + self.dense + ([self.sequence.column] if self.sequence else [])
+
+
+class ModelSpec(Section):
+    """A CTR model: family by short name plus its size. Embeddings dominate CTR model size."""
+
+    model: str
+    embedding_dim: int = Field(8, ge=1, le=1024)
+    hash_buckets: int = Field(10_000, ge=16, description="embedding rows per categorical field")
+    hidden: list[int] = Field([64, 32], min_length=1)
+    cross_layers: int = Field(0, ge=0, le=8, description="DCN-v2 cross layers (dcn_v2 only)")
+    sequence_pooling: Literal["attention", "mean"] = "mean"
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, hidden: list[int]) -> list[int]:
+        if any(h < 1 for h in hidden):
+            raise ValueError(f"every hidden layer width must be >= 1, got {hidden}")
+        return hidden
+
+
+class TeacherSpec(ModelSpec):
+    model: str = "dcn_v2"
+    checkpoint: str | None = Field(None, description="model.pt of a trained teacher; trained by the job if absent")
+    epochs: int | None = Field(None, ge=1, description="teacher training epochs (default: train.epochs)")
+    lr: float | None = Field(None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _known_model(name, TEACHER_MODELS, "teacher")
+
+
+class StudentSpec(ModelSpec):
+    model: str = "mlp"
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return _known_model(name, STUDENT_MODELS, "student")
+
+
+class DistillSpec(Section):
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label BCE; 1 - alpha goes to the teacher")
+
+
+class LabelSpec(Section):
+    batch_size: int = Field(4096, ge=1)
+    actors: tuple[int, int] = (1, 1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    logit_dtype: Literal["float32", "float16"] = "float32"
+    shard_rows: int = Field(250_000, ge=1, description="target rows per soft-label shard file")
+
+    @field_validator("actors")
+    @classmethod
+    def _pool(cls, actors: tuple[int, int]) -> tuple[int, int]:
+        low, high = actors
+        if low < 1 or high < low:
+            raise ValueError(f"expected [min, max] with 1 <= min <= max, got {list(actors)}")
+        return actors
+
+
+class TrainSpec(Section):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1024, ge=1, description="micro-batch per worker")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer; 0 disables")
+    max_failures: int = Field(0, ge=0)
+    seed: int = 0
+
+
+class EvalSpec(Section):
+    batch_size: int = Field(8192, ge=1)
+
+
+class OutputSpec(Section):
+    root: str = "runs"
+    run_name: str | None = None
+
+
+class RaySpec(Section):
+    address: str | None = Field(None, description="Ray address to join; a local Ray is started when absent")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
+
+
+class JobSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataSpec
+    features: FeaturesSpec
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    label: LabelSpec = Field(default_factory=LabelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> JobSpec:
+        if self.label.gpus_per_actor > 0 and not self.train.use_gpu:
+            raise ValueError(
+                "label.gpus_per_actor > 0 but train.use_gpu is false; set train.use_gpu: true on a GPU cluster "
+                "or label.gpus_per_actor: 0"
+            )
+        if self.train.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("train.precision fp16 needs train.use_gpu: true; on CPU use fp32 or bf16")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.output.root.rstrip('/')}/{self.output.run_name or self.name}"
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the given sections (all when none): what a manifest compares on rerun."""
+        dumped = self.model_dump(mode="json")
+        chosen = {k: dumped[k] for k in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Reads a YAML job spec, applies `key.path=value` overrides, and validates it.
+
+    Raises:
+        SpecError: the file is missing or malformed, or a field is invalid.
+    """
+    raw = _read_yaml(Path(path))
+    for override in overrides or []:
+        _apply_override(raw, override)
+    return parse_spec(raw, source=str(path))
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a YAML mapping of sections, got {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: invalid job spec\n" + _describe(exc, raw)) from None
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise SpecError(f"spec file {str(path)!r} not found; pass the path of a YAML job spec (see jobs/)")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}") from None
+
+
+def _apply_override(raw: Any, override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"override {override!r}: expected KEY.PATH=VALUE, e.g. train.epochs=1")
+    if not isinstance(raw, dict):
+        raise SpecError("overrides need a spec that is a YAML mapping")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpecError(f"override {override!r}: the value is not valid YAML") from None
+
+
+def _describe(exc: ValidationError, raw: dict) -> str:
+    return "\n".join(_describe_one(err, raw) for err in exc.errors())
+
+
+def _describe_one(err: dict, raw: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+        suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+        return f"  - {path}: unknown key; {suggestion}allowed keys: {', '.join(allowed)}"
+    if err["type"] == "missing":
+        return f"  - {path}: required field is missing; add it to the spec"
+    message = err["msg"].removeprefix("Value error, ")
+    got = "" if err["type"].startswith("value_error") else f" (got {err.get('input')!r})"
+    return f"  - {path}: {message}{got}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the section at `loc`, for 'did you mean' hints."""
+    model: type[BaseModel] = JobSpec
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
