@@ -31,6 +31,7 @@ def run_job(spec: JobSpec) -> dict:
     started = time.perf_counter()
     with _stage(1, "click logs"):
         ensure_click_logs(spec)
+        check_inputs(spec)
     with ray_session(spec):
         with _stage(2, "teacher"):
             teacher = ensure_teacher(spec)
@@ -85,6 +86,14 @@ def ensure_click_logs(spec: JobSpec) -> None:
     except UserError:
         pass
     generate(spec)
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Fails before Ray starts when a selected day or a needed column is missing."""
+    needed = [spec.features.label, *spec.features.input_columns()]
+    for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
+        paths = list(clicklogs.partition_paths(spec.data.path, days).values())
+        clicklogs.check_columns(paths, needed + extra + ([spec.features.group] if spec.features.group else []))
 
 
 def generate(spec: JobSpec) -> list[str]:

@@ -1,0 +1,113 @@
+"""The whole job end to end on real Ray, DeepSpeed (2 workers, ZeRO 2) and Parquet, plus CLI behaviour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import shards, storage
+from pipeline.cli import main
+from pipeline.job import run_job
+from pipeline.spec import parse_spec
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_cluster, tmp_path_factory):
+    """jobs/tiny.yaml run once for the module: (spec, metrics)."""
+    raw = yaml.safe_load((ROOT / "jobs" / "tiny.yaml").read_text())
+    out = tmp_path_factory.mktemp("tiny")
+    raw["data"]["path"] = str(out / "clicks")
+    raw["output"]["root"] = str(out / "runs")
+    spec = parse_spec(raw)
+    return spec, run_job(spec)
+
+
+@pytest.mark.e2e
+def test_rows_in_equal_soft_labels_out(finished_run):
+    spec, metrics = finished_run
+    manifest = shards.read_manifest(storage.join(spec.run_dir, "shards"))
+    assert manifest["input_rows"] == manifest["total_rows"] == 2 * spec.data.synthetic.rows_per_day
+    assert metrics["label"]["total_rows"] == manifest["total_rows"]
+    assert manifest["teacher"]["checkpoint_sha256"] == shards.file_sha256(metrics["models"]["teacher"]["checkpoint"])
+
+
+@pytest.mark.e2e
+def test_distilled_student_learns_and_is_smaller(finished_run):
+    spec, metrics = finished_run
+    models = metrics["models"]
+    assert metrics["eval"]["rows"] == spec.data.synthetic.rows_per_day
+    assert models["student_distilled"]["auc"] > 0.58, models  # random is 0.5
+    assert models["teacher"]["auc"] > 0.58, models
+    assert models["student_hard"]["auc"] > 0.55, models
+    assert 0.75 < metrics["eval"]["ceiling_auc"] < 0.85
+    assert models["student_distilled"]["params"]["total"] * 4 < models["teacher"]["params"]["total"]
+    assert models["student_distilled"]["params"] == models["student_hard"]["params"]  # same architecture
+
+
+@pytest.mark.e2e
+def test_outputs_written_and_consistent(finished_run):
+    spec, metrics = finished_run
+    on_disk = json.loads(storage.read_bytes(storage.join(spec.run_dir, "metrics.json")))
+    assert on_disk["models"]["student_distilled"]["auc"] == metrics["models"]["student_distilled"]["auc"]
+    report = storage.read_bytes(storage.join(spec.run_dir, "report.md")).decode()
+    assert f"{metrics['models']['teacher']['auc']:.4f}" in report
+    for role in ("teacher", "student_distilled", "student_hard"):
+        record = storage.read_json(storage.join(spec.run_dir, "models", f"{role}.json"))
+        assert [e["epoch"] for e in record["history"]] == [1, 2]
+        assert all(e["rows"] == 2 * spec.data.synthetic.rows_per_day for e in record["history"])
+
+
+@pytest.mark.e2e
+def test_rerun_reuses_every_finished_stage(finished_run, capsys):
+    spec, metrics = finished_run
+    before = {r: storage.filesystem(p)[0].modified(p) for r, p in
+              ((r, storage.join(spec.run_dir, "models", f"{r}.pt")) for r in metrics["models"])}
+    again = run_job(spec)
+    assert again["label"]["status"] == "reused"
+    assert {r: storage.filesystem(p)[0].modified(p) for r, p in
+            ((r, storage.join(spec.run_dir, "models", f"{r}.pt")) for r in metrics["models"])} == before
+    assert again["models"]["student_distilled"]["auc"] == pytest.approx(metrics["models"]["student_distilled"]["auc"])
+
+
+@pytest.mark.e2e
+def test_report_command_rebuilds_report(finished_run, capsys):
+    spec, _ = finished_run
+    assert main(["report", spec.run_dir]) == 0
+    out = capsys.readouterr().out
+    assert "recovery" in out and "| student_distilled | mlp |" in out
+
+
+def test_cli_missing_data_exits_2_without_traceback(tmp_path, tiny_spec_dict):
+    tiny_spec_dict["data"].update(source="parquet", path=str(tmp_path / "no-such-log"))
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec_dict))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(spec_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no-such-log' does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_bad_spec_exits_2_with_field_path(tmp_path, tiny_spec_dict):
+    tiny_spec_dict["train"]["num_workers"] = 0
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec_dict))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(spec_path), "--set", "distill.alpha=0.3"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.num_workers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_generate_is_deterministic_through_the_cli(tmp_path, tiny_spec_dict):
+    tiny_spec_dict["data"]["synthetic"]["rows_per_day"] = 200
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec_dict))
+    assert main(["generate", str(spec_path)]) == 0
+    first = {str(p): p.read_bytes() for p in (tmp_path / "clicks").rglob("*.parquet")}
+    assert len(first) == 3
+    assert main(["generate", str(spec_path)]) == 0
+    assert {str(p): p.read_bytes() for p in (tmp_path / "clicks").rglob("*.parquet")} == first

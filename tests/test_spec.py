@@ -1,0 +1,179 @@
+"""Job spec validation: one test per rule, every shipped spec loads, overrides, CLI exit codes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from pipeline.cli import main
+from pipeline.errors import SpecError
+from pipeline.spec import load_spec, parse_spec
+from tests.conftest import JOBS
+
+
+@pytest.fixture
+def raw(tiny_spec_dict) -> dict:
+    return copy.deepcopy(tiny_spec_dict)
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_spec_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name
+    assert path.read_text().startswith("# Run: distill run "), "each spec starts with the command that runs it"
+
+
+def test_valid_spec_round_trips_defaults(raw):
+    spec = parse_spec(raw)
+    assert spec.train.num_workers == 2 and spec.train.zero_stage == 2
+    assert spec.label.logit_dtype == "float32"  # a default filled in
+    assert spec.run_dir.endswith("/runs/tiny")
+
+
+def _error(raw: dict, match: str) -> str:
+    with pytest.raises(SpecError, match=match) as info:
+        parse_spec(raw)
+    return str(info.value)
+
+
+def test_unknown_key_suggests_the_closest_field(raw):
+    raw["train"]["epocs"] = 3
+    message = _error(raw, r"train\.epocs: unknown key")
+    assert "did you mean 'epochs'" in message
+
+
+def test_unknown_section_is_refused(raw):
+    raw["trian"] = {}
+    assert "did you mean 'train'" in _error(raw, "trian: unknown key")
+
+
+def test_wrong_type(raw):
+    raw["train"]["epochs"] = "three"
+    _error(raw, r"train\.epochs: .*integer")
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_temperature_must_be_positive(raw, value):
+    raw["distill"]["temperature"] = value
+    _error(raw, r"distill\.temperature: .*greater than 0")
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_alpha_must_be_within_zero_and_one(raw, value):
+    raw["distill"]["alpha"] = value
+    _error(raw, r"distill\.alpha")
+
+
+def test_workers_at_least_one(raw):
+    raw["train"]["num_workers"] = 0
+    _error(raw, r"train\.num_workers: .*greater than or equal to 1")
+
+
+def test_zero_stage_in_range(raw):
+    raw["train"]["zero_stage"] = 4
+    _error(raw, r"train\.zero_stage")
+
+
+def test_actor_pool_bounds(raw):
+    raw["label"]["actors"] = [3, 1]
+    _error(raw, r"label\.actors: expected \[min, max\]")
+
+
+def test_unknown_model_lists_the_families(raw):
+    raw["student"]["model"] = "xgboost"
+    _error(raw, r"student\.model: unknown student model 'xgboost'; choose one of")
+
+
+def test_missing_required_section(raw):
+    del raw["features"]
+    _error(raw, r"features: required field is missing")
+
+
+def test_eval_days_must_not_overlap_train_days(raw):
+    raw["data"]["eval_days"] = {"start": "2026-11-02", "end": "2026-11-03"}
+    _error(raw, r"data: .*eval_days overlap train_days \(e\.g\. 2026-11-02\)")
+
+
+def test_day_range_must_be_ordered(raw):
+    raw["data"]["train_days"] = {"start": "2026-11-02", "end": "2026-11-01"}
+    _error(raw, r"data\.train_days: .*before start")
+
+
+def test_gpu_actors_need_gpu_training(raw):
+    raw["label"]["gpus_per_actor"] = 1
+    _error(raw, r"label\.gpus_per_actor > 0 but train\.use_gpu is false")
+
+
+def test_fp16_needs_gpu(raw):
+    raw["train"]["precision"] = "fp16"
+    _error(raw, r"fp16 needs train\.use_gpu")
+
+
+def test_sequence_must_share_a_categorical_table(raw):
+    raw["features"]["sequence"]["embedding_of"] = "brand_id"
+    _error(raw, r"sequence\.embedding_of 'brand_id' is not a categorical column")
+
+
+def test_a_column_has_one_role(raw):
+    raw["features"]["dense"].append("user_id")
+    _error(raw, r"columns listed twice: \['user_id'\]")
+
+
+def test_non_mapping_document():
+    with pytest.raises(SpecError, match="must be a YAML mapping"):
+        parse_spec(["a", "list"])
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ndata: [1\n")
+    with pytest.raises(SpecError, match=r"YAML syntax error at line 3, column 1"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_overrides_set_nested_fields_with_yaml_values(tmp_path, raw):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path, ["train.epochs=1", "label.batch_size=4096", "label.actors=[1, 2]"])
+    assert (spec.train.epochs, spec.label.batch_size, spec.label.actors) == (1, 4096, (1, 2))
+
+
+def test_override_to_unknown_field_is_refused(tmp_path, raw):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=r"train\.epohcs: unknown key; did you mean 'epochs'"):
+        load_spec(path, ["train.epohcs=1"])
+
+
+def test_malformed_override(tmp_path, raw):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match="expected KEY.PATH=VALUE"):
+        load_spec(path, ["train.epochs"])
+
+
+def test_fingerprint_depends_only_on_the_chosen_sections(raw):
+    base = parse_spec(raw)
+    raw["train"]["epochs"] = 9
+    changed = parse_spec(raw)
+    assert base.fingerprint("features", "label") == changed.fingerprint("features", "label")
+    assert base.fingerprint() != changed.fingerprint()
+
+
+def test_cli_validate_exit_codes(tmp_path, raw, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(good)]) == 0
+    raw["distill"]["alpha"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "distill.alpha" in err and "Traceback" not in err
