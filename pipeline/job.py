@@ -143,7 +143,7 @@ def ensure_student(spec: JobSpec, manifest: dict, role: str) -> str:
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     return _train_once(
         spec, role, model_config, depends_on,
-        dataset=lambda: ray.data.read_parquet(files, columns=columns),
+        dataset=lambda: ray.data.read_parquet(files).select_columns(columns),
         distill=distill, epochs=spec.train.epochs, lr=spec.train.lr,
     )
 

@@ -82,5 +82,4 @@ def read_click_logs(root: str, days: list[dt.date], columns: list[str]):
     return ray.data.read_parquet(
         [storage.filesystem(f)[1] for f in parquet_files(paths)],
         filesystem=None if not storage.is_remote(root) else fs,
-        columns=columns,
-    )
+    ).select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
