@@ -57,3 +57,78 @@ def test_soft_term_gradient_is_temperature_scaled_logit_difference():
     binary_kd_loss(s, t, torch.zeros(2), alpha=0.0, temperature=temp)["loss"].backward()
     expected = temp * (torch.sigmoid(s.detach() / temp) - torch.sigmoid(t / temp)) / 2
     assert torch.allclose(s.grad, expected, atol=1e-6)
+
+
+# Issue 3 losses: golden values from independent formulas.
+from pipeline.losses import hint_loss, listwise_kd_loss, logit_mse_loss, multiclass_kd_loss, topk_kd_loss
+
+
+def test_logit_mse_golden():
+    assert logit_mse_loss(torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("temperature", [50.0, 200.0])
+def test_binary_kd_approaches_logit_matching_as_temperature_grows(temperature):
+    # T^2 [BCE(s/T, t/T) - BCE(t/T, t/T)] -> (s - t)^2 / 8 as T -> infinity.
+    # float64: both terms grow like T^2 and we look at their small difference
+    s, t = torch.tensor([0.8, -1.5, 2.0], dtype=torch.float64), torch.tensor([0.1, -0.5, 3.0], dtype=torch.float64)
+    zero = torch.zeros(3, dtype=torch.float64)
+    soft = binary_kd_loss(s, t, zero, alpha=0.0, temperature=temperature)["loss"]
+    floor = binary_kd_loss(t, t, zero, alpha=0.0, temperature=temperature)["loss"]
+    assert (soft - floor).item() == pytest.approx(logit_mse_loss(s, t).item() / 8, rel=5e-3)
+
+
+def _kl_by_hand(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def _softmax(xs: list[float]) -> list[float]:
+    exps = [math.exp(x) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def test_multiclass_kd_golden():
+    s, t, temp = [[1.0, 0.0, -1.0]], [[0.5, 0.5, 2.0]], 2.0
+    expected = temp**2 * _kl_by_hand(_softmax([x / temp for x in t[0]]), _softmax([x / temp for x in s[0]]))
+    got = multiclass_kd_loss(torch.tensor(s), torch.tensor(t), temperature=temp).item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert multiclass_kd_loss(torch.tensor(t), torch.tensor(t), temperature=temp).item() == pytest.approx(0, abs=1e-7)
+
+
+def test_topk_renormalises_over_the_stored_classes():
+    student = torch.tensor([[2.0, 0.0, 1.0, -1.0, 0.5]])
+    indices, teacher_topk = torch.tensor([[0, 2]]), torch.tensor([[1.0, 3.0]])
+    expected = _kl_by_hand(_softmax([1.0, 3.0]), _softmax([2.0, 1.0]))  # only classes 0 and 2 matter
+    assert topk_kd_loss(student, indices, teacher_topk, temperature=1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_topk_with_all_classes_equals_full_kd():
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    order = t.argsort(dim=1, descending=True)
+    sparse = topk_kd_loss(s, order, t.gather(1, order), temperature=3.0)
+    assert sparse.item() == pytest.approx(multiclass_kd_loss(s, t, temperature=3.0).item(), rel=1e-5)
+
+
+def test_hint_loss_golden():
+    projection = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        projection.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        projection.bias.fill_(0.5)
+    hs, ht = torch.tensor([[1.0, 1.0], [0.0, -1.0]]), torch.tensor([[3.0], [0.0]])
+    # projections 3.5 and -1.5 against 3 and 0: ((0.5)^2 + (1.5)^2) / 2 = 1.25
+    assert hint_loss(hs, ht, projection).item() == pytest.approx(1.25)
+
+
+def test_listwise_kd_golden_and_singletons_skipped():
+    s = torch.tensor([1.0, 0.0, 2.0, 0.5, 9.0])
+    t = torch.tensor([0.0, 1.0, 2.0, 2.0, -3.0])
+    group = torch.tensor([7, 7, 9, 9, 4])  # group 4 has one item: skipped
+    g7 = _kl_by_hand(_softmax([0.0, 1.0]), _softmax([1.0, 0.0]))
+    g9 = _kl_by_hand(_softmax([2.0, 2.0]), _softmax([2.0, 0.5]))
+    assert listwise_kd_loss(s, t, group).item() == pytest.approx((g7 + g9) / 2, rel=1e-6)
+
+
+def test_listwise_kd_is_zero_when_rankings_agree_up_to_a_shift():
+    s = torch.tensor([1.0, 2.0, 3.0])
+    assert listwise_kd_loss(s, s + 10.0, torch.tensor([1, 1, 1])).item() == pytest.approx(0.0, abs=1e-6)
