@@ -111,3 +111,22 @@ def test_generate_is_deterministic_through_the_cli(tmp_path, tiny_spec_dict):
     assert len(first) == 3
     assert main(["generate", str(spec_path)]) == 0
     assert {str(p): p.read_bytes() for p in (tmp_path / "clicks").rglob("*.parquet")} == first
+
+
+def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict):
+    from pipeline.errors import UserError
+    from pipeline.features import FeatureLayout
+    from pipeline.job import ensure_teacher
+    from pipeline.models import build_model, save_model
+
+    spec = parse_spec(tiny_spec_dict)
+    layout = FeatureLayout.from_spec(spec.features)
+    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 1}
+    path = str(tmp_path / "teacher.pt")
+    save_model(path, build_model(config, layout), config, layout)
+    tiny_spec_dict["teacher"]["checkpoint"] = path
+    assert ensure_teacher(parse_spec(tiny_spec_dict)) == path  # no Ray needed: nothing is trained
+
+    tiny_spec_dict["teacher"]["checkpoint"] = str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match=r"teacher.checkpoint '.*missing.pt' does not exist"):
+        ensure_teacher(parse_spec(tiny_spec_dict))
