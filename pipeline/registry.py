@@ -79,7 +79,9 @@ def promote(root: str, model: str, version: str, reason: str) -> None:
 def rollback(root: str, model: str, reason: str = "manual rollback") -> str:
     """Restores the champion that preceded the current one; returns its version id."""
     now = current(root, model)
-    earlier = [e["previous"] for e in reversed(history(root, model)) if e["version"] == now and e["previous"]]
+    # The champion before `now` is the one its promotion replaced (rollbacks are not promotions).
+    earlier = [e["previous"] for e in reversed(history(root, model))
+               if e["action"] == "promote" and e["version"] == now and e["previous"]]
     if not earlier:
         raise RegistryError(f"{model!r} has no earlier champion to roll back to (CURRENT is {now!r})")
     target = earlier[0]
