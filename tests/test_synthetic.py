@@ -137,3 +137,23 @@ def test_ceiling_auc_matches_a_perfect_ranking():
 def test_rejects_bad_sizes(click_logs, kwargs, match):
     with pytest.raises(ValueError, match=match):
         click_logs(**kwargs)
+
+
+def test_drift_changes_tastes_slowly_and_zero_drift_changes_nothing(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    day = datetime.date(2026, 11, 1)
+    kwargs = dict(start_date=day, days=1, rows_per_day=4000, users=300, items=1000, categories=10, seed=3)
+    still = generate_click_logs(str(tmp_path / "a"), **kwargs)[0]
+    zero = generate_click_logs(str(tmp_path / "b"), drift=0.0, **kwargs)[0]
+    moved = generate_click_logs(str(tmp_path / "c"), drift=0.05, **kwargs)[0]
+
+    def ctr(path):
+        return pq.read_table(f"{path}/part-00000.parquet").column("true_ctr").to_numpy()
+
+    assert (ctr(still) == ctr(zero)).all()
+    # Same impressions (the day's draws do not depend on drift), different click probabilities.
+    assert pq.read_table(f"{still}/part-00000.parquet").column("item_id").equals(
+        pq.read_table(f"{moved}/part-00000.parquet").column("item_id"))
+    assert np.corrcoef(ctr(still), ctr(moved))[0, 1] < 0.99

@@ -219,8 +219,29 @@ def _click_logit(world: _World, imp: dict) -> np.ndarray:
             + world.user_bias[user] + world.item_bias[item])
 
 
-def _day_table(world: _World, day: int, seed: int, rows: int, seq_len: int) -> pa.Table:
+_DRIFT_ANCHOR = datetime.date(2026, 1, 1).toordinal()
+
+
+def _drifted(world: _World, day: int, seed: int, drift: float) -> _World:
+    """The world on `day` when user tastes drift: each user's latent vector rotates slowly, by
+    `drift` radians a day from a fixed anchor date, towards a direction of its own.
+
+    A rotation keeps tastes bounded, and depending on the date alone keeps each date's file the same
+    whatever `start_date` generated it. drift = 0 leaves the world untouched.
+    """
+    if drift == 0:
+        return world
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))  # its own stream: the world stays as is
+    direction = rng.normal(size=world.user_latent.shape)  # (U, D)
+    norms = np.linalg.norm(world.user_latent, axis=1, keepdims=True)
+    direction *= norms / np.linalg.norm(direction, axis=1, keepdims=True)
+    angle = drift * (day - _DRIFT_ANCHOR)
+    return replace(world, user_latent=np.cos(angle) * world.user_latent + np.sin(angle) * direction)
+
+
+def _day_table(world: _World, day: int, seed: int, rows: int, seq_len: int, drift: float = 0.0) -> pa.Table:
     """One day's impressions, clicks and true CTRs as an Arrow table in SYNTHETIC_COLUMNS order."""
+    world = _drifted(world, day, seed, drift)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1, day]))
     imp = _draw_impressions(rng, world, rows, seq_len)
     true_ctr = 1.0 / (1.0 + np.exp(-_click_logit(world, imp)))
@@ -270,7 +291,7 @@ def _check_args(days: int, rows_per_day: int, users: int, items: int, categories
 
 def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, rows_per_day: int,
                         users: int = 5000, items: int = 20000, categories: int = 50,
-                        seq_len: int = 10, seed: int = 0) -> list[str]:
+                        seq_len: int = 10, seed: int = 0, drift: float = 0.0) -> list[str]:
     """Writes synthetic click logs, one Parquet partition per day.
 
     The world (users, items, latent vectors) depends only on ``seed`` and the sizes; each day's
@@ -288,6 +309,8 @@ def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, r
         categories: Number of categories; ids are 1..categories.
         seq_len: Length of ``hist_item_ids`` (most recent first, padded with 0).
         seed: Seed of the world and of every day.
+        drift: Radians per day by which user tastes rotate (0: a stationary world); e.g. 0.05 moves
+            tastes noticeably within a couple of weeks, so nightly retraining has something to learn.
 
     Returns:
         The partition directories ``<out_dir>/date=YYYY-MM-DD``, in date order.
@@ -302,7 +325,7 @@ def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, r
         date = start_date + datetime.timedelta(days=offset)
         part_dir = os.path.join(out_dir, f"date={date.isoformat()}")
         os.makedirs(part_dir, exist_ok=True)
-        table = _day_table(world, date.toordinal(), seed, rows_per_day, seq_len)
+        table = _day_table(world, date.toordinal(), seed, rows_per_day, seq_len, drift)
         _write_atomic(table, os.path.join(part_dir, "part-00000.parquet"))
         partitions.append(part_dir)
     return partitions
