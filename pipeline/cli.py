@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 
 from pipeline.errors import UserError
 
@@ -48,7 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     command("generate", _generate, "write the spec's synthetic click log (data.source: synthetic)")
     report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
+    _cluster_commands(command)
     return parser
+
+
+def _cluster_commands(command) -> None:
+    """`submit`, `status`, `logs`, `stop`, `jobs`: the Ray Jobs API of a running cluster (pipeline/submit.py)."""
+    submit = command("submit", _submit, "run the job on a Ray cluster through the Ray Jobs API; prints the job id")
+    submit.add_argument("--wait", action="store_true",
+                        help="stream the job's logs; exit 0 if it succeeded, 1 with its error otherwise")
+    status = command("status", _status, "a cluster job's status and message", with_spec=False)
+    logs = command("logs", _logs, "a cluster job's logs", with_spec=False)
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep printing until the job ends; exit 0 if it succeeded, 1 otherwise")
+    stop = command("stop", _stop, "stop a cluster job", with_spec=False)
+    jobs = command("jobs", _jobs, "list the cluster's jobs", with_spec=False)
+    for sub in (status, logs, stop):
+        sub.add_argument("job_id", help="the id `distill submit` printed (a submission id)")
+    for sub in (submit, status, logs, stop, jobs):
+        sub.add_argument("--address", help="the cluster's dashboard URL, e.g. http://HOST:8265 "
+                         "(default: $RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, http://127.0.0.1:8265)")
+        sub.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="how long to wait for the cluster to answer (default 10)")
 
 
 def _load(args):
@@ -95,6 +117,84 @@ def _report(args) -> int:
     storage.atomic_write_text(storage.join(args.run_dir, "report.md"), text)
     print(text)
     return 0
+
+
+def _submit(args) -> int:
+    from pipeline import submit
+
+    spec = _load(args)  # validated here: a bad spec never reaches the cluster
+    for warning in submit.submit_warnings(spec):
+        print(f"warning: {warning}", file=sys.stderr)
+    client = submit.connect(args.address, args.timeout)
+    job_id = submit.submit(client, spec, source=" ".join([args.spec, *(f"--set {o}" for o in args.overrides)]))
+    print(f"submitted job {job_id} to {client.get_address()} (run directory {spec.run_dir} on the cluster)")
+    if not args.wait:
+        print(f"follow it with: distill logs {job_id} --follow; stop it with: distill stop {job_id}")
+        return 0
+    try:
+        info = submit.follow(client, job_id)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; job {job_id} keeps running (distill stop {job_id} ends it)", file=sys.stderr)
+        return 130
+    return _final_status(job_id, info)
+
+
+def _final_status(job_id: str, info) -> int:
+    if str(info.status) == "SUCCEEDED":
+        print(f"job {job_id} SUCCEEDED")
+        return 0
+    lines = (info.message or "no message from the cluster").splitlines()
+    if len(lines) > 16:  # the message repeats the log's tail, already printed: keep its first and last lines
+        lines = [lines[0], f"[... {len(lines) - 13} lines, see `distill logs {job_id}` ...]", *lines[-12:]]
+    print(f"error: job {job_id} {info.status}: " + "\n".join(lines), file=sys.stderr)
+    return 1
+
+
+def _status(args) -> int:
+    from pipeline import submit
+
+    info = submit.job_info(submit.connect(args.address, args.timeout), args.job_id)
+    print(f"job {args.job_id}: {info.status}\n  message: {info.message}\n  started: {_when(info.start_time)}"
+          f"  ended: {_when(info.end_time)}\n  entrypoint: {info.entrypoint}")
+    if run_dir := (info.metadata or {}).get("distill_run_dir"):
+        print(f"  run directory: {run_dir}")
+    return 0
+
+
+def _logs(args) -> int:
+    from pipeline import submit
+
+    client = submit.connect(args.address, args.timeout)
+    if args.follow:
+        return _final_status(args.job_id, submit.follow(client, args.job_id))
+    print(submit.job_logs(client, args.job_id), end="")
+    return 0
+
+
+def _stop(args) -> int:
+    from pipeline import submit
+
+    client = submit.connect(args.address, args.timeout)
+    if submit.stop(client, args.job_id):
+        print(f"stopping job {args.job_id}; `distill status {args.job_id}` shows when it has stopped")
+    else:
+        print(f"job {args.job_id} had already ended: {submit.job_info(client, args.job_id).status}")
+    return 0
+
+
+def _jobs(args) -> int:
+    from pipeline import submit
+
+    jobs = submit.list_jobs(submit.connect(args.address, args.timeout))
+    print(f"{'JOB':<44} {'STATUS':<10} {'STARTED':<19} SPEC")
+    for job in jobs:
+        spec = (job.metadata or {}).get("distill_spec", "-")
+        print(f"{job.submission_id or job.job_id:<44} {str(job.status):<10} {_when(job.start_time):<19} {spec}")
+    return 0
+
+
+def _when(epoch_ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_ms / 1000)) if epoch_ms else "-"
 
 
 if __name__ == "__main__":

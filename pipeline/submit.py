@@ -1,0 +1,254 @@
+"""Run a job spec on a Ray cluster through the Ray Jobs API (what `ray job submit` does), and follow it.
+
+`distill submit` validates and resolves the spec here, copies the project's code (no data, runs or
+environments) into a temporary directory with the resolved spec as `job-spec.yaml`, and uploads that
+directory as the job's `working_dir`. The entrypoint `python -m pipeline run job-spec.yaml` runs that
+uploaded code, so the cluster's image needs the project's dependencies but not this package.
+
+Address: `--address`, else `RAY_API_SERVER_ADDRESS`, else `RAY_ADDRESS`, else http://127.0.0.1:8265.
+Token (clusters with token authentication): `RAY_AUTH_TOKEN`, else the file named by
+`RAY_AUTH_TOKEN_PATH`, else `~/.ray/auth_token`: Ray's own order. It is sent as an
+`Authorization: Bearer` header and never printed; `RAY_AUTH_MODE=disabled` sends none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.spec import JobSpec
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+SPEC_FILE = "job-spec.yaml"
+ENTRYPOINT = f"python -m pipeline run {SPEC_FILE}"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# Not code: never uploaded. Root-only names, since `pipeline/data/` is a package.
+ROOT_EXCLUDES = frozenset({".venv", "venv", ".git", "data", "runs", "build", "dist", ".pytest_cache",
+                           ".hypothesis", ".mypy_cache", ".ruff_cache", SPEC_FILE})
+EXCLUDES = frozenset({"__pycache__", ".DS_Store"})
+# Job logs are a file, not a terminal: Ray Data's redrawn progress bars would be most of them.
+JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+class ClusterError(UserError):
+    """The cluster cannot be reached, refused the request, or failed it."""
+
+
+class ClusterAuthError(ClusterError):
+    """The cluster wants a token we do not have, or refused the one we sent."""
+
+
+class JobNotFound(ClusterError):
+    """The cluster has no job with that id."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    value: str = dataclasses.field(repr=False)
+    source: str  # where it came from, for messages: the token itself is never printed
+
+
+def resolve_address(address: str | None) -> tuple[str, str]:
+    """The Jobs API URL and where it came from (`--address`, an env variable, or the default)."""
+    candidates = ((address, "--address"), (os.environ.get("RAY_API_SERVER_ADDRESS"), "RAY_API_SERVER_ADDRESS"),
+                  (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"), (DEFAULT_ADDRESS, "the default"))
+    value, source = next((v.strip().rstrip("/"), s) for v, s in candidates if v and v.strip())
+    return (value if "://" in value else f"http://{value}"), source
+
+
+def find_token() -> Token | None:
+    """The cluster token, looked up where Ray looks; None when there is none or auth is disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return Token(os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN")
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        try:
+            return Token(Path(path).expanduser().read_text().strip(), f"RAY_AUTH_TOKEN_PATH={path}")
+        except OSError as exc:
+            raise ClusterAuthError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({exc.strerror}); fix the "
+                                   "path or unset it") from None
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file() and (value := default.read_text().strip()):
+        return Token(value, str(default))
+    return None
+
+
+def connect(address: str | None = None, timeout_s: float = 10.0):
+    """A `JobSubmissionClient` for the cluster, after a bounded check that it answers and accepts us.
+
+    Raises:
+        ClusterError: no answer within `timeout_s`, not a Ray dashboard, or the token is missing or wrong.
+    """
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    url, source = resolve_address(address)
+    if not url.startswith(("http://", "https://")):
+        raise ClusterError(f"{url} (from {source}) is not an http(s) URL; the Jobs API is served by the cluster's "
+                           "dashboard, e.g. http://HOST:8265")
+    token = find_token()
+    headers = {"Authorization": f"Bearer {token.value}"} if token else {}
+    where = f"the Ray dashboard at {url} (from {source})"
+    try:  # The SDK has no timeouts: one bounded request first, so a dead address never hangs.
+        reply = requests.get(f"{url}/api/version", headers=headers, timeout=timeout_s)
+    except requests.exceptions.Timeout:
+        raise ClusterError(f"{where} did not answer within {timeout_s:g}s; check the address and that the "
+                           "cluster is up (--timeout waits longer)") from None
+    except requests.exceptions.SSLError as exc:
+        raise ClusterError(f"TLS handshake with {where} failed: {exc.__class__.__name__}") from None
+    except requests.exceptions.RequestException:
+        raise ClusterError(f"cannot connect to {where}: connection refused or host unreachable. Pass "
+                           f"--address http://HOST:8265 or set RAY_ADDRESS (the Jobs API is served by the "
+                           "dashboard, port 8265 by default, not the GCS port 6379)") from None
+    _check_reply(reply, where, token)
+    with _without_env("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"), _cluster_call(url):
+        return JobSubmissionClient(url, headers=headers)  # Ray lets env vars override `url`: hide them
+
+
+def _check_reply(reply, where: str, token: Token | None) -> None:
+    if reply.status_code == 401:
+        raise ClusterAuthError(
+            f"{where} requires token authentication and no token was found; set RAY_AUTH_TOKEN, or "
+            "RAY_AUTH_TOKEN_PATH to a file holding it, or write it to ~/.ray/auth_token (on the head "
+            "node `ray get-auth-token` prints it)")
+    if reply.status_code == 403:
+        raise ClusterAuthError(f"{where} refused the token from {token.source if token else '?'}: it is not "
+                               "this cluster's token; set RAY_AUTH_TOKEN to the right one")
+    try:
+        reply.json()["ray_version"]
+    except (ValueError, KeyError, TypeError):
+        raise ClusterError(f"{where} answered HTTP {reply.status_code} but is not a Ray dashboard; check the "
+                           "host and port (the dashboard's, 8265 by default)") from None
+
+
+@contextlib.contextmanager
+def _without_env(*names: str):
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _cluster_call(url: str, job_id: str | None = None):
+    """Turns the SDK's errors (RuntimeError with the HTTP status, ConnectionError) into user errors."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError:
+        raise ClusterAuthError(f"{url} refused our token (missing or wrong); see RAY_AUTH_TOKEN") from None
+    except (RuntimeError, ConnectionError, OSError) as exc:
+        text = str(exc)
+        if job_id and "status code 404" in text:
+            raise JobNotFound(f"no job {job_id!r} on {url}; `distill jobs` lists the cluster's jobs") from None
+        raise ClusterError(f"{url}: {text}") from None
+
+
+def stage_working_dir(spec: JobSpec, dest: Path, source: str = "") -> Path:
+    """Copies the project's code to `dest` and writes the resolved spec there as `job-spec.yaml`."""
+    import pipeline
+
+    package = Path(pipeline.__file__).resolve().parent
+    root = package.parent
+    if (root / "pyproject.toml").is_file():  # a checkout: ship it minus data, runs and environments
+        shutil.copytree(root, dest, ignore=_ignore_for(root))
+    else:  # an installed package: ship the package alone
+        shutil.copytree(package, dest / package.name, ignore=_ignore_for(root))
+    (dest / SPEC_FILE).write_text(resolved_spec_yaml(spec, source))
+    return dest
+
+
+def _ignore_for(root: Path):
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n in EXCLUDES or n.endswith((".pyc", ".egg-info"))}
+        return skipped | (ROOT_EXCLUDES & set(names) if Path(directory) == root else set())
+
+    return ignore
+
+
+def resolved_spec_yaml(spec: JobSpec, source: str = "") -> str:
+    """The spec as the job will run it; `ray.address: auto` joins the cluster the job runs on."""
+    raw = spec.model_dump(mode="json")
+    raw["ray"]["address"] = "auto"
+    header = f"# Resolved by `distill submit` from {source or 'a spec'}; the job runs: {ENTRYPOINT}\n"
+    return header + yaml.safe_dump(raw, sort_keys=False)
+
+
+def submit_warnings(spec: JobSpec) -> list[str]:
+    """What means something else on a cluster: relative paths (inside the job's temporary working directory)
+    and the `ray` section (the job joins the cluster it was submitted to)."""
+    paths = {"data.path": spec.data.path, "output.root": spec.output.root, "teacher.checkpoint": spec.teacher.checkpoint}
+    warnings = [f"{field} {value!r} is relative: on the cluster it resolves inside the job's temporary working "
+                "directory; use an absolute path on shared storage or an s3:// URI"
+                for field, value in paths.items() if value and "://" not in value and not Path(value).is_absolute()]
+    for field, value in (("ray.address", spec.ray.address), ("ray.num_cpus", spec.ray.num_cpus)):
+        if value is not None:
+            warnings.append(f"{field} {value!r} is ignored: the job joins the cluster it is submitted to")
+    return warnings
+
+
+def submit(client, spec: JobSpec, source: str = "") -> str:
+    """Uploads the staged project and starts the job; returns its submission id."""
+    job_id = f"distill-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    metadata = {"distill_spec": spec.name, "distill_run_dir": spec.run_dir, "distill_spec_hash": spec.fingerprint()}
+    with tempfile.TemporaryDirectory(prefix="distill-submit-") as tmp:
+        working_dir = stage_working_dir(spec, Path(tmp) / "job", source)
+        with _cluster_call(client.get_address()):
+            return client.submit_job(entrypoint=ENTRYPOINT, submission_id=job_id, metadata=metadata,
+                                     runtime_env={"working_dir": str(working_dir), "env_vars": JOB_ENV})
+
+
+def job_info(client, job_id: str):
+    """The job's `JobDetails` (status, message, times, metadata); `JobNotFound` for an unknown id."""
+    with _cluster_call(client.get_address(), job_id):
+        return client.get_job_info(job_id)
+
+
+def job_logs(client, job_id: str) -> str:
+    with _cluster_call(client.get_address(), job_id):
+        return client.get_job_logs(job_id)
+
+
+def list_jobs(client) -> list:
+    with _cluster_call(client.get_address()):
+        return sorted(client.list_jobs(), key=lambda job: job.start_time or 0)
+
+
+def stop(client, job_id: str) -> bool:
+    """Asks the cluster to stop the job; False when it had already ended."""
+    job_info(client, job_id)  # a clear JobNotFound first
+    with _cluster_call(client.get_address(), job_id):
+        return client.stop_job(job_id)
+
+
+def follow(client, job_id: str, out=None, poll_s: float = 1.0):
+    """Prints the job's logs as they are written until it ends; returns its final `JobDetails`."""
+    job_info(client, job_id)
+    out = out or sys.stdout
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:  # noqa: BLE001 - the stream is a convenience; the status below is the truth
+        print(f"(log stream interrupted: {exc.__class__.__name__}; waiting for the job to end)", file=sys.stderr)
+    while (info := job_info(client, job_id)).status not in TERMINAL:
+        time.sleep(poll_s)
+    return info
