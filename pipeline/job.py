@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 
 import numpy as np
@@ -29,6 +30,7 @@ STUDENTS = ("student_distilled", "student_hard")
 def run_job(spec: JobSpec) -> dict:
     """Runs the whole job described by `spec`; returns the metrics also written to `<run>/metrics.json`."""
     started = time.perf_counter()
+    storage.configure(**spec.storage.model_dump())  # first: every stage may read or write s3:// paths
     with _stage(1, "click logs"):
         ensure_click_logs(spec)
         check_inputs(spec)
@@ -56,10 +58,14 @@ def ray_session(spec: JobSpec):
     if ray.is_initialized():
         yield
         return
-    if spec.ray.address:
-        ray.init(address=spec.ray.address, logging_level=logging.WARNING)
+    # Workers are other processes: hand them the S3 endpoint, region and profile (never credentials: those
+    # come from the environment they inherit locally, or the cluster's IAM role).
+    runtime_env = {"env_vars": storage.worker_env()} if storage.worker_env() else None
+    if spec.ray.address or os.environ.get("RAY_ADDRESS"):  # a spec's address, or the job server's
+        ray.init(address=spec.ray.address or os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                 runtime_env=runtime_env)
     try:
         yield
     finally:
@@ -100,6 +106,9 @@ def generate(spec: JobSpec) -> list[str]:
     """Writes the synthetic click log for every day from the first train day to the last eval day."""
     from pipeline.data.synthetic import generate_click_logs
 
+    if storage.is_remote(spec.data.path):
+        raise UserError(f"the synthetic generator writes local paths only, not {spec.data.path!r}; generate to a "
+                        "local data.path, upload it (e.g. `aws s3 cp --recursive`), then use data.source: parquet")
     days = spec.data.all_days()
     synthetic = spec.data.synthetic
     paths = generate_click_logs(
@@ -139,11 +148,11 @@ def ensure_student(spec: JobSpec, manifest: dict, role: str) -> str:
     distill = spec.distill.model_dump() if role == "student_distilled" else None
     depends_on = {"model": model_config, "train": spec.train.model_dump(), "distill": distill,
                   "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"]}
-    files = [s["path"] for s in manifest["shards"]]
+    files, filesystem = storage.arrow_paths([s["path"] for s in manifest["shards"]])
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     return _train_once(
         spec, role, model_config, depends_on,
-        dataset=lambda: ray.data.read_parquet(files).select_columns(columns),
+        dataset=lambda: ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns),
         distill=distill, epochs=spec.train.epochs, lr=spec.train.lr,
     )
 

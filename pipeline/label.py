@@ -73,7 +73,8 @@ def run_label_stage(spec, teacher_checkpoint: str, shard_dir: str) -> dict:
     dataset = clicklogs.read_click_logs(spec.data.path, days, columns)
     predictor = {"checkpoints": {"teacher_logit": teacher_checkpoint}, "logit_dtype": spec.label.logit_dtype}
     labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
-    labelled.write_parquet(storage.join(shard_dir, "data"), min_rows_per_file=spec.label.shard_rows)
+    (data_path,), filesystem = storage.arrow_paths([storage.join(shard_dir, "data")])
+    labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows)
 
     shard_files = [storage.join(shard_dir, "data", f) for f in storage.list_dir(storage.join(shard_dir, "data"))
                    if f.endswith(".parquet")]
@@ -102,7 +103,7 @@ def pool_options(spec, predictor_kwargs: dict) -> dict:
             f"{cpus:g} CPUs of the cluster, leaving none to read and write Parquet; lower label.actors "
             "or label.cpus_per_actor"
         )
-    return {
+    options = {
         "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         "batch_size": spec.label.batch_size,
         "batch_format": "pyarrow",
@@ -113,3 +114,8 @@ def pool_options(spec, predictor_kwargs: dict) -> dict:
             "device": "cuda" if gpus > 0 else "cpu",
         },
     }
+    if storage.worker_env():
+        # Actors read the checkpoints themselves, maybe from S3: give them the endpoint and region even
+        # when Ray was started by someone else (a notebook, a test) without our runtime_env.
+        options["runtime_env"] = {"env_vars": storage.worker_env()}
+    return options

@@ -10,6 +10,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,7 @@ from pipeline.errors import SpecError
 
 TEACHER_MODELS = ("dcn_v2",)
 STUDENT_MODELS = ("mlp", "dcn_v2")
+_CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
 
 def _known_model(name: str, known: tuple[str, ...], role: str) -> str:
@@ -202,6 +204,25 @@ class OutputSpec(Section):
     run_name: str | None = None
 
 
+class StorageSpec(Section):
+    """Where `s3://` paths live. Credentials never go here: the spec is logged and hashed into manifests."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO (default: AWS)")
+    region: str | None = Field(None, description="S3 region (default: the AWS environment's)")
+    profile: str | None = Field(None, description="AWS profile from ~/.aws (default: AWS_PROFILE)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
+        if secret:  # name the keys only: the values are secrets
+            raise ValueError(
+                f"{secret} look like credentials, which never belong in a spec; export AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or name a profile (storage.profile or AWS_PROFILE), or use an IAM role"
+            )
+        return raw
+
+
 class RaySpec(Section):
     address: str | None = Field(None, description="Ray address to join; a local Ray is started when absent")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
@@ -219,6 +240,7 @@ class JobSpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
 
     @model_validator(mode="after")
     def _cross_section(self) -> JobSpec:

@@ -2,10 +2,17 @@
 
 Atomic: a reader sees either the old file or the complete new one, never a half-written file.
 Locally that is write-to-temp then `os.replace`; on S3 a single PUT is already atomic.
+
+S3 goes through s3fs, configured in one place (`configure`, from the spec's `storage` section).
+The settings live in environment variables, not module globals, because Ray workers are other
+processes: `worker_env()` is what a Ray job hands them. Credentials are never settings here: they
+come from the standard AWS environment (`AWS_ACCESS_KEY_ID`, a profile, an IAM role), so they
+appear in no spec, manifest, Ray task argument or message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -13,15 +20,152 @@ from typing import Any
 
 import fsspec
 
+from pipeline.errors import DataError
+
+# Spec field -> environment variable that carries it to every process (driver and Ray workers).
+SETTINGS_ENV = {"endpoint_url": "DISTILL_S3_ENDPOINT_URL", "region": "DISTILL_S3_REGION", "profile": "AWS_PROFILE"}
+# A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
+_BOTO_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
+# Error codes S3 answers when the credentials are missing, wrong or not allowed.
+_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
+           "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None, profile: str | None = None) -> None:
+    """Sets the S3 endpoint, region and profile for this process and the Ray workers it starts.
+
+    Unset arguments keep what the environment already says, so `export DISTILL_S3_ENDPOINT_URL=...`
+    (or `AWS_PROFILE`) works without a spec field.
+    """
+    for name, value in {"endpoint_url": endpoint_url, "region": region, "profile": profile}.items():
+        if value:
+            os.environ[SETTINGS_ENV[name]] = value
+
+
+def worker_env() -> dict[str, str]:
+    """The S3 settings as env vars for Ray's `runtime_env` (non-secret by construction)."""
+    return {var: os.environ[var] for var in SETTINGS_ENV.values() if os.environ.get(var)}
+
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and the path inside it for `uri`."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **(_s3_options() if is_s3(uri) else {}))
     return fs, path
+
+
+def _s3_options() -> dict:
+    """s3fs arguments from the settings; botocore finds the credentials itself."""
+    client = {"endpoint_url": os.environ.get(SETTINGS_ENV["endpoint_url"]),
+              "region_name": os.environ.get(SETTINGS_ENV["region"])}
+    return {
+        "client_kwargs": {k: v for k, v in client.items() if v},
+        "profile": os.environ.get(SETTINGS_ENV["profile"]) or None,
+        "config_kwargs": _BOTO_CONFIG,
+        # Ray workers write to the same prefixes: a cached listing here would go stale.
+        "use_listings_cache": False,
+    }
+
+
+def arrow_filesystem(uri: str):
+    """A pyarrow filesystem for Ray Data and Ray Train, or None for a local path (they resolve it).
+
+    pyarrow's own S3 ignores `DISTILL_S3_ENDPOINT_URL` and friends, so S3 is the same s3fs wrapped
+    for pyarrow; it pickles its settings (never credentials) to the Ray workers.
+    """
+    if not is_remote(uri):
+        return None
+    import pyarrow.fs as pafs
+
+    return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)[0]))
+
+
+def arrow_paths(uris: list[str]) -> tuple[list[str], Any]:
+    """`uris` (all on one filesystem) as (paths inside it, `arrow_filesystem`) for Ray Data and Ray Train."""
+    return [filesystem(u)[1] for u in uris], arrow_filesystem(uris[0])
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str):
+    """Turns S3 failures into a `DataError` that names the URI and what to fix.
+
+    Messages are built here, never copied from botocore or the server, so no credential or
+    request detail can leak into them.
+    """
+    if not is_s3(uri):
+        yield
+        return
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as exc:
+        message = _explain(exc, uri)
+        if message is None:
+            raise
+        raise DataError(message) from exc
+
+
+def _explain(exc: BaseException, uri: str) -> str | None:
+    from botocore import exceptions as boto
+
+    code = _error_code(exc)
+    bucket = _bucket(uri)
+    if code == "NoSuchBucket":
+        return _no_bucket(bucket, uri)
+    if code in _DENIED or isinstance(exc, PermissionError):
+        return (f"access denied to {uri} (S3 error {code or 'AccessDenied'}); check the AWS credentials "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or storage.profile, or the IAM role) "
+                f"and that they may read and write bucket {bucket!r}")
+    if isinstance(exc, boto.NoCredentialsError):
+        return (f"no AWS credentials found for {uri}; export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "or set AWS_PROFILE (or storage.profile), or run where an IAM role applies")
+    if isinstance(exc, boto.ProfileNotFound):
+        return (f"AWS profile {os.environ.get(SETTINGS_ENV['profile'])!r} not found (for {uri}); "
+                "fix storage.profile or AWS_PROFILE, or add the profile to ~/.aws/config")
+    if isinstance(exc, boto.ConnectionError):  # refused, timed out, TLS, proxy
+        endpoint = os.environ.get(SETTINGS_ENV["endpoint_url"])
+        where = f"the S3 endpoint {endpoint}" if endpoint else "AWS S3 (no storage.endpoint_url set)"
+        return (f"cannot reach {where} for {uri}; check storage.endpoint_url (or DISTILL_S3_ENDPOINT_URL), "
+                "the network, and that the server is up")
+    return None
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore `ClientError` anywhere in the exception's chain."""
+    while exc is not None:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = response.get("Error", {}).get("Code")
+            return str(code) if code else None
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _bucket(uri: str) -> str:
+    return uri.split("://", 1)[1].split("/", 1)[0]
+
+
+def _no_bucket(bucket: str, uri: str) -> str:
+    endpoint = os.environ.get(SETTINGS_ENV["endpoint_url"])
+    where = f" at {endpoint}" if endpoint else ""
+    return (f"S3 bucket {bucket!r}{where} does not exist (for {uri}); check the URI and storage.endpoint_url, "
+            "or create the bucket (the pipeline never creates buckets)")
+
+
+def _require_bucket(fs, uri: str) -> None:
+    """Raises `DataError` when the bucket of `uri` is missing: the usual cause of 'not found' on S3."""
+    try:
+        fs.call_s3("head_bucket", Bucket=_bucket(uri))
+    except FileNotFoundError:
+        raise DataError(_no_bucket(_bucket(uri), uri)) from None
 
 
 def join(root: str, *parts: str) -> str:
@@ -29,13 +173,19 @@ def join(root: str, *parts: str) -> str:
 
 
 def exists(uri: str) -> bool:
+    """True when `uri` exists; on S3 a missing bucket is a `DataError`, not False."""
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with s3_errors(uri):
+        if fs.exists(path):
+            return True
+        if is_s3(uri):
+            _require_bucket(fs, uri)  # s3fs says False for a missing bucket too: tell them apart
+        return False
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as handle:
+    with s3_errors(uri), fs.open(path, "rb") as handle:
         return handle.read()
 
 
@@ -46,7 +196,8 @@ def read_json(uri: str) -> Any:
 def atomic_write_bytes(uri: str, data: bytes) -> None:
     if is_remote(uri):
         fs, path = filesystem(uri)
-        fs.pipe_file(path, data)  # one PUT: atomic on S3
+        with s3_errors(uri):
+            fs.pipe_file(path, data)  # one PUT: atomic on S3
         return
     directory = os.path.dirname(os.path.abspath(uri))
     os.makedirs(directory, exist_ok=True)
@@ -73,16 +224,18 @@ def atomic_write_text(uri: str, text: str) -> None:
 
 def remove_tree(uri: str) -> None:
     fs, path = filesystem(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    if exists(uri):
+        with s3_errors(uri):
+            fs.rm(path, recursive=True)
 
 
 def list_dir(uri: str) -> list[str]:
     """Base names directly under `uri` (empty if it does not exist)."""
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if not exists(uri):
         return []
-    return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    with s3_errors(uri):
+        return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
 def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
@@ -91,9 +244,10 @@ def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
     Hidden and temporary files (a leading `.` or `_`) are skipped: they are never complete data.
     """
     fs, path = filesystem(uri)
-    if not fs.exists(path):
+    if not exists(uri):
         return []
     prefix = uri[: uri.index("://") + 3] if is_remote(uri) else ""
-    found = fs.find(path) if fs.isdir(path) else [path]
+    with s3_errors(uri):
+        found = fs.find(path) if fs.isdir(path) else [path]
     keep = [f for f in found if f.endswith(suffix) and not os.path.basename(f).startswith((".", "_"))]
     return sorted(prefix + f for f in keep)

@@ -45,6 +45,8 @@ def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict |
     from ray.train.torch import TorchTrainer
 
     train_config = spec.train.model_dump() | {"epochs": epochs, "lr": lr}
+    # Local: an absolute path (Ray needs one). S3: the path inside our filesystem, which knows the endpoint.
+    (storage_path,), storage_filesystem = storage.arrow_paths([storage.join(spec.run_dir, "train")])
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -62,21 +64,18 @@ def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict |
         ),
         run_config=RunConfig(
             name=role,
-            storage_path=_absolute(storage.join(spec.run_dir, "train")),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=spec.train.max_failures),
         ),
         datasets={"train": dataset},
     )
     result = trainer.fit()
     checkpoint: Checkpoint = result.checkpoint
-    with checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
         storage.atomic_write_bytes(model_path, open(os.path.join(directory, MODEL_FILE), "rb").read())
         history = json.load(open(os.path.join(directory, PROGRESS_FILE)))["history"]
     return TrainResult(model_path=model_path, history=history)
-
-
-def _absolute(path: str) -> str:
-    return path if storage.is_remote(path) else os.path.abspath(path)
 
 
 def deepspeed_config(train: dict) -> dict:

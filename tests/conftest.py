@@ -12,6 +12,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
+# Fake AWS credentials, planted so tests/test_s3.py can check they never leak into outputs, logs or errors.
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDSECRET123", "AWS_SECRET_ACCESS_KEY": "planted-secret-value-xyz"}
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +23,14 @@ def ray_cluster():
     from ray.data import DataContext
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
+    with pytest.MonkeyPatch.context() as env:
+        # Ray workers inherit the environment of `ray.init` and nothing later (a runtime_env would put the
+        # credentials in Ray's logs), so they get the fake ones now, and never a developer's real ones.
+        for name, value in FAKE_AWS.items():
+            env.setenv(name, value)
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            env.delenv(name, raising=False)
+        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -121,6 +121,18 @@ def test_a_column_has_one_role(raw):
     _error(raw, r"columns listed twice: \['user_id'\]")
 
 
+def test_storage_section_takes_endpoint_region_and_profile(raw):
+    raw["storage"] = {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "profile": "minio"}
+    assert parse_spec(raw).storage.endpoint_url == "http://127.0.0.1:9000"
+    assert parse_spec({k: v for k, v in raw.items() if k != "storage"}).storage.endpoint_url is None
+
+
+def test_credentials_in_the_spec_are_refused_without_echoing_them(raw):
+    raw["storage"] = {"endpoint_url": "http://127.0.0.1:9000", "secret_key": "s3cr3t-value", "access_key": "AKIA1"}
+    message = _error(raw, r"storage: \['access_key', 'secret_key'\] look like credentials.*AWS_ACCESS_KEY_ID")
+    assert "s3cr3t-value" not in message and "AKIA1" not in message
+
+
 def test_non_mapping_document():
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         parse_spec(["a", "list"])

@@ -78,8 +78,6 @@ def read_click_logs(root: str, days: list[dt.date], columns: list[str]):
 
     paths = list(partition_paths(root, days).values())
     check_columns(paths, columns)
-    fs, _ = storage.filesystem(root)
-    return ray.data.read_parquet(
-        [storage.filesystem(f)[1] for f in parquet_files(paths)],
-        filesystem=None if not storage.is_remote(root) else fs,
-    ).select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
+    files, filesystem = storage.arrow_paths(parquet_files(paths))  # on S3, carries the endpoint to Ray's readers
+    dataset = ray.data.read_parquet(files, filesystem=filesystem)
+    return dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
