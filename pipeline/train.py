@@ -128,6 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     from pipeline.models import build_model
 
+    _skip_inference_comm_op()
     train, layout, distill = config["train"], FeatureLayout(**config["layout"]), config["distill"]
     torch.manual_seed(train["seed"])
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
@@ -148,6 +149,19 @@ def train_loop_per_worker(config: dict) -> None:
         stats = _train_epoch(engine, batches, distill)
         history.append({"epoch": epoch + 1, **stats})
         _report(engine, config, layout, history)
+
+
+def _skip_inference_comm_op() -> None:
+    """Stops DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    That op serves only tensor-parallel *inference* (`inference_all_reduce`); training all-reduces
+    through torch.distributed (gloo). Compiling it costs 1-2 minutes on 2 cores, and again whenever the
+    virtual environment's path changes (a fresh clone), for nothing we use.
+    """
+    import importlib
+
+    # By module name: the attribute `deepspeed.comm.torch` is the torch package, re-exported.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def _train_epoch(engine, batches, distill: dict | None) -> dict:
