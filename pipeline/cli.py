@@ -50,7 +50,33 @@ def _parser() -> argparse.ArgumentParser:
     report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
     _cluster_commands(command)
+    _nightly_commands(command)
     return parser
+
+
+def _nightly_commands(command) -> None:
+    """`nightly`, `schedule`, `registry`: incremental re-distillation (pipeline/nightly.py, registry.py)."""
+    nightly = command("nightly", _nightly, "run one nightly cycle: evaluate on --date, train on the days before it")
+    nightly.add_argument("--date", type=_date,
+                         help="the day to evaluate on, YYYY-MM-DD (default: yesterday in schedule.timezone)")
+    nightly.add_argument("--address", help="submit the cycle to this Ray cluster and wait, instead of running it here")
+    schedule = command("schedule", _schedule, "stay running and fire nightly cycles on the spec's cron")
+    schedule.add_argument("--dry-run", action="store_true", help="list what would run between --from and --to")
+    schedule.add_argument("--from", dest="start", type=_date, help="first day of the dry run (YYYY-MM-DD)")
+    schedule.add_argument("--to", dest="end", type=_date, help="last day of the dry run (YYYY-MM-DD)")
+    schedule.add_argument("--address", help="submit each cycle to this Ray cluster instead of running it here")
+    registry = command("registry", _registry, "list, show, promote or roll back versions in the model registry")
+    registry.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    registry.add_argument("version", nargs="?", help="the version id (show, promote)")
+
+
+def _date(text: str):
+    import datetime as dt
+
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date; expected YYYY-MM-DD") from None
 
 
 def _cluster_commands(command) -> None:
@@ -195,6 +221,81 @@ def _jobs(args) -> int:
 
 def _when(epoch_ms: int | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch_ms / 1000)) if epoch_ms else "-"
+
+
+def _nightly(args) -> int:
+    import datetime as dt
+    import zoneinfo
+
+    from pipeline.schedule import data_date
+
+    spec = _load(args)
+    if spec.schedule is None:
+        raise UserError(f"{args.spec} has no schedule section; `distill nightly` needs one (see jobs/nightly.yaml)")
+    day = args.date or data_date(dt.datetime.now(zoneinfo.ZoneInfo(spec.schedule.timezone)))
+    _cycle_runner(args, spec)(day)
+    return 0
+
+
+def _schedule(args) -> int:
+    from pipeline import nightly
+
+    spec = _load(args)
+    if args.dry_run:
+        if not (args.start and args.end):
+            raise UserError("--dry-run needs --from YYYY-MM-DD and --to YYYY-MM-DD")
+        done = set(nightly.finished_days(spec))
+        for fire, day in nightly.plan(spec, args.start, args.end):
+            state = "done" if day in done else "would run"
+            print(f"{fire.isoformat()}  evaluate {day}  train {nightly.cycle_spec(spec, day).data.train_days.start}.."
+                  f"{nightly.cycle_spec(spec, day).data.train_days.end}  {state}")
+        return 0
+    nightly.run_scheduler(spec, _cycle_runner(args, spec))
+    return 0
+
+
+def _cycle_runner(args, spec):
+    """Runs a cycle here, or submits `distill nightly --date D` to a cluster and waits for it."""
+    if not args.address:
+        from pipeline.nightly import run_cycle
+
+        return lambda day: run_cycle(spec, day)
+
+    def submit_cycle(day) -> None:
+        from pipeline import submit
+
+        client = submit.connect(args.address)
+        job_id = submit.submit(client, spec, command=f"nightly --date {day.isoformat()}")
+        info = submit.follow(client, job_id)
+        if str(info.status) != "SUCCEEDED":
+            raise UserError(f"the nightly cycle for {day} failed on the cluster (job {job_id}): {info.message}")
+
+    return submit_cycle
+
+
+def _registry(args) -> int:
+    import json
+
+    from pipeline import registry
+
+    spec = _load(args)
+    if spec.schedule is None:
+        raise UserError(f"{args.spec} has no schedule section, so no registry; add schedule.registry")
+    root, model = spec.schedule.registry, spec.schedule.model_name or spec.name
+    if args.action == "list":
+        champion = registry.current(root, model)
+        for version in registry.list_versions(root, model):
+            print(f"{'*' if version == champion else ' '} {version}")
+    elif args.action == "rollback":
+        print(f"CURRENT is now {registry.rollback(root, model)}")
+    elif not args.version:
+        raise UserError(f"`distill registry {args.action}` needs a version id (see `distill registry list`)")
+    elif args.action == "show":
+        print(json.dumps(registry.show(root, model, args.version), indent=2, default=str))
+    else:
+        registry.promote(root, model, args.version, reason="manual promotion")
+        print(f"CURRENT is now {args.version}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def run_job(spec: JobSpec) -> dict:
             shard_dir = storage.join(spec.run_dir, "shards")
             manifest = run_label_stage(spec, teacher, shard_dir)
         with _stage(4, "students: distilled (KD loss) and hard-label baseline"):
-            students = {role: ensure_student(spec, manifest, role) for role in STUDENTS}
+            students = {role: train_student(spec, manifest, role) for role in STUDENTS}
         with _stage(5, "evaluate on held-out days"):
             metrics = evaluate_run(spec, {"teacher": teacher, **students}, manifest)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -84,14 +84,10 @@ def ensure_click_logs(spec: JobSpec) -> None:
     """For `data.source: synthetic`, generates the spec's days when they are not on disk yet."""
     if spec.data.source != "synthetic":
         return
-    days = spec.data.all_days()
-    try:
-        clicklogs.partition_paths(spec.data.path, days)
-        log.info("click logs: all %d days present under %s", len(days), spec.data.path)
-        return
-    except UserError:
-        pass
-    generate(spec)
+    present = clicklogs.available_days(spec.data.path) if storage.exists(spec.data.path) else {}
+    missing = [d for d in spec.data.all_days() if d not in present]
+    if missing:
+        generate(spec, missing)  # only what is missing: existing partitions keep their fingerprints
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -102,20 +98,21 @@ def check_inputs(spec: JobSpec) -> None:
         clicklogs.check_columns(paths, needed + extra + ([spec.features.group] if spec.features.group else []))
 
 
-def generate(spec: JobSpec) -> list[str]:
-    """Writes the synthetic click log for every day from the first train day to the last eval day."""
+def generate(spec: JobSpec, days: list | None = None) -> list[str]:
+    """Writes the synthetic click log for `days` (default: every train and eval day of the spec)."""
     from pipeline.data.synthetic import generate_click_logs
 
     if storage.is_remote(spec.data.path):
         raise UserError(f"the synthetic generator writes local paths only, not {spec.data.path!r}; generate to a "
                         "local data.path, upload it (e.g. `aws s3 cp --recursive`), then use data.source: parquet")
-    days = spec.data.all_days()
     synthetic = spec.data.synthetic
-    paths = generate_click_logs(
-        spec.data.path, start_date=days[0], days=(days[-1] - days[0]).days + 1,
-        rows_per_day=synthetic.rows_per_day, users=synthetic.users, items=synthetic.items,
-        categories=synthetic.categories, seq_len=synthetic.seq_len, seed=synthetic.seed,
-    )
+    paths = []
+    for day in days or spec.data.all_days():  # a date's data does not depend on the other days
+        paths += generate_click_logs(
+            spec.data.path, start_date=day, days=1, rows_per_day=synthetic.rows_per_day, users=synthetic.users,
+            items=synthetic.items, categories=synthetic.categories, seq_len=synthetic.seq_len,
+            seed=synthetic.seed, drift=synthetic.drift,
+        )
     print(f"generated {len(paths)} days x {synthetic.rows_per_day:,} rows under {spec.data.path}", flush=True)
     return paths
 
@@ -140,25 +137,27 @@ def ensure_teacher(spec: JobSpec) -> str:
     )
 
 
-def ensure_student(spec: JobSpec, manifest: dict, role: str) -> str:
-    """Trains a student on the soft-label shards: with the KD loss, or on hard labels only (alpha = 1)."""
+def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | None = None) -> str:
+    """Trains a student on the soft-label shards: with the KD loss, or on hard labels only (alpha = 1);
+    from `init_model`'s weights when given (warm start)."""
     import ray.data
 
     model_config = _model_config(spec.student)
     distill = spec.distill.model_dump() if role == "student_distilled" else None
     depends_on = {"model": model_config, "train": spec.train.model_dump(), "distill": distill,
-                  "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"]}
+                  "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"],
+                  "init_model": init_model}
     files, filesystem = storage.arrow_paths([s["path"] for s in manifest["shards"]])
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     return _train_once(
         spec, role, model_config, depends_on,
         dataset=lambda: ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns),
-        distill=distill, epochs=spec.train.epochs, lr=spec.train.lr,
+        distill=distill, epochs=spec.train.epochs, lr=spec.train.lr, init_model=init_model,
     )
 
 
 def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, *, dataset, distill,
-                epochs: int, lr: float) -> str:
+                epochs: int, lr: float, init_model: str | None = None) -> str:
     """Trains unless `models/<role>.pt` exists for the same inputs; a crashed run resumes by name."""
     from pipeline.train import train_model
 
@@ -171,7 +170,7 @@ def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, 
             print(f"{role}: reusing {model_path} (same spec and inputs)", flush=True)
             return model_path
     result = train_model(role=f"{role}-{fingerprint}", spec=spec, model_config=model_config, dataset=dataset(),
-                         distill=distill, epochs=epochs, lr=lr, model_path=model_path)
+                         distill=distill, epochs=epochs, lr=lr, model_path=model_path, init_model=init_model)
     for epoch in result.history:
         print(f"{role}: epoch {epoch['epoch']} loss {epoch['loss']:.4f} ({epoch['rows_per_s']:,.0f} rows/s)")
     storage.atomic_write_json(record_path, {"fingerprint": fingerprint, "history": result.history})
@@ -183,8 +182,8 @@ def _model_config(section) -> dict:
     return {k: getattr(section, k) for k in keys}
 
 
-def evaluate_run(spec: JobSpec, checkpoints: dict[str, str], manifest: dict) -> dict:
-    """Scores every model on the eval days in one actor-pool pass, then computes the metrics."""
+def evaluate_models(spec: JobSpec, checkpoints: dict[str, str]) -> dict:
+    """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ...}."""
     from pipeline.models import count_parameters, load_model
 
     columns = _eval_columns(spec)
@@ -202,16 +201,22 @@ def evaluate_run(spec: JobSpec, checkpoints: dict[str, str], manifest: dict) -> 
         models[name] = evaluate.score_model(labels, table.column(name).to_numpy(), groups)
         models[name] |= {"family": config["model"], "params": count_parameters(model), "checkpoint": path}
     ceiling = evaluate.auc(labels, table.column("true_ctr").to_numpy()) if "true_ctr" in keep else None
+    return {"eval": {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
+                     "click_rate": float(np.mean(labels)), "ceiling_auc": ceiling},
+            "models": models}
+
+
+def evaluate_run(spec: JobSpec, checkpoints: dict[str, str], manifest: dict) -> dict:
+    """The run's metrics: every model on the eval days, plus what was trained and labelled."""
     return {
         "job": spec.name,
         "spec_hash": spec.fingerprint(),
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
-        "eval": {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
-                 "click_rate": float(np.mean(labels)), "ceiling_auc": ceiling},
         "label": {"total_rows": manifest["total_rows"], "shards": len(manifest["shards"]),
                   "status": "reused" if manifest.get("reused") else "labelled",
+                  "relabelled_days": manifest.get("relabelled", []),
                   "teacher_sha256": manifest["teacher"]["checkpoint_sha256"]},
-        "models": models,
+        **evaluate_models(spec, checkpoints),
     }
 
 

@@ -1,13 +1,16 @@
 """Label stage: a Ray Data actor pool runs the teacher over the click logs and writes soft-label shards.
 
 Each actor loads the teacher once (`TeacherPredictor.__init__`) and maps Arrow batches to Arrow
-batches with a `teacher_logit` column. The stage is skipped when a valid manifest already covers
-the same inputs, teacher and label settings.
+batches with a `teacher_logit` column. Shards live per input partition (`date=YYYY-MM-DD/`), each
+with its own manifest, so a day is skipped when its manifest covers the same input files, teacher
+and label settings, and only new or changed days are labelled.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -51,42 +54,68 @@ class TeacherPredictor:
         return out
 
 
-def run_label_stage(spec, teacher_checkpoint: str, shard_dir: str) -> dict:
-    """Labels the spec's training days into `shard_dir`; returns the (new or reused) manifest."""
-    days = spec.data.train_days.days()
+@dataclass
+class Labelled:
+    """Soft labels for a set of days: the combined manifest, and which days were (re)labelled or reused."""
+
+    manifest: dict
+    relabelled: list[str]
+    reused: list[str]
+
+
+def label_days(spec, teacher_checkpoint: str, shard_root: str, days: list[dt.date]) -> Labelled:
+    """Labels each day into `<shard_root>/date=YYYY-MM-DD/` unless its manifest shows the same teacher,
+    label settings and input files (names, sizes, modification times or ETags): only new or changed
+    partitions are labelled, and a new teacher relabels every one.
+    """
     paths = clicklogs.partition_paths(spec.data.path, days)
     columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
     clicklogs.check_columns(list(paths.values()), columns)
-    inputs = {d.isoformat(): {"path": p, "rows": clicklogs.count_rows([p])} for d, p in paths.items()}
     teacher = {"checkpoint": teacher_checkpoint, "checkpoint_sha256": shards.file_sha256(teacher_checkpoint),
                "model": spec.teacher.model}
     fingerprint = spec.fingerprint("features", "label")
+    manifests, relabelled, reused = {}, [], []
+    for day, path in paths.items():
+        day_dir = storage.join(shard_root, f"date={day.isoformat()}")
+        inputs = {day.isoformat(): clicklogs.partition_fingerprint(path)}
+        existing = shards.read_manifest(day_dir)
+        if shards.is_reusable(existing, teacher_sha256=teacher["checkpoint_sha256"],
+                              label_fingerprint=fingerprint, inputs=inputs):
+            manifests[day] = existing
+            reused.append(day.isoformat())
+            continue
+        manifests[day] = _label_partition(spec, day, day_dir, columns,
+                                          teacher=teacher, fingerprint=fingerprint, inputs=inputs)
+        relabelled.append(day.isoformat())
+    log.info("label: %d day(s) labelled %s, %d reused %s", len(relabelled), relabelled, len(reused), reused)
+    return Labelled(shards.combine(list(manifests.values())), relabelled, reused)
 
-    existing = shards.read_manifest(shard_dir)
-    if shards.is_reusable(existing, teacher_sha256=teacher["checkpoint_sha256"],
-                          label_fingerprint=fingerprint, inputs=inputs):
-        log.info("label: reusing %d soft labels in %s (same teacher, inputs and settings)",
-                 existing["total_rows"], shard_dir)
-        return existing | {"reused": True}
 
-    storage.remove_tree(shard_dir)  # partial or stale shards: redo them all, never mix
-    dataset = clicklogs.read_click_logs(spec.data.path, days, columns)
-    predictor = {"checkpoints": {"teacher_logit": teacher_checkpoint}, "logit_dtype": spec.label.logit_dtype}
+def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: dict,
+                     fingerprint: str, inputs: dict) -> dict:
+    """Runs the teacher actor pool over one partition; the manifest is written last, after the row check."""
+    storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
+    dataset = clicklogs.read_click_logs(spec.data.path, [day], columns)
+    predictor = {"checkpoints": {"teacher_logit": teacher["checkpoint"]}, "logit_dtype": spec.label.logit_dtype}
     labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
-    (data_path,), filesystem = storage.arrow_paths([storage.join(shard_dir, "data")])
+    (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows)
-
-    shard_files = [storage.join(shard_dir, "data", f) for f in storage.list_dir(storage.join(shard_dir, "data"))
-                   if f.endswith(".parquet")]
     manifest = shards.build_manifest(
-        teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(),
-        inputs=inputs, shard_files=shard_files, columns=columns + ["teacher_logit"],
+        teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
+        shard_files=storage.list_files(storage.join(day_dir, "data")), columns=columns + ["teacher_logit"],
     )
     if manifest["total_rows"] != manifest["input_rows"]:  # the exactly-once invariant
-        raise DataError(f"label stage wrote {manifest['total_rows']} rows for {manifest['input_rows']} input rows; "
-                        f"the shards in {shard_dir} are left without a manifest and will be redone")
-    shards.write_manifest(shard_dir, manifest)
+        raise DataError(f"label stage wrote {manifest['total_rows']} rows for {manifest['input_rows']} input rows "
+                        f"of {day}; the shards in {day_dir} are left without a manifest and will be redone")
+    shards.write_manifest(day_dir, manifest)
     return manifest
+
+
+def run_label_stage(spec, teacher_checkpoint: str, shard_root: str) -> dict:
+    """Labels the spec's training days; returns the combined manifest (`reused` when nothing was labelled)."""
+    labelled = label_days(spec, teacher_checkpoint, shard_root, spec.data.train_days.days())
+    return labelled.manifest | {"reused": not labelled.relabelled, "relabelled": labelled.relabelled,
+                                "reused_days": labelled.reused}
 
 
 def pool_options(spec, predictor_kwargs: dict) -> dict:

@@ -68,3 +68,17 @@ def _parquet_rows(uri: str) -> int:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
         return pq.ParquetFile(handle).metadata.num_rows
+
+
+def combine(manifests: list[dict]) -> dict:
+    """One view over per-day manifests (what training reads): every input, every shard, the totals."""
+    first = manifests[0]
+    return {
+        "teacher": first["teacher"],
+        "label_fingerprint": first["label_fingerprint"],
+        "inputs": {day: entry for m in manifests for day, entry in m["inputs"].items()},
+        "input_rows": sum(m["input_rows"] for m in manifests),
+        "shards": [shard for m in manifests for shard in m["shards"]],
+        "total_rows": sum(m["total_rows"] for m in manifests),
+        "columns": first["columns"],
+    }

@@ -10,6 +10,7 @@ import datetime as dt
 import difflib
 import hashlib
 import json
+import typing
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -62,6 +63,7 @@ class SyntheticSpec(Section):
     categories: int = Field(50, ge=2)
     seq_len: int = Field(10, ge=1, le=200)
     seed: int = 0
+    drift: float = Field(0.0, ge=0, le=1, description="radians a day by which user tastes rotate")
 
 
 class DataSpec(Section):
@@ -228,6 +230,47 @@ class RaySpec(Section):
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
 
 
+class GateSpec(Section):
+    metric: Literal["auc", "gauc", "log_loss"] = "auc"
+    max_regression: float = Field(0.0, ge=0, description="how much worse than the champion a challenger may be")
+
+
+class ScheduleSpec(Section):
+    """Nightly re-distillation: when cycles fire, what they train on, and what may be promoted."""
+
+    cron: str = "30 2 * * *"
+    timezone: str = "UTC"
+    window_days: int = Field(3, ge=1, description="train on this many days before the evaluated day")
+    registry: str = Field(min_length=1, description="model registry root (local path or s3://)")
+    model_name: str | None = Field(None, description="name in the registry (default: the job name)")
+    gate: GateSpec = Field(default_factory=GateSpec)
+    warm_start: bool = True
+    keep_versions: int = Field(10, ge=1)
+    keep_shard_days: int = Field(14, ge=1)
+    max_catch_up: int = Field(3, ge=0)
+    lock_ttl_minutes: int = Field(360, ge=1, description="a crashed cycle's lock expires after this")
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, cron: str) -> str:
+        from croniter import croniter
+
+        if not croniter.is_valid(cron):
+            raise ValueError(f"{cron!r} is not a cron expression; expected 5 fields, e.g. '30 2 * * *'")
+        return cron
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, name: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
+        return name
+
+
 class JobSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataSpec
@@ -240,6 +283,7 @@ class JobSpec(Section):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
+    schedule: ScheduleSpec | None = None
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
     @model_validator(mode="after")
@@ -341,7 +385,9 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     for part in loc:
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        candidates = typing.get_args(annotation) or (annotation,)  # `X | None` sections too
+        found = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not found:
             return []
-        model = annotation
+        model = found[0]
     return list(model.model_fields)

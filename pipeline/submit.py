@@ -201,14 +201,17 @@ def submit_warnings(spec: JobSpec) -> list[str]:
     return warnings
 
 
-def submit(client, spec: JobSpec, source: str = "") -> str:
-    """Uploads the staged project and starts the job; returns its submission id."""
+def submit(client, spec: JobSpec, source: str = "", command: str = "run") -> str:
+    """Uploads the staged project and starts `distill <command> job-spec.yaml` (e.g. "run", or
+    "nightly job-spec.yaml --date D" given as "nightly --date D"); returns the submission id."""
     job_id = f"distill-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     metadata = {"distill_spec": spec.name, "distill_run_dir": spec.run_dir, "distill_spec_hash": spec.fingerprint()}
     with tempfile.TemporaryDirectory(prefix="distill-submit-") as tmp:
         working_dir = stage_working_dir(spec, Path(tmp) / "job", source)
         with _cluster_call(client.get_address()):
-            return client.submit_job(entrypoint=ENTRYPOINT, submission_id=job_id, metadata=metadata,
+            verb, _, extra = command.partition(" ")
+            entrypoint = f"python -m pipeline {verb} {SPEC_FILE}" + (f" {extra}" if extra else "")
+            return client.submit_job(entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
                                      runtime_env={"working_dir": str(working_dir), "env_vars": JOB_ENV})
 
 

@@ -34,12 +34,13 @@ class TrainResult:
 
 
 def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict | None,
-                epochs: int, lr: float, model_path: str) -> TrainResult:
+                epochs: int, lr: float, model_path: str, init_model: str | None = None) -> TrainResult:
     """Trains `model_config` on `dataset` and exports the final weights to `model_path`.
 
     Args:
         role: run name inside `<run_dir>/train/`, e.g. "teacher" or "student_distilled".
         distill: {"alpha", "temperature"} to train on `teacher_logit` too; None for hard labels only.
+        init_model: a saved model of the same architecture to start from (warm start).
     """
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -56,6 +57,7 @@ def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict |
             "label": spec.features.label,
             "train": train_config,
             "distill": distill,
+            "init_model": init_model,
         },
         scaling_config=ScalingConfig(
             num_workers=spec.train.num_workers,
@@ -134,6 +136,10 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
 
     model = build_model(config["model"], layout)
+    if config.get("init_model") and ray.train.get_checkpoint() is None:  # a resumed run has newer weights
+        from pipeline.models import load_model
+
+        model.load_state_dict(load_model(config["init_model"])[0].state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train))
     start_epoch, history = _restore(engine)

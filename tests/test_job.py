@@ -30,7 +30,8 @@ def finished_run(ray_cluster, tmp_path_factory):
 @pytest.mark.e2e
 def test_rows_in_equal_soft_labels_out(finished_run):
     spec, metrics = finished_run
-    manifest = shards.read_manifest(storage.join(spec.run_dir, "shards"))
+    days = [d.isoformat() for d in spec.data.train_days.days()]
+    manifest = shards.combine([shards.read_manifest(storage.join(spec.run_dir, "shards", f"date={d}")) for d in days])
     assert manifest["input_rows"] == manifest["total_rows"] == 2 * spec.data.synthetic.rows_per_day
     assert metrics["label"]["total_rows"] == manifest["total_rows"]
     assert manifest["teacher"]["checkpoint_sha256"] == shards.file_sha256(metrics["models"]["teacher"]["checkpoint"])

@@ -49,16 +49,19 @@ def test_every_input_row_is_labelled_exactly_once(labelled_setup):
     assert all(pq.ParquetFile(s["path"]).metadata.num_rows == s["rows"] for s in manifest["shards"])
 
 
-def test_manifest_records_teacher_inputs_and_settings(labelled_setup):
+def test_each_day_has_a_manifest_recording_teacher_inputs_and_settings(labelled_setup):
     spec, teacher, shard_dir = labelled_setup
     manifest = run_label_stage(spec, teacher, shard_dir)
-    on_disk = storage.read_json(storage.join(shard_dir, shards.MANIFEST))
-    assert on_disk["teacher"]["checkpoint_sha256"] == shards.file_sha256(teacher)
-    assert sorted(on_disk["inputs"]) == ["2026-11-01", "2026-11-02"]
-    assert all(entry["rows"] == 700 for entry in on_disk["inputs"].values())
-    assert on_disk["label_fingerprint"] == spec.fingerprint("features", "label")
-    assert on_disk["spec_hash"] == spec.fingerprint()
-    assert on_disk["total_rows"] == manifest["total_rows"]
+    assert sorted(manifest["inputs"]) == ["2026-11-01", "2026-11-02"]
+    for day in ("2026-11-01", "2026-11-02"):
+        on_disk = storage.read_json(storage.join(shard_dir, f"date={day}", shards.MANIFEST))
+        assert on_disk["teacher"]["checkpoint_sha256"] == shards.file_sha256(teacher)
+        assert list(on_disk["inputs"]) == [day]
+        entry = on_disk["inputs"][day]
+        assert entry["rows"] == on_disk["total_rows"] == 700
+        assert [f["name"] for f in entry["files"]] == ["part-00000.parquet"] and entry["files"][0]["size"] > 0
+        assert on_disk["label_fingerprint"] == spec.fingerprint("features", "label")
+        assert on_disk["spec_hash"] == spec.fingerprint()
 
 
 def test_rerun_reuses_finished_shards(labelled_setup):
@@ -70,13 +73,25 @@ def test_rerun_reuses_finished_shards(labelled_setup):
     assert {s["path"]: storage.filesystem(s["path"])[0].modified(s["path"]) for s in second["shards"]} == mtimes
 
 
-def test_shards_without_manifest_are_redone(labelled_setup):
+def test_a_day_without_manifest_is_redone_and_only_it(labelled_setup):
     spec, teacher, shard_dir = labelled_setup
     run_label_stage(spec, teacher, shard_dir)
-    storage.filesystem(shard_dir)[0].rm(storage.join(shard_dir, shards.MANIFEST))  # as if the driver died
+    day_dir = storage.join(shard_dir, "date=2026-11-02")
+    storage.filesystem(day_dir)[0].rm(storage.join(day_dir, shards.MANIFEST))  # as if the driver died
     redone = run_label_stage(spec, teacher, shard_dir)
-    assert not redone.get("reused")
+    assert redone["relabelled"] == ["2026-11-02"] and redone["reused_days"] == ["2026-11-01"]
     assert len(_shard_table(redone)) == 1400  # the stale files were replaced, not added to
+
+
+def test_a_changed_partition_is_relabelled(labelled_setup):
+    import os
+
+    spec, teacher, shard_dir = labelled_setup
+    run_label_stage(spec, teacher, shard_dir)
+    part = storage.list_files(storage.join(spec.data.path, "date=2026-11-01"))[0]
+    os.utime(part, (os.path.getatime(part), os.path.getmtime(part) + 5))
+    again = run_label_stage(spec, teacher, shard_dir)
+    assert again["relabelled"] == ["2026-11-01"] and again["reused_days"] == ["2026-11-02"]
 
 
 def test_float16_logits_round_trip_within_tolerance(labelled_setup, tiny_spec_dict):

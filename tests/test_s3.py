@@ -186,11 +186,13 @@ def test_label_stage_reads_s3_and_writes_shards_and_manifest_there(ray_cluster, 
 
     manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards")
     assert manifest["input_rows"] == manifest["total_rows"] == 600  # 2 train days x 300: rows in = rows out
-    assert all(s["path"].startswith(f"s3://{bucket}/runs/shards/data/") for s in manifest["shards"])
+    assert all(s["path"].startswith(f"s3://{bucket}/runs/shards/date=") for s in manifest["shards"])
     keys = _objects(moto_endpoint, bucket)
-    assert f"runs/shards/{shards.MANIFEST}" in keys
+    day_manifests = [f"runs/shards/date={d}/{shards.MANIFEST}" for d in ("2026-11-01", "2026-11-02")]
+    assert set(day_manifests) <= keys
     assert {s["path"].removeprefix(f"s3://{bucket}/") for s in manifest["shards"]} <= keys
-    _assert_no_secret(json.dumps(storage.read_json(f"s3://{bucket}/runs/shards/{shards.MANIFEST}")))
+    for key in day_manifests:
+        _assert_no_secret(json.dumps(storage.read_json(f"s3://{bucket}/{key}")))
 
 
 @pytest.mark.ray
@@ -210,7 +212,7 @@ def test_tiny_job_end_to_end_on_s3(ray_cluster, bucket, moto_endpoint, click_log
 
     run = f"s3://{bucket}/runs/tiny"
     keys = _objects(moto_endpoint, bucket)
-    assert {"runs/tiny/metrics.json", "runs/tiny/report.md", f"runs/tiny/shards/{shards.MANIFEST}"} <= keys
+    assert {"runs/tiny/metrics.json", "runs/tiny/report.md", f"runs/tiny/shards/date=2026-11-01/{shards.MANIFEST}"} <= keys
     assert {"runs/tiny/models/student_distilled.pt", "runs/tiny/models/student_hard.pt"} <= keys
     assert any(k.startswith("runs/tiny/train/student_hard-") for k in keys)  # Ray Train checkpoints on S3 too
     assert metrics["models"]["teacher"]["checkpoint"] == teacher

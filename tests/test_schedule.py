@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 
+from pipeline import storage
 from pipeline.schedule import CycleLock, LockHeld, data_date, due_dates, fire_times
 
 UTC = dt.timezone.utc
@@ -87,3 +88,90 @@ def test_renewing_keeps_a_long_cycle_locked(tmp_path):
         with pytest.raises(LockHeld):
             other.acquire()
     other.acquire()
+
+
+def test_scheduler_catches_up_in_order_without_overlap(tmp_path, tiny_spec_dict):
+    from pipeline import nightly
+    from pipeline.spec import parse_spec
+
+    tiny_spec_dict["schedule"] = {"registry": str(tmp_path / "reg"), "max_catch_up": 2}
+    spec = parse_spec(tiny_spec_dict)
+    clock = FakeClock(at(20, 3))
+    ran, seen_locked = [], []
+
+    def run_one(day):
+        lock = CycleLock(storage.join(nightly.nightly_root(spec), "LOCK"), dt.timedelta(hours=1), clock)
+        lock.owner = "intruder:9"
+        with pytest.raises(LockHeld):  # a second scheduler cannot start a cycle meanwhile
+            lock.acquire()
+        seen_locked.append(day)
+        ran.append(day)
+        storage.atomic_write_json(nightly.cycle_path(spec, day), {"date": day.isoformat()})
+
+    first = nightly.run_scheduler(spec, run_one, clock=clock, once=True)
+    assert first == [dt.date(2026, 11, 19)]  # nothing done before: only last night
+    clock.now = at(24, 3)  # down for three nights
+    assert nightly.run_scheduler(spec, run_one, clock=clock, once=True) == [dt.date(2026, 11, 22), dt.date(2026, 11, 23)]
+    assert nightly.run_scheduler(spec, run_one, clock=clock, once=True) == []  # caught up: nothing twice
+    assert seen_locked == ran
+
+
+def test_scheduler_sleeps_until_the_next_fire(tmp_path, tiny_spec_dict):
+    from pipeline import nightly
+    from pipeline.spec import parse_spec
+
+    tiny_spec_dict["schedule"] = {"registry": str(tmp_path / "reg")}
+    spec = parse_spec(tiny_spec_dict)
+    clock = FakeClock(at(20, 1))
+    storage.atomic_write_json(nightly.cycle_path(spec, dt.date(2026, 11, 19)), {})
+    slept = []
+
+    class Stop(Exception):
+        pass
+
+    def sleep(seconds):
+        slept.append(seconds)
+        raise Stop
+
+    with pytest.raises(Stop):
+        nightly.run_scheduler(spec, lambda day: None, clock=clock, sleep=sleep)
+    assert slept == [90 * 60]  # 01:00 -> 02:30
+
+
+def test_dry_run_lists_what_would_run(tmp_path, tiny_spec_dict, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    tiny_spec_dict["schedule"] = {"registry": str(tmp_path / "reg"), "window_days": 2}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict))
+    assert main(["schedule", str(path), "--dry-run", "--from", "2026-11-10", "--to", "2026-11-11"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["2026-11-10T02:30:00+00:00  evaluate 2026-11-09  train 2026-11-07..2026-11-08  would run",
+                     "2026-11-11T02:30:00+00:00  evaluate 2026-11-10  train 2026-11-08..2026-11-09  would run"]
+    assert main(["schedule", str(path), "--dry-run"]) == 2  # --from/--to are required for a dry run
+
+
+def test_registry_commands(tmp_path, tiny_spec_dict, capsys):
+    import yaml
+
+    from pipeline import registry
+    from pipeline.cli import main
+
+    root = str(tmp_path / "reg")
+    tiny_spec_dict["schedule"] = {"registry": root}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict))
+    for version in ("2026-11-01-a", "2026-11-02-a"):
+        registry.publish(root, "tiny", version, {"model.pt": b"w"}, {"metrics": {"auc": 0.7}})
+    assert main(["registry", str(path), "promote", "2026-11-01-a"]) == 0
+    assert main(["registry", str(path), "promote", "2026-11-02-a"]) == 0
+    capsys.readouterr()
+    assert main(["registry", str(path), "list"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["  2026-11-01-a", "* 2026-11-02-a"]
+    assert main(["registry", str(path), "rollback"]) == 0
+    assert registry.current(root, "tiny") == "2026-11-01-a"
+    assert main(["registry", str(path), "show", "nope"]) == 2
+    assert main(["registry", str(path), "show", "2026-11-01-a"]) == 0
+    assert '"auc": 0.7' in capsys.readouterr().out

@@ -22,7 +22,7 @@ def raw(tiny_spec_dict) -> dict:
 def test_every_shipped_job_spec_is_valid(path):
     spec = load_spec(path)
     assert spec.name
-    assert path.read_text().startswith("# Run: distill run "), "each spec starts with the command that runs it"
+    assert path.read_text().startswith("# Run: distill "), "each spec starts with the command that runs it"
 
 
 def test_valid_spec_round_trips_defaults(raw):

@@ -67,6 +67,18 @@ def check_columns(paths: list[str], needed: list[str]) -> None:
         )
 
 
+def partition_fingerprint(path: str) -> dict:
+    """What identifies a partition's content without reading it: its files' names and sizes, and
+    their modification times (local) or ETags (S3), plus the row count from the Parquet footers."""
+    fs, _ = storage.filesystem(path)
+    files = []
+    for uri in parquet_files([path]):
+        info = fs.info(storage.filesystem(uri)[1])
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        files.append({"name": uri.rsplit("/", 1)[-1], "size": info["size"], "version": str(version)})
+    return {"path": path, "rows": count_rows([path]), "files": files}
+
+
 def count_rows(paths: list[str]) -> int:
     """Row count from Parquet footers, without reading data pages."""
     return partition_dataset(paths).count_rows()

@@ -1,0 +1,208 @@
+"""One nightly re-distillation cycle for day D, and the scheduler loop that fires cycles on the cron.
+
+A cycle: label only the window's partitions without valid shards, train a challenger student on the
+window (warm-started from the champion), evaluate challenger and champion on day D (held out),
+publish the challenger to the registry and promote it only when it passes the gate, and write a cycle
+record. A finished cycle is never redone: rerunning a date returns its record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+
+from pipeline import registry, storage
+from pipeline.errors import UserError
+from pipeline.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def nightly_root(spec: JobSpec) -> str:
+    return storage.join(spec.output.root, spec.output.run_name or spec.name, "nightly")
+
+
+def cycle_path(spec: JobSpec, day: dt.date) -> str:
+    return storage.join(nightly_root(spec), "cycles", f"{day.isoformat()}.json")
+
+
+def finished_days(spec: JobSpec) -> list[dt.date]:
+    names = storage.list_dir(storage.join(nightly_root(spec), "cycles"))
+    return sorted(dt.date.fromisoformat(n.removesuffix(".json")) for n in names if n.endswith(".json"))
+
+
+def cycle_spec(spec: JobSpec, day: dt.date) -> JobSpec:
+    """The spec of the cycle for `day`: train on the window before it, evaluate on it."""
+    schedule = _schedule(spec)
+    window = {"start": day - dt.timedelta(days=schedule.window_days), "end": day - dt.timedelta(days=1)}
+    data = spec.data.model_copy(update={
+        "train_days": spec.data.train_days.model_validate(window),
+        "eval_days": spec.data.eval_days.model_validate({"start": day, "end": day}),
+    })
+    output = spec.output.model_copy(update={"root": storage.join(nightly_root(spec), "runs"),
+                                            "run_name": day.isoformat()})
+    return spec.model_copy(update={"data": data, "output": output})
+
+
+def run_cycle(spec: JobSpec, day: dt.date) -> dict:
+    """Runs (or returns the record of) the cycle that evaluates on `day`."""
+    from pipeline.job import ensure_click_logs, ray_session
+
+    record_path = cycle_path(spec, day)
+    if storage.exists(record_path):
+        print(f"nightly {day}: already done, nothing to do ({record_path})", flush=True)
+        return storage.read_json(record_path) | {"rerun": True}
+    started = time.perf_counter()
+    cycle = cycle_spec(spec, day)
+    storage.configure(**spec.storage.model_dump())
+    ensure_click_logs(cycle)
+    with ray_session(cycle):
+        record = _cycle(spec, cycle, day)
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    _apply_retention(spec, day)
+    storage.atomic_write_json(record_path, record)  # last: a crashed cycle has no record and reruns
+    print(f"nightly {day}: {record['decision']} ({record['reason']})", flush=True)
+    return record
+
+
+def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
+    from pipeline.job import evaluate_models, train_student
+    from pipeline.label import label_days
+
+    schedule = _schedule(spec)
+    teacher = _teacher(spec, cycle)
+    labelled = label_days(cycle, teacher, storage.join(nightly_root(spec), "shards"), cycle.data.train_days.days())
+    model, root = schedule.model_name or spec.name, schedule.registry
+    champion = registry.current(root, model)
+    champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt") if champion else None
+    warm = champion_path if schedule.warm_start and _same_architecture(champion_path, spec) else None
+    challenger = train_student(cycle, labelled.manifest, "student_distilled", init_model=warm)
+    checkpoints = {"challenger": challenger, **({"champion": champion_path} if champion_path else {})}
+    metrics = evaluate_models(cycle, checkpoints)
+    decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression)
+    version = f"{day.isoformat()}-{labelled.manifest['teacher']['checkpoint_sha256'][:8]}"
+    lineage = {"teacher": labelled.manifest["teacher"], "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
+               "eval_day": day.isoformat(), "shards": labelled.manifest["inputs"], "warm_start_from": champion if warm else None}
+    registry.publish(root, model, version, {"model.pt": storage.read_bytes(challenger),
+                                            "spec.json": _spec_bytes(cycle)},
+                     {"metrics": metrics["models"]["challenger"], "lineage": lineage})
+    if decision != "rejected":
+        registry.promote(root, model, version, reason)
+    return {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
+            "teacher_sha256": labelled.manifest["teacher"]["checkpoint_sha256"], "version": version,
+            "champion_before": champion, "champion_after": registry.current(root, model),
+            "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
+            "decision": decision, "reason": reason}
+
+
+def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
+    """The spec's teacher, or one trained on the first cycle's window and kept for every later night."""
+    from pipeline.job import ensure_teacher
+
+    if spec.teacher.checkpoint:
+        return ensure_teacher(spec)
+    kept = storage.join(nightly_root(spec), "teacher.pt")
+    if not storage.exists(kept):
+        storage.atomic_write_bytes(kept, storage.read_bytes(ensure_teacher(cycle)))
+    return kept
+
+
+def _same_architecture(model_path: str | None, spec: JobSpec) -> bool:
+    """Warm start only from a champion whose architecture the spec's student still has."""
+    from pipeline.job import _model_config
+    from pipeline.models import load_model
+
+    if model_path is None:
+        return False
+    same = load_model(model_path)[1] == _model_config(spec.student)
+    if not same:
+        log.warning("nightly: the champion's architecture differs from student in the spec: training from scratch")
+    return same
+
+
+def gate(metrics: dict, metric: str, max_regression: float) -> tuple[str, str]:
+    """Promote when the challenger is no worse than the champion by more than `max_regression`."""
+    challenger = metrics["models"]["challenger"][metric]
+    if "champion" not in metrics["models"]:
+        return "promoted", f"first version ({metric} {challenger:.4f}); no champion to compare with"
+    champion = metrics["models"]["champion"][metric]
+    lower_is_better = metric == "log_loss"
+    regression = (challenger - champion) if lower_is_better else (champion - challenger)
+    verdict = "promoted" if regression <= max_regression else "rejected"
+    return verdict, (f"challenger {metric} {challenger:.4f} vs champion {champion:.4f}: regression "
+                     f"{regression:+.4f}, allowed {max_regression:.4f}")
+
+
+def _apply_retention(spec: JobSpec, day: dt.date) -> None:
+    """Drops registry versions beyond `keep_versions` (never CURRENT) and shard days older than `keep_shard_days`."""
+    schedule = _schedule(spec)
+    model, root = schedule.model_name or spec.name, schedule.registry
+    keep = set(registry.list_versions(root, model)[-schedule.keep_versions:]) | {registry.current(root, model)}
+    for version in registry.list_versions(root, model):
+        if version not in keep:
+            storage.remove_tree(registry.version_dir(root, model, version))
+    oldest = day - dt.timedelta(days=schedule.keep_shard_days)
+    shard_root = storage.join(nightly_root(spec), "shards")
+    for name in storage.list_dir(shard_root):
+        if name.startswith("date=") and dt.date.fromisoformat(name[5:]) < oldest:
+            storage.remove_tree(storage.join(shard_root, name))
+
+
+def _spec_bytes(spec: JobSpec) -> bytes:
+    return spec.model_dump_json(indent=2).encode()
+
+
+def _schedule(spec: JobSpec):
+    if spec.schedule is None:
+        raise UserError(f"the spec {spec.name!r} has no schedule section; add one (see jobs/nightly.yaml)")
+    return spec.schedule
+
+
+def run_scheduler(spec: JobSpec, run_one, *, clock=None, sleep=time.sleep, once: bool = False) -> list[dt.date]:
+    """Fires cycles on the spec's cron until stopped: catches up missed days in order (at most
+    `max_catch_up`), never runs two cycles at once (an expiring lock), and logs each decision.
+
+    Args:
+        run_one: runs the cycle for a date (locally, or by submitting it to a cluster).
+        clock, sleep: injectable for tests (a fake clock instead of waiting).
+        once: check once and return instead of looping.
+
+    Returns:
+        The dates run (when `once`).
+    """
+    from pipeline.schedule import CycleLock, due_dates, fire_times
+
+    schedule = _schedule(spec)
+    clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+    lock = CycleLock(storage.join(nightly_root(spec), "LOCK"), dt.timedelta(minutes=schedule.lock_ttl_minutes), clock)
+    ran = []
+    while True:
+        done = finished_days(spec)
+        due, skipped = due_dates(schedule.cron, schedule.timezone, done[-1] if done else None, clock(),
+                                 schedule.max_catch_up)
+        if skipped:
+            log.warning("schedule: skipping %d missed day(s) %s..%s (max_catch_up %d)",
+                        len(skipped), skipped[0], skipped[-1], schedule.max_catch_up)
+        for day in due:
+            with lock:
+                log.info("schedule: running the cycle for %s", day)
+                run_one(day)
+                ran.append(day)
+        if once:
+            return ran
+        now = clock()
+        next_fire = fire_times(schedule.cron, schedule.timezone, now, now + dt.timedelta(days=366))[0]
+        log.info("schedule: next cycle at %s", next_fire.isoformat())
+        sleep(max(1.0, (next_fire - clock()).total_seconds()))
+
+
+def plan(spec: JobSpec, start: dt.date, end: dt.date) -> list[tuple[dt.datetime, dt.date]]:
+    """What a scheduler running from `start` to `end` would fire: (fire time, date evaluated)."""
+    from pipeline.schedule import data_date, fire_times
+
+    schedule = _schedule(spec)
+    tz = dt.timezone.utc
+    begin = dt.datetime.combine(start, dt.time(), tzinfo=tz) - dt.timedelta(seconds=1)
+    finish = dt.datetime.combine(end, dt.time(23, 59, 59), tzinfo=tz)
+    return [(fire, data_date(fire)) for fire in fire_times(schedule.cron, schedule.timezone, begin, finish)]

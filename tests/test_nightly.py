@@ -1,0 +1,130 @@
+"""Nightly re-distillation on real Ray: incremental relabelling, the gate, the registry, idempotent reruns,
+and the scheduler's catch-up and no-overlap rules with a fake clock."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import os
+
+import pytest
+import yaml
+
+from pipeline import registry, storage
+from pipeline.nightly import cycle_path, nightly_root, run_cycle
+from pipeline.spec import parse_spec
+from tests.conftest import ROOT
+
+NIGHT = [dt.date(2026, 11, d) for d in range(4, 10)]
+
+
+def small_nightly(tmp) -> dict:
+    raw = yaml.safe_load((ROOT / "jobs" / "nightly.yaml").read_text())
+    raw["data"]["path"] = str(tmp / "clicks")
+    raw["data"]["synthetic"].update(rows_per_day=3000, users=300, items=1000, categories=10, seq_len=5)
+    raw["features"]["sequence"]["length"] = 5
+    raw["teacher"].update(embedding_dim=8, hash_buckets=2000, hidden=[32])
+    raw["student"].update(hash_buckets=1000, hidden=[16])
+    raw["label"].update(batch_size=1024)
+    raw["train"].update(batch_size=256, cpus_per_worker=0.5)
+    raw["schedule"]["registry"] = str(tmp / "registry")
+    raw["output"]["root"] = str(tmp / "runs")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def nights(ray_cluster, tmp_path_factory):
+    """Runs the cycles once for the module, recording each night's record and state."""
+    tmp = tmp_path_factory.mktemp("nightly")
+    raw = small_nightly(tmp)
+    spec = parse_spec(raw)
+    out = {"spec": spec, "raw": raw, "tmp": tmp}
+    out[1] = run_cycle(spec, NIGHT[0])
+    out[2] = run_cycle(spec, NIGHT[1])
+    out["versions_after_night2"] = registry.list_versions(spec.schedule.registry, "nightly")
+    shard_file = _shard_files(spec, "2026-11-02")[0]
+    out["mtime_day2_after_night2"] = os.path.getmtime(shard_file)
+    out["rerun"] = run_cycle(spec, NIGHT[1])
+    out["versions_after_rerun"] = registry.list_versions(spec.schedule.registry, "nightly")
+    # Touch one old partition (a late upsert, say): only it should be relabelled.
+    touched = next((tmp / "clicks" / "date=2026-11-03").glob("*.parquet"))
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 60))
+    out[3] = run_cycle(spec, NIGHT[2])
+    # A deliberately worse challenger: a learning rate that cannot move the weights, no warm start.
+    worse = copy.deepcopy(raw)
+    worse["train"]["lr"] = 1e-12
+    worse["schedule"]["warm_start"] = False
+    out["champion_before_worse"] = registry.current(spec.schedule.registry, "nightly")
+    out[4] = run_cycle(parse_spec(worse), NIGHT[3])
+    # A new teacher invalidates every shard.
+    new_teacher = copy.deepcopy(raw)
+    new_teacher["teacher"]["checkpoint"] = _random_teacher(spec, tmp)
+    out[5] = run_cycle(parse_spec(new_teacher), NIGHT[4])
+    return out
+
+
+def _shard_files(spec, day: str) -> list[str]:
+    return storage.list_files(storage.join(nightly_root(spec), "shards", f"date={day}"))
+
+
+def _random_teacher(spec, tmp) -> str:
+    from pipeline.features import FeatureLayout
+    from pipeline.models import build_model, save_model
+
+    layout = FeatureLayout.from_spec(spec.features)
+    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 500, "hidden": [8], "cross_layers": 1}
+    path = str(tmp / "other-teacher.pt")
+    save_model(path, build_model(config, layout), config, layout)
+    return path
+
+
+pytestmark = [pytest.mark.ray, pytest.mark.e2e]
+
+
+def test_first_night_labels_its_window_and_promotes(nights):
+    first = nights[1]
+    assert first["relabelled"] == ["2026-11-01", "2026-11-02", "2026-11-03"] and first["reused"] == []
+    assert first["decision"] == "promoted" and first["champion_before"] is None
+    assert first["challenger"]["auc"] > 0.55
+
+
+def test_second_night_labels_only_the_new_day(nights):
+    second = nights[2]
+    assert second["relabelled"] == ["2026-11-04"]
+    assert second["reused"] == ["2026-11-02", "2026-11-03"]
+    assert second["champion"] is not None  # evaluated against the champion on the same day
+
+
+def test_rerunning_a_night_changes_nothing(nights):
+    spec = nights["spec"]
+    assert nights["rerun"]["rerun"] is True and nights["rerun"]["version"] == nights[2]["version"]
+    assert os.path.getmtime(_shard_files(spec, "2026-11-02")[0]) == nights["mtime_day2_after_night2"]
+    assert nights["versions_after_rerun"] == nights["versions_after_night2"]  # no duplicate version
+
+
+def test_touching_an_old_partition_relabels_only_it(nights):
+    third = nights[3]
+    assert third["relabelled"] == ["2026-11-03", "2026-11-05"]
+    assert third["reused"] == ["2026-11-04"]
+
+
+def test_worse_challenger_is_refused_and_current_unchanged(nights):
+    worse = nights[4]
+    assert worse["decision"] == "rejected", worse
+    assert worse["champion_after"] == nights["champion_before_worse"] != worse["version"]
+
+
+def test_new_teacher_relabels_everything(nights):
+    fifth = nights[5]
+    assert fifth["relabelled"] == ["2026-11-05", "2026-11-06", "2026-11-07"] and fifth["reused"] == []
+    assert fifth["teacher_sha256"] != nights[3]["teacher_sha256"]
+
+
+def test_cycle_records_and_registry_lineage(nights):
+    spec = nights["spec"]
+    record = storage.read_json(cycle_path(spec, NIGHT[1]))
+    assert record["decision"] in {"promoted", "rejected"} and "reason" in record
+    shown = registry.show(spec.schedule.registry, "nightly", nights[1]["version"])
+    assert shown["lineage"]["train_days"] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    assert shown["lineage"]["eval_day"] == "2026-11-04"
+    assert shown["metrics"]["auc"] == pytest.approx(nights[1]["challenger"]["auc"])
