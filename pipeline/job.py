@@ -61,8 +61,9 @@ def ray_session(spec: JobSpec):
     # Workers are other processes: hand them the S3 endpoint, region and profile (never credentials: those
     # come from the environment they inherit locally, or the cluster's IAM role).
     runtime_env = {"env_vars": storage.worker_env()} if storage.worker_env() else None
-    if spec.ray.address or os.environ.get("RAY_ADDRESS"):  # a spec's address, or the job server's
-        ray.init(address=spec.ray.address or os.environ["RAY_ADDRESS"], logging_level=logging.WARNING, runtime_env=runtime_env)
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")  # a spec's address, or the job server's
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                  runtime_env=runtime_env)
@@ -124,14 +125,14 @@ def ensure_teacher(spec: JobSpec) -> str:
             raise UserError(f"teacher.checkpoint {spec.teacher.checkpoint!r} does not exist; fix the path or "
                             "remove the field to train a teacher")
         return spec.teacher.checkpoint
-    model_config = _model_config(spec.teacher)
+    config = model_config(spec.teacher)
     columns = [spec.features.label] + spec.features.input_columns()
     inputs = {d.isoformat(): clicklogs.count_rows([p])
               for d, p in clicklogs.partition_paths(spec.data.path, spec.data.train_days.days()).items()}
-    depends_on = {"model": model_config, "train": spec.train.model_dump(), "inputs": inputs,
+    depends_on = {"model": config, "train": spec.train.model_dump(), "inputs": inputs,
                   "epochs": spec.teacher.epochs, "lr": spec.teacher.lr}
     return _train_once(
-        spec, "teacher", model_config, depends_on,
+        spec, "teacher", config, depends_on,
         dataset=lambda: clicklogs.read_click_logs(spec.data.path, spec.data.train_days.days(), columns),
         distill=None, epochs=spec.teacher.epochs or spec.train.epochs, lr=spec.teacher.lr or spec.train.lr,
     )
@@ -142,15 +143,15 @@ def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | No
     from `init_model`'s weights when given (warm start)."""
     import ray.data
 
-    model_config = _model_config(spec.student)
+    config = model_config(spec.student)
     distill = spec.distill.model_dump() if role == "student_distilled" else None
-    depends_on = {"model": model_config, "train": spec.train.model_dump(), "distill": distill,
+    depends_on = {"model": config, "train": spec.train.model_dump(), "distill": distill,
                   "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"],
                   "init_model": init_model}
     files, filesystem = storage.arrow_paths([s["path"] for s in manifest["shards"]])
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     return _train_once(
-        spec, role, model_config, depends_on,
+        spec, role, config, depends_on,
         dataset=lambda: ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns),
         distill=distill, epochs=spec.train.epochs, lr=spec.train.lr, init_model=init_model,
     )
@@ -177,7 +178,8 @@ def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, 
     return model_path
 
 
-def _model_config(section) -> dict:
+def model_config(section) -> dict:
+    """The plain-dict model description `build_model` takes, from a teacher or student section."""
     keys = ("model", "embedding_dim", "hash_buckets", "hidden", "cross_layers", "sequence_pooling")
     return {k: getattr(section, k) for k in keys}
 
@@ -224,5 +226,7 @@ def _eval_columns(spec: JobSpec) -> list[str]:
     """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
     paths = list(clicklogs.partition_paths(spec.data.path, spec.data.eval_days.days()).values())
     present = clicklogs.partition_dataset(paths).schema.names
-    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), "true_ctr"]
-    return list(dict.fromkeys(c for c in wanted if c and (c in present or c != "true_ctr")))
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
+    if "true_ctr" in present:
+        wanted.append("true_ctr")
+    return list(dict.fromkeys(c for c in wanted if c))

@@ -110,12 +110,12 @@ def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
 
 def _same_architecture(model_path: str | None, spec: JobSpec) -> bool:
     """Warm start only from a champion whose architecture the spec's student still has."""
-    from pipeline.job import _model_config
+    from pipeline.job import model_config
     from pipeline.models import load_model
 
     if model_path is None:
         return False
-    same = load_model(model_path)[1] == _model_config(spec.student)
+    same = load_model(model_path)[1] == model_config(spec.student)
     if not same:
         log.warning("nightly: the champion's architecture differs from student in the spec: training from scratch")
     return same
