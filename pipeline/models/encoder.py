@@ -16,6 +16,16 @@ def hash_ids(ids: torch.Tensor, buckets: int, salt: int = 0) -> torch.Tensor:
     return torch.remainder(mixed, buckets)
 
 
+def log_dense(dense: torch.Tensor) -> torch.Tensor:
+    """sign(x) * log1p(|x|): tames heavy-tailed counts and prices before any layer sees them."""
+    return torch.sign(dense) * torch.log1p(dense.abs())
+
+
+def as_logits(scores: torch.Tensor) -> torch.Tensor:
+    """(B, 1) -> (B,) for binary CTR; (B, C) stays (B, C) for a multiclass head."""
+    return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
+
+
 class FeatureEncoder(nn.Module):
     """Embeds F categorical fields (one table of F * buckets rows), pools the sequence, transforms dense.
 
@@ -31,21 +41,29 @@ class FeatureEncoder(nn.Module):
         nn.init.normal_(self.embedding.weight, std=0.01)
         self.register_buffer("offsets", torch.arange(num_fields) * buckets, persistent=False)
         self.attention = SequenceAttention(dim) if sequence_field >= 0 and pooling == "attention" else None
-        self.output_dim = num_fields * dim + num_dense + (dim if sequence_field >= 0 else 0)
+        self.num_vectors = num_fields + (1 if sequence_field >= 0 else 0)  # rows of `embed`
+        self.output_dim = self.num_vectors * dim + num_dense
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        cat = inputs["categorical"]  # (B, F)
-        fields = self.embedding(hash_ids(cat, self.buckets) + self.offsets)  # (B, F, dim)
-        parts = [fields.flatten(1)]
-        if self.sequence_field >= 0:
-            parts.append(self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field]))
-        dense = inputs["dense"].to(fields.dtype)  # (B, D)
-        parts.append(torch.sign(dense) * torch.log1p(dense.abs()))  # tames heavy-tailed counts and prices
-        return torch.cat(parts, dim=1)
+        return torch.cat([self.embed(inputs).flatten(1), self.dense(inputs)], dim=1)  # (B, output_dim)
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, num_vectors, dim): one vector per field, then the pooled sequence (if any) as one more."""
+        fields = self.embedding(hash_ids(inputs["categorical"], self.buckets) + self.offsets)  # (B, F, dim)
+        if self.sequence_field < 0:
+            return fields
+        pooled = self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field])  # (B, dim)
+        return torch.cat([fields, pooled.unsqueeze(1)], dim=1)
+
+    def dense(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return log_dense(inputs["dense"].to(self.embedding.weight.dtype))  # (B, D)
+
+    def lookup(self, ids: torch.Tensor, field: int) -> torch.Tensor:
+        """Embeds raw ids with field `field`'s table: how a sequence shares its item table. (..., dim)"""
+        return self.embedding(hash_ids(ids, self.buckets) + field * self.buckets)
 
     def _pool_sequence(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        offset = self.sequence_field * self.buckets
-        history = self.embedding(hash_ids(seq, self.buckets) + offset)  # (B, L, dim)
+        history = self.lookup(seq, self.sequence_field)  # (B, L, dim)
         mask = (seq != 0).to(history.dtype)  # (B, L), 0 is padding
         if self.attention is not None:
             return self.attention(target, history, mask)
