@@ -1,11 +1,15 @@
-"""Evaluation metrics and the side-by-side report. Pure numpy: no Ray, no torch.
+"""Evaluation metrics of one run: quality, calibration, agreement with the teacher, slices, latency.
 
-Metrics are computed from per-row (label, logit[, group]) arrays collected on held-out days.
+Pure numpy on per-row (label, logit[, group, slice]) arrays collected on held-out days; torch is
+imported inside `measure_latency` only. The markdown report and plots live in `pipeline/report.py`.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
+from scipy.special import expit, logsumexp
 from scipy.stats import rankdata
 
 
@@ -32,7 +36,7 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     labels, scores, groups = np.asarray(labels), np.asarray(scores), np.asarray(groups)
     order = np.argsort(groups, kind="stable")
     labels, scores, groups = labels[order], scores[order], groups[order]
-    boundaries = np.flatnonzero(np.diff(groups)) + 1
+    boundaries = np.flatnonzero(groups[1:] != groups[:-1]) + 1
     weighted, weight = 0.0, 0
     for lab, sco in zip(np.split(labels, boundaries), np.split(scores, boundaries)):
         value = auc(lab, sco)
@@ -42,47 +46,211 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     return weighted / weight if weight else float("nan")
 
 
-def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None = None) -> dict:
-    """The quality metrics of one model on the evaluation rows."""
-    metrics = {"auc": auc(labels, logits), "log_loss": log_loss(labels, logits),
-               "mean_ctr_pred": float(np.mean(1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))))}
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+    """Reliability bins and the expected calibration error.
+
+    Equal-width bins on [0, 1] (a probability of exactly 1 falls in the last bin); only non-empty bins
+    are listed. ECE = sum_b rows_b / N * |observed_b - mean_pred_b|, observed_b being the bin's click rate.
+    """
+    labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
+    index = np.minimum((probs * bins).astype(np.int64), bins - 1)  # (N,) bin of each row
+    rows = np.bincount(index, minlength=bins)
+    pred_sum = np.bincount(index, weights=probs, minlength=bins)
+    click_sum = np.bincount(index, weights=labels, minlength=bins)
+    table, ece = [], 0.0
+    for b in np.flatnonzero(rows):
+        mean_pred, observed = pred_sum[b] / rows[b], click_sum[b] / rows[b]
+        ece += rows[b] / len(labels) * abs(observed - mean_pred)
+        table.append({"lo": b / bins, "hi": (b + 1) / bins, "mean_pred": float(mean_pred),
+                      "observed": float(observed), "rows": int(rows[b])})
+    return {"ece": float(ece), "bins": table}
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    norm = np.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / norm) if norm > 0 else float("nan")  # constant scores: undefined
+
+
+def agreement(student_logits: np.ndarray, teacher_logits: np.ndarray) -> dict:
+    """How closely a student follows its teacher, row by row.
+
+    Returns pearson (of the logits), spearman (rank correlation, average ranks for ties) and
+    mean_abs_prob_diff = mean |sigmoid(student) - sigmoid(teacher)|.
+    """
+    student = np.asarray(student_logits, dtype=np.float64)
+    teacher = np.asarray(teacher_logits, dtype=np.float64)
+    return {"pearson": _pearson(student, teacher),
+            "spearman": _pearson(rankdata(student), rankdata(teacher)),
+            "mean_abs_prob_diff": float(np.mean(np.abs(expit(student) - expit(teacher))))}
+
+
+def multiclass_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
+    """Accuracy, top-5 accuracy and cross-entropy of (N, C) class logits against integer labels."""
+    labels, logits = np.asarray(labels, dtype=np.int64), np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+    k = min(5, logits.shape[1])
+    top_k = np.argpartition(-logits, k - 1, axis=1)[:, :k]  # (N, k) in no particular order
+    # -log softmax(z)_y = logsumexp(z) - z_y
+    cross_entropy = logsumexp(logits, axis=1) - logits[rows, labels]
+    return {"accuracy": float(np.mean(logits.argmax(axis=1) == labels)),
+            "top5_accuracy": float(np.mean((top_k == labels[:, None]).any(axis=1))),
+            "log_loss": float(np.mean(cross_entropy))}
+
+
+def _binary_scores(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None) -> dict:
+    scores = {"auc": auc(labels, logits), "log_loss": log_loss(labels, logits)}
     if groups is not None:
-        metrics["gauc"] = gauc(labels, logits, groups)
+        scores["gauc"] = gauc(labels, logits, groups)
+    return scores
+
+
+def slice_metrics(labels: np.ndarray, logits: np.ndarray, slice_values: np.ndarray,
+                  groups: np.ndarray | None = None, max_slices: int = 20, task: str = "binary") -> list[dict]:
+    """Metrics per value of a categorical column, for the `max_slices` largest slices by rows.
+
+    Binary rows are {value, rows, click_rate, auc, log_loss[, gauc when groups]}; multiclass rows
+    are {value, rows, accuracy, top5_accuracy, log_loss}. A slice with one class only has AUC NaN.
+    """
+    labels, logits, slice_values = np.asarray(labels), np.asarray(logits), np.asarray(slice_values)
+    values, inverse, counts = np.unique(slice_values, return_inverse=True, return_counts=True)
+    largest = np.argsort(-counts, kind="stable")[:max_slices]
+    out = []
+    for v in largest:
+        mask = inverse.reshape(-1) == v
+        row = {"value": _plain(values[v]), "rows": int(counts[v])}
+        if task == "multiclass":
+            row |= multiclass_metrics(labels[mask], logits[mask])
+        else:
+            row["click_rate"] = float(np.mean(labels[mask]))
+            row |= _binary_scores(labels[mask], logits[mask], None if groups is None else np.asarray(groups)[mask])
+        out.append(row)
+    return out
+
+
+def _plain(value):
+    """A numpy scalar as the Python value json can write."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None = None, *,
+                teacher_logits: np.ndarray | None = None, slice_values: np.ndarray | None = None,
+                bins: int = 10, max_slices: int = 20, task: str = "binary") -> dict:
+    """Every quality metric of one model on the evaluation rows.
+
+    Binary: auc, log_loss, mean_ctr_pred, calibration {ece, bins}, gauc (with groups), agreement
+    (with teacher_logits), slices (with slice_values). Multiclass (logits (N, C)): accuracy,
+    top5_accuracy, log_loss, agreement {top1_agreement} and slices likewise.
+    """
+    if task == "multiclass":
+        metrics = multiclass_metrics(labels, logits)
+        if teacher_logits is not None:
+            same = np.asarray(logits).argmax(axis=1) == np.asarray(teacher_logits).argmax(axis=1)
+            metrics["agreement"] = {"top1_agreement": float(np.mean(same))}
+    else:
+        probs = expit(np.asarray(logits, dtype=np.float64))
+        metrics = _binary_scores(labels, logits, groups)
+        metrics |= {"mean_ctr_pred": float(np.mean(probs)), "calibration": calibration(labels, probs, bins)}
+        if teacher_logits is not None:
+            metrics["agreement"] = agreement(logits, teacher_logits)
+    if slice_values is not None:
+        metrics["slices"] = slice_metrics(labels, logits, slice_values, groups, max_slices, task)
     return metrics
 
 
-def render_table(models: dict[str, dict], ceiling_auc: float | None) -> str:
-    """Markdown table: one row per model, the ceiling (true-CTR AUC) last when known."""
-    header = "| model | family | params | AUC | GAUC | log-loss |\n|---|---|---:|---:|---:|---:|"
-    rows = []
-    for name, m in models.items():
-        gauc_cell = f"{m['gauc']:.4f}" if m.get("gauc") is not None else "-"
-        rows.append(f"| {name} | {m['family']} | {m['params']['total']:,} | {m['auc']:.4f} | {gauc_cell} "
-                    f"| {m['log_loss']:.4f} |")
-    if ceiling_auc is not None:
-        rows.append(f"| ceiling (true CTR) | - | - | {ceiling_auc:.4f} | - | - |")
-    return "\n".join([header, *rows])
+def measure_latency(model, inputs_one_row: dict, batch_inputs: dict, runs: int = 200, threads: int = 1) -> dict:
+    """Serving latency of one model: batch-1 p50/p99 in ms and batched throughput in rows/s.
+
+    Timed with `time.perf_counter` per forward pass under `torch.inference_mode`, after warm-up passes,
+    on `threads` intra-op threads (restored afterwards, as is the model's train/eval mode).
+    """
+    import torch
+
+    def forward(inputs: dict) -> None:
+        model(inputs)
+        if on_gpu:  # CUDA calls are asynchronous: wait for the result
+            torch.cuda.synchronize()
+
+    on_gpu = any(t.is_cuda for t in batch_inputs.values())
+    batch_size = len(next(iter(batch_inputs.values())))
+    previous_threads, was_training = torch.get_num_threads(), model.training
+    torch.set_num_threads(threads)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for _ in range(max(5, runs // 10)):  # 1) warm-up: allocator, caches, lazy init
+                forward(inputs_one_row)
+            single = []
+            for _ in range(runs):  # 2) batch-1 passes, one at a time
+                started = time.perf_counter()
+                forward(inputs_one_row)
+                single.append(time.perf_counter() - started)
+            forward(batch_inputs)
+            batched_runs = max(3, runs // 20)  # 3) throughput on full batches
+            started = time.perf_counter()
+            for _ in range(batched_runs):
+                forward(batch_inputs)
+            batched_seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    single_ms = np.asarray(single) * 1000
+    return {"batch1_p50_ms": float(np.percentile(single_ms, 50)), "batch1_p99_ms": float(np.percentile(single_ms, 99)),
+            "batched_rows_per_s": batch_size * batched_runs / batched_seconds, "batch_size": batch_size,
+            "threads": threads}
+
+
+def summarize(models: dict[str, dict]) -> dict:
+    """What the run means for shipping the distilled student, from the per-model metrics.
+
+    gap_recovery = (distilled - hard) / (teacher - hard) of AUC (accuracy for multiclass), None when
+    the teacher does not beat the hard-label student; compression and latency are teacher / student.
+    Models are found by name ("teacher", "student_distilled", "student_hard") or else by "role".
+    """
+    teacher, distilled, hard = (_find(models, name, role) for name, role in
+                                (("teacher", "teacher"), ("student_distilled", "distilled"), ("student_hard", "hard")))
+    metric = "accuracy" if any("accuracy" in m and "auc" not in m for m in (teacher, distilled, hard)) else "auc"
+    t, d, h = (_number(m.get(metric)) for m in (teacher, distilled, hard))
+    gap_ok = None not in (t, h) and t > h
+    return {
+        "metric": metric,
+        "gap_recovery": (d - h) / (t - h) if gap_ok and d is not None else None,
+        "distilled_minus_hard": d - h if None not in (d, h) else None,
+        "compression_params": _ratio(_field(teacher, "params", "total"), _field(distilled, "params", "total")),
+        "compression_bytes": _ratio(teacher.get("bytes"), distilled.get("bytes")),
+        "latency_speedup": _ratio(_field(teacher, "latency", "batch1_p50_ms"),
+                                  _field(distilled, "latency", "batch1_p50_ms")),
+    }
+
+
+def _find(models: dict[str, dict], name: str, role: str) -> dict:
+    if name in models:
+        return models[name]
+    return next((m for m in models.values() if m.get("role") == role), {})
+
+
+def _field(model: dict, section: str, key: str):
+    return (model.get(section) or {}).get(key)
+
+
+def _number(value) -> float | None:
+    return None if value is None or np.isnan(value) else float(value)
+
+
+def _ratio(numerator, denominator) -> float | None:
+    numerator, denominator = _number(numerator), _number(denominator)
+    return numerator / denominator if numerator is not None and denominator else None
+
+
+def render_table(models: dict[str, dict], ceiling_auc: float | None = None) -> str:
+    """The report's main table (kept here for old imports; see `pipeline.report.render_table`)."""
+    from pipeline.report import render_table as render
+
+    return render(models, ceiling_auc)
 
 
 def render_report(metrics: dict) -> str:
-    """`report.md`: the table plus what the numbers mean for shipping the student."""
-    models = metrics["models"]
-    teacher, distilled, hard = (models[k]["auc"] for k in ("teacher", "student_distilled", "student_hard"))
-    gap = teacher - hard
-    recovery = (distilled - hard) / gap if gap > 0 else float("nan")
-    compression = models["teacher"]["params"]["total"] / max(models["student_distilled"]["params"]["total"], 1)
-    lines = [
-        f"# Distillation report: {metrics['job']}",
-        "",
-        f"Evaluated on {metrics['eval']['rows']:,} rows from {', '.join(metrics['eval']['days'])} "
-        f"(held out from training: {', '.join(metrics['train']['days'])}).",
-        "",
-        render_table(models, metrics["eval"].get("ceiling_auc")),
-        "",
-        f"- Distilled student vs hard-label student: {distilled - hard:+.4f} AUC.",
-        f"- Gap recovery (distilled - hard) / (teacher - hard): {recovery:.1%}." if gap > 0
-        else "- The teacher does not beat the hard-label student here: gap recovery is undefined.",
-        f"- Compression: the student has {compression:.1f}x fewer parameters than the teacher.",
-        f"- Soft labels: {metrics['label']['total_rows']:,} rows ({metrics['label']['status']}).",
-    ]
-    return "\n".join(lines) + "\n"
+    """`report.md`'s text (kept here for old imports; see `pipeline.report.render_report`)."""
+    from pipeline.report import render_report as render
+
+    return render(metrics)

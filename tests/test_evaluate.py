@@ -1,13 +1,17 @@
-"""Metrics against independent computations (scikit-learn) and a hand-made GAUC example."""
+"""Metrics against independent computations (scikit-learn, scipy, numpy) and hand-made examples."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+from scipy.stats import spearmanr
 from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
+from torch import nn
 
-from pipeline.evaluate import auc, gauc, log_loss, render_report, render_table, score_model
+from pipeline.evaluate import (agreement, auc, calibration, gauc, log_loss, measure_latency, multiclass_metrics,
+                               render_report, render_table, score_model, slice_metrics, summarize)
 
 
 @pytest.fixture
@@ -44,14 +48,155 @@ def test_log_loss_is_stable_for_extreme_logits():
 
 
 def test_gauc_on_a_hand_made_example():
-    # user 1: AUC 1.0 over 3 rows; user 2: AUC 1/4 over 4 rows (only 0.8 > 0.2 of 4 pairs); user 3: only clicks -> skipped.
+    # user 1: AUC 1.0 over 3 rows; user 2: AUC 1/4 over 4 rows (only 0.8 > 0.2 of 4 pairs);
+    # user 3: only clicks -> skipped.
     groups = np.array([1, 1, 1, 2, 2, 2, 2, 3])
     labels = np.array([1, 0, 0, 1, 0, 1, 0, 1])
     scores = np.array([0.9, 0.1, 0.2, 0.8, 0.9, 0.1, 0.2, 0.5])
     assert gauc(labels, scores, groups) == pytest.approx((1.0 * 3 + 0.25 * 4) / 7)
+    assert gauc(labels, scores, groups.astype(str)) == pytest.approx((1.0 * 3 + 0.25 * 4) / 7)  # string user ids
 
 
-def test_score_model_and_report_are_consistent(scored):
+def test_ece_on_a_hand_made_example():
+    # 10 bins: bin 0 {0.05: no click} -> |0 - 0.05|; bin 1 {0.15: no, 0.12: click} -> |0.5 - 0.135| twice;
+    # bin 8 {0.85: click} -> |1 - 0.85|; bin 9 {0.95: click} -> |1 - 0.95|.
+    # ECE = (0.05 + 2 * 0.365 + 0.15 + 0.05) / 5 = 0.196
+    result = calibration(np.array([0, 0, 1, 1, 1]), np.array([0.05, 0.15, 0.12, 0.85, 0.95]), bins=10)
+    assert result["ece"] == pytest.approx(0.196)
+    assert [(b["lo"], b["rows"]) for b in result["bins"]] == [(0.0, 1), (0.1, 2), (0.8, 1), (0.9, 1)]
+    assert result["bins"][1]["mean_pred"] == pytest.approx(0.135)
+    assert result["bins"][1]["observed"] == pytest.approx(0.5)
+
+
+def test_calibration_bins_cover_every_row(scored):
+    labels, logits = scored
+    probs = np.concatenate([1 / (1 + np.exp(-logits)), [0.0, 1.0]])  # both ends of [0, 1] included
+    result = calibration(np.concatenate([labels, [0, 1]]), probs, bins=7)
+    assert sum(b["rows"] for b in result["bins"]) == len(probs)
+    assert result["bins"][-1]["hi"] == pytest.approx(1.0)
+
+
+def test_a_perfectly_calibrated_constant_has_zero_ece():
+    assert calibration(np.array([1, 0, 0, 0]), np.full(4, 0.25))["ece"] == pytest.approx(0.0)
+
+
+def test_agreement_matches_numpy_and_scipy(scored):
+    _, teacher = scored
+    student = np.round(0.7 * teacher + np.random.default_rng(0).normal(size=len(teacher)), 1)  # rounding makes ties
+    result = agreement(student, teacher)
+    assert result["pearson"] == pytest.approx(np.corrcoef(student, teacher)[0, 1], rel=1e-9)
+    assert result["spearman"] == pytest.approx(spearmanr(student, teacher).statistic, rel=1e-9)
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    assert result["mean_abs_prob_diff"] == pytest.approx(np.mean(np.abs(sigmoid(student) - sigmoid(teacher))))
+
+
+def test_agreement_with_itself_is_perfect_and_constant_scores_are_undefined():
+    logits = np.array([0.1, -2.0, 3.0])
+    assert agreement(logits, logits) == pytest.approx({"pearson": 1.0, "spearman": 1.0, "mean_abs_prob_diff": 0.0})
+    assert np.isnan(agreement(np.zeros(3), logits)["pearson"])
+
+
+def test_slice_metrics_rows_sum_and_per_slice_auc(scored):
+    labels, logits = scored
+    device = np.array(["ios", "android", "web", "tv"])[np.arange(len(labels)) % 7 % 4]  # 4 slices of unequal size
+    slices = slice_metrics(labels, logits, device)
+    assert sum(s["rows"] for s in slices) == len(labels)
+    assert [s["rows"] for s in slices] == sorted((s["rows"] for s in slices), reverse=True)
+    ios = next(s for s in slices if s["value"] == "ios")
+    mask = device == "ios"
+    assert ios["auc"] == pytest.approx(roc_auc_score(labels[mask], logits[mask]))
+    assert ios["click_rate"] == pytest.approx(labels[mask].mean())
+    assert ios["log_loss"] == pytest.approx(log_loss(labels[mask], logits[mask]))
+    assert [s["value"] for s in slice_metrics(labels, logits, device, max_slices=2)] == [s["value"] for s in slices[:2]]
+
+
+def test_slice_values_are_plain_python_for_json(scored):
+    labels, logits = scored
+    slices = slice_metrics(labels, logits, np.arange(len(labels)) % 3, groups=np.arange(len(labels)) % 11)
+    assert all(type(s["value"]) is int and "gauc" in s for s in slices)
+
+
+def test_multiclass_metrics_by_hand():
+    # row 0: argmax 0 = label, CE = log(e^2 + e^1 + e^0) - 2; row 1: argmax 0 (first of ties) != 2, CE = log 3.
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    result = multiclass_metrics(np.array([0, 2]), logits)
+    assert result["accuracy"] == pytest.approx(0.5)
+    assert result["top5_accuracy"] == pytest.approx(1.0)  # 3 classes: every label is in the top 5
+    assert result["log_loss"] == pytest.approx((np.log(np.exp(2) + np.exp(1) + 1) - 2 + np.log(3)) / 2)
+
+
+def test_multiclass_top5_and_stability():
+    logits = np.tile(np.arange(7.0), (2, 1))  # class 6 ranks first, class 2 fifth, class 0 last
+    assert multiclass_metrics(np.array([2, 0]), logits)["top5_accuracy"] == pytest.approx(0.5)
+    assert multiclass_metrics(np.array([1]), np.array([[1000.0, 0.0]]))["log_loss"] == pytest.approx(1000.0)
+
+
+def test_score_model_binary_has_every_part(scored):
+    labels, logits = scored
+    groups, device = np.arange(len(labels)) % 7, np.arange(len(labels)) % 3
+    metrics = score_model(labels, logits, groups, teacher_logits=logits * 2, slice_values=device, bins=5, max_slices=2)
+    assert set(metrics) == {"auc", "gauc", "log_loss", "mean_ctr_pred", "calibration", "agreement", "slices"}
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, logits))
+    assert metrics["calibration"]["ece"] == calibration(labels, 1 / (1 + np.exp(-logits)), 5)["ece"]
+    assert metrics["agreement"]["spearman"] == pytest.approx(1.0)
+    assert len(metrics["slices"]) == 2
+    assert set(score_model(labels, logits)) == {"auc", "log_loss", "mean_ctr_pred", "calibration"}
+
+
+def test_score_model_multiclass():
+    rng = np.random.default_rng(1)
+    logits, labels = rng.normal(size=(300, 10)), rng.integers(0, 10, 300)
+    metrics = score_model(labels, logits, task="multiclass", teacher_logits=logits, slice_values=labels % 2)
+    assert metrics["accuracy"] == multiclass_metrics(labels, logits)["accuracy"]
+    assert metrics["agreement"] == {"top1_agreement": 1.0}
+    assert sum(s["rows"] for s in metrics["slices"]) == 300 and "accuracy" in metrics["slices"][0]
+
+
+class DenseLinear(nn.Module):
+    """nn.Linear behind the models' dict-of-tensors interface."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(inputs["dense"]).squeeze(-1)  # (B,)
+
+
+def test_measure_latency_on_a_tiny_model():
+    model, threads = DenseLinear(), torch.get_num_threads()
+    result = measure_latency(model, {"dense": torch.zeros(1, 4)}, {"dense": torch.zeros(64, 4)}, runs=20, threads=1)
+    assert 0 < result["batch1_p50_ms"] <= result["batch1_p99_ms"]
+    assert result["batched_rows_per_s"] > 0 and result["batch_size"] == 64 and result["threads"] == 1
+    assert torch.get_num_threads() == threads and model.training  # settings restored
+
+
+def test_summarize_on_hand_numbers():
+    models = {"teacher": {"auc": 0.70, "params": {"total": 1000}, "bytes": 4000, "latency": {"batch1_p50_ms": 2.0}},
+              "student_distilled": {"auc": 0.69, "params": {"total": 100}, "bytes": 400,
+                                    "latency": {"batch1_p50_ms": 0.5}},
+              "student_hard": {"auc": 0.66, "params": {"total": 100}}}
+    summary = summarize(models)
+    assert summary["gap_recovery"] == pytest.approx((0.69 - 0.66) / (0.70 - 0.66))  # 0.75
+    assert summary["distilled_minus_hard"] == pytest.approx(0.03)
+    assert summary["compression_params"] == pytest.approx(10.0)
+    assert summary["compression_bytes"] == pytest.approx(10.0)
+    assert summary["latency_speedup"] == pytest.approx(4.0)
+    models["teacher"]["auc"] = 0.65
+    assert summarize(models)["gap_recovery"] is None
+
+
+def test_summarize_finds_models_by_role_and_uses_accuracy_for_multiclass():
+    models = {"ensemble": {"role": "teacher", "accuracy": 0.8},
+              "teacher_a": {"role": "ensemble_member", "accuracy": 0.9},
+              "small": {"role": "distilled", "accuracy": 0.7}, "small_hard": {"role": "hard", "accuracy": 0.6}}
+    summary = summarize(models)
+    assert summary["metric"] == "accuracy"
+    assert summary["gap_recovery"] == pytest.approx(0.5)
+    assert summary["compression_params"] is None and summary["latency_speedup"] is None
+
+
+def test_old_render_imports_still_work(scored):
     labels, logits = scored
     metrics = score_model(labels, logits, groups=np.arange(len(labels)) % 7)
     models = {name: dict(metrics, family="mlp", params={"total": size})
