@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import clicklogs
+from pipeline.data import clicklogs, validate
 from pipeline.errors import DataError
 
 NOV = [dt.date(2026, 11, d) for d in (1, 2, 3)]
@@ -42,6 +43,22 @@ def test_missing_columns_listed_with_what_exists(click_logs):
     paths = list(clicklogs.partition_paths(click_logs(days=1), NOV[:1]).values())
     with pytest.raises(DataError, match=r"lack column\(s\) \['brand_id'\]; columns present: \['event_id'"):
         clicklogs.check_columns(paths, ["user_id", "brand_id"])
+
+
+def test_every_file_is_checked_not_only_the_first(click_logs):
+    paths = list(clicklogs.partition_paths(click_logs(days=2), NOV[:2]).values())
+    (later,) = clicklogs.parquet_files(paths[1:])
+    pq.write_table(pq.read_table(later).drop_columns(["price"]), later)  # only day 2 lacks it
+    with pytest.raises(DataError, match=rf"click logs at '{later}' lack column\(s\) \['price'\]"):
+        clicklogs.check_columns(paths, ["user_id", "price"])
+
+
+def test_checks_and_row_counts_come_from_the_footers(click_logs):
+    paths = list(clicklogs.partition_paths(click_logs(days=2, rows=300), NOV[:2]).values())
+    assert clicklogs.count_rows(paths) == 600 and clicklogs.partition_fingerprint(paths[0])["rows"] == 300
+    assert clicklogs.check_columns is validate.check_columns and clicklogs.parquet_files is validate.parquet_files
+    footers = clicklogs.check_columns(paths, ["user_id"])
+    assert [(f.partition, f.rows, f.row_groups) for f in footers] == [(p, 300, 1) for p in paths]
 
 
 @pytest.mark.ray

@@ -1,5 +1,7 @@
 """Click logs on Parquet: find the `date=YYYY-MM-DD` partitions a spec selects, check their schema,
 and open them as a streaming Ray Dataset with only the needed columns.
+
+The checks themselves (footers, dtypes, bad rows) live in `pipeline.data.validate`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,11 @@ import re
 import pyarrow.dataset as pads
 
 from pipeline import storage
+from pipeline.data.validate import check_columns, parquet_files, read_footers
 from pipeline.errors import DataError
+
+__all__ = ["DataError", "available_days", "check_columns", "count_rows", "parquet_files", "partition_dataset",
+           "partition_fingerprint", "partition_paths", "read_click_logs"]
 
 _PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
@@ -39,32 +45,10 @@ def partition_paths(root: str, days: list[dt.date]) -> dict[dt.date, str]:
     return {d: found[d] for d in days}
 
 
-def parquet_files(paths: list[str]) -> list[str]:
-    """The Parquet files of the given partitions; an empty partition is an error, not zero rows."""
-    files = []
-    for path in paths:
-        found = storage.list_files(path)
-        if not found:
-            raise DataError(f"partition {path!r} holds no .parquet files; remove it or rewrite it")
-        files += found
-    return files
-
-
 def partition_dataset(paths: list[str]) -> pads.Dataset:
     """A pyarrow dataset over partition dirs: reads footers only until data is asked for."""
     fs, _ = storage.filesystem(paths[0])
     return pads.dataset([storage.filesystem(f)[1] for f in parquet_files(paths)], format="parquet", filesystem=fs)
-
-
-def check_columns(paths: list[str], needed: list[str]) -> None:
-    """Fails with what is missing and what exists when a needed column is absent."""
-    schema = partition_dataset(paths).schema
-    missing = [c for c in needed if c not in schema.names]
-    if missing:
-        raise DataError(
-            f"click logs at {paths[0]!r}... lack column(s) {missing}; columns present: {schema.names}. "
-            "Fix the features section of the spec or the data."
-        )
 
 
 def partition_fingerprint(path: str) -> dict:
@@ -81,7 +65,7 @@ def partition_fingerprint(path: str) -> dict:
 
 def count_rows(paths: list[str]) -> int:
     """Row count from Parquet footers, without reading data pages."""
-    return partition_dataset(paths).count_rows()
+    return sum(footer.rows for footer in read_footers(paths))
 
 
 def read_click_logs(root: str, days: list[dt.date], columns: list[str]):
