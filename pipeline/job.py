@@ -35,15 +35,15 @@ def run_job(spec: JobSpec) -> dict:
         ensure_click_logs(spec)
         check_inputs(spec)
     with ray_session(spec):
-        with _stage(2, "teacher"):
-            teacher = ensure_teacher(spec)
+        with _stage(2, "teacher" if len(spec.teacher) == 1 else f"teacher ensemble of {len(spec.teacher)}"):
+            teachers = ensure_teachers(spec)
         with _stage(3, "label: teacher actor pool -> soft-label shards"):
             shard_dir = storage.join(spec.run_dir, "shards")
-            manifest = run_label_stage(spec, teacher, shard_dir)
+            manifest = run_label_stage(spec, teachers, shard_dir)
         with _stage(4, "students: distilled (KD loss) and hard-label baseline"):
             students = {role: train_student(spec, manifest, role) for role in STUDENTS}
         with _stage(5, "evaluate on held-out days"):
-            metrics = evaluate_run(spec, {"teacher": teacher, **students}, manifest)
+            metrics = evaluate_run(spec, teachers, students, manifest)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
     storage.atomic_write_text(storage.join(spec.run_dir, "report.md"), evaluate.render_report(metrics))
@@ -65,12 +65,24 @@ def ray_session(spec: JobSpec):
     if address:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
+        store = spec.ray.object_store_memory_mb
         ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
+    limit_data_memory(spec)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def limit_data_memory(spec: JobSpec) -> None:
+    """Caps the object store Ray Data fills with in-flight blocks: its streaming executor then applies
+    back-pressure (reads wait for the teacher and the writer), so memory stays flat as the log grows."""
+    if spec.ray.data_memory_limit_mb:
+        from ray.data import DataContext
+
+        limits = DataContext.get_current().execution_options.resource_limits
+        limits.object_store_memory = spec.ray.data_memory_limit_mb * 2**20
 
 
 @contextlib.contextmanager
@@ -118,47 +130,60 @@ def generate(spec: JobSpec, days: list | None = None) -> list[str]:
     return paths
 
 
-def ensure_teacher(spec: JobSpec) -> str:
-    """The teacher checkpoint: the spec's, or one trained here on hard labels (same loop as students)."""
-    if spec.teacher.checkpoint:
-        if not storage.exists(spec.teacher.checkpoint):
-            raise UserError(f"teacher.checkpoint {spec.teacher.checkpoint!r} does not exist; fix the path or "
+def ensure_teachers(spec: JobSpec) -> dict[str, str]:
+    """{teacher name: checkpoint} for every teacher of the spec (one, or an ensemble)."""
+    return {t.name: ensure_teacher(spec, t) for t in spec.teacher}
+
+
+def ensure_teacher(spec: JobSpec, teacher=None) -> str:
+    """A teacher checkpoint: the spec's, or one trained here on hard labels (same loop as students)."""
+    teacher = teacher or spec.teacher[0]
+    if teacher.checkpoint:
+        if not storage.exists(teacher.checkpoint):
+            raise UserError(f"teacher.checkpoint {teacher.checkpoint!r} does not exist; fix the path or "
                             "remove the field to train a teacher")
-        return spec.teacher.checkpoint
-    config = model_config(spec.teacher)
+        return teacher.checkpoint
+    config = model_config(teacher, spec)
     columns = [spec.features.label] + spec.features.input_columns()
     inputs = {d.isoformat(): clicklogs.count_rows([p])
               for d, p in clicklogs.partition_paths(spec.data.path, spec.data.train_days.days()).items()}
     depends_on = {"model": config, "train": spec.train.model_dump(), "inputs": inputs,
-                  "epochs": spec.teacher.epochs, "lr": spec.teacher.lr}
+                  "epochs": teacher.epochs, "lr": teacher.lr}
+    role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
     return _train_once(
-        spec, "teacher", config, depends_on,
+        spec, role, config, depends_on, rows=sum(inputs.values()),
         dataset=lambda: clicklogs.read_click_logs(spec.data.path, spec.data.train_days.days(), columns),
-        distill=None, epochs=spec.teacher.epochs or spec.train.epochs, lr=spec.teacher.lr or spec.train.lr,
+        distill=None, epochs=teacher.epochs or spec.train.epochs, lr=teacher.lr or spec.train.lr,
     )
 
 
 def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | None = None) -> str:
-    """Trains a student on the soft-label shards: with the KD loss, or on hard labels only (alpha = 1);
+    """Trains a student on the soft-label shards: with the distillation losses, or on hard labels only;
     from `init_model`'s weights when given (warm start)."""
     import ray.data
 
-    config = model_config(spec.student)
+    from pipeline.train import soft_label_targets
+
+    config = model_config(spec.student, spec)
     distill = spec.distill.model_dump() if role == "student_distilled" else None
+    targets = soft_label_targets(spec, manifest.get("hidden_dim"))
     depends_on = {"model": config, "train": spec.train.model_dump(), "distill": distill,
                   "teacher": manifest["teacher"]["checkpoint_sha256"], "inputs": manifest["inputs"],
                   "init_model": init_model}
     files, filesystem = storage.arrow_paths([s["path"] for s in manifest["shards"]])
-    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
+    if distill:
+        wanted += [c for c in manifest["columns"] if c.startswith("teacher_") and "__" not in c]
+    columns = [c for c in dict.fromkeys(wanted) if c and c in manifest["columns"]]
     return _train_once(
-        spec, role, config, depends_on,
+        spec, role, config, depends_on, rows=manifest["total_rows"],
         dataset=lambda: ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns),
-        distill=distill, epochs=spec.train.epochs, lr=spec.train.lr, init_model=init_model,
+        distill=distill, epochs=spec.train.epochs, lr=spec.train.lr, init_model=init_model, targets=targets,
     )
 
 
-def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, *, dataset, distill,
-                epochs: int, lr: float, init_model: str | None = None) -> str:
+def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, *, rows: int, dataset, distill,
+                epochs: int, lr: float, init_model: str | None = None, targets: dict | None = None) -> str:
     """Trains unless `models/<role>.pt` exists for the same inputs; a crashed run resumes by name."""
     from pipeline.train import train_model
 
@@ -171,27 +196,37 @@ def _train_once(spec: JobSpec, role: str, model_config: dict, depends_on: dict, 
             print(f"{role}: reusing {model_path} (same spec and inputs)", flush=True)
             return model_path
     result = train_model(role=f"{role}-{fingerprint}", spec=spec, model_config=model_config, dataset=dataset(),
-                         distill=distill, epochs=epochs, lr=lr, model_path=model_path, init_model=init_model)
+                         rows=rows, distill=distill, epochs=epochs, lr=lr, model_path=model_path,
+                         init_model=init_model, targets=targets)
     for epoch in result.history:
         print(f"{role}: epoch {epoch['epoch']} loss {epoch['loss']:.4f} ({epoch['rows_per_s']:,.0f} rows/s)")
-    storage.atomic_write_json(record_path, {"fingerprint": fingerprint, "history": result.history})
+    if result.restarts:
+        print(f"{role}: resumed from a checkpoint {result.restarts} time(s)", flush=True)
+    storage.atomic_write_json(record_path, {"fingerprint": fingerprint, "history": result.history,
+                                            "steps": result.steps, "restarts": result.restarts})
     return model_path
 
 
-def model_config(section) -> dict:
+def model_config(section, spec: JobSpec) -> dict:
     """The plain-dict model description `build_model` takes, from a teacher or student section."""
-    keys = ("model", "embedding_dim", "hash_buckets", "hidden", "cross_layers", "sequence_pooling")
-    return {k: getattr(section, k) for k in keys}
+    keys = ("model", "factory", "factory_args", "embedding_dim", "hash_buckets", "hidden", "cross_layers",
+            "sequence_pooling", "attention_heads", "transformer_layers", "dropout")
+    return {k: getattr(section, k) for k in keys} | {"out_dim": spec.features.num_classes or 1}
 
 
-def evaluate_models(spec: JobSpec, checkpoints: dict[str, str]) -> dict:
-    """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ...}."""
+def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: dict | None = None) -> dict:
+    """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ...}.
+
+    Args:
+        combine: {"column": name, "weights": {member: weight}} adds an ensemble scored by the
+            weighted mean of its members' logits.
+    """
     from pipeline.models import count_parameters, load_model
 
     columns = _eval_columns(spec)
     dataset = clicklogs.read_click_logs(spec.data.path, spec.data.eval_days.days(), columns)
     keep = [c for c in (spec.features.label, spec.features.group, "true_ctr") if c in columns]
-    predictor = {"checkpoints": dict(checkpoints), "keep_columns": keep}
+    predictor = {"checkpoints": dict(checkpoints), "keep_columns": keep, "combine": combine}
     scored = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
     table = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
 
@@ -202,24 +237,49 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str]) -> dict:
         model, config, _ = load_model(path)
         models[name] = evaluate.score_model(labels, table.column(name).to_numpy(), groups)
         models[name] |= {"family": config["model"], "params": count_parameters(model), "checkpoint": path}
+    if combine:
+        members = [models[m] for m in combine["weights"]]
+        models[combine["column"]] = evaluate.score_model(labels, table.column(combine["column"]).to_numpy(), groups)
+        models[combine["column"]] |= {"family": "ensemble", "checkpoint": None, "params": {
+            k: sum(m["params"][k] for m in members) for k in ("total", "embedding", "dense")}}
     ceiling = evaluate.auc(labels, table.column("true_ctr").to_numpy()) if "true_ctr" in keep else None
     return {"eval": {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
                      "click_rate": float(np.mean(labels)), "ceiling_auc": ceiling},
             "models": models}
 
 
-def evaluate_run(spec: JobSpec, checkpoints: dict[str, str], manifest: dict) -> dict:
+def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], manifest: dict) -> dict:
     """The run's metrics: every model on the eval days, plus what was trained and labelled."""
+    if len(teachers) == 1:
+        checkpoints, combine = {"teacher": next(iter(teachers.values()))}, None
+    else:
+        checkpoints = {f"teacher_{name}": path for name, path in teachers.items()}
+        weights = {m["name"]: m["weight"] for m in manifest["teacher"]["members"]}
+        combine = {"column": "teacher", "weights": {f"teacher_{n}": weights[n] for n in teachers}}
     return {
         "job": spec.name,
         "spec_hash": spec.fingerprint(),
+        "task": spec.features.task,
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
         "label": {"total_rows": manifest["total_rows"], "shards": len(manifest["shards"]),
                   "status": "reused" if manifest.get("reused") else "labelled",
                   "relabelled_days": manifest.get("relabelled", []),
-                  "teacher_sha256": manifest["teacher"]["checkpoint_sha256"]},
-        **evaluate_models(spec, checkpoints),
+                  "teacher_sha256": manifest["teacher"]["checkpoint_sha256"],
+                  "teachers": [{k: m[k] for k in ("name", "model", "checkpoint_sha256", "weight")}
+                               for m in manifest["teacher"]["members"]]},
+        **evaluate_models(spec, checkpoints | students, combine),
+        "training": _training_records(spec),
     }
+
+
+def _training_records(spec: JobSpec) -> dict:
+    """Per-role training history, sampled steps and restarts, from `models/<role>.json`."""
+    records = {}
+    for path in storage.list_files(storage.join(spec.run_dir, "models"), suffix=".json"):
+        role = path.rsplit("/", 1)[-1].removesuffix(".json")
+        record = storage.read_json(path)
+        records[role] = {k: record.get(k) for k in ("history", "steps", "restarts")}
+    return records
 
 
 def _eval_columns(spec: JobSpec) -> list[str]:

@@ -9,6 +9,8 @@ and label settings, and only new or changed days are labelled.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -25,14 +27,19 @@ log = logging.getLogger(__name__)
 
 
 class TeacherPredictor:
-    """Callable class for `map_batches`: Arrow batch in, the same batch plus one logit column per model out.
+    """Callable class for `map_batches`: Arrow batch in, the same batch plus the models' outputs out.
 
     `checkpoints` maps an output column to a saved model, e.g. {"teacher_logit": ".../teacher.pt"};
     evaluation scores several models in one pass. Models load once per actor, here in `__init__`.
+    A binary model gives one float per row; a multiclass model a list of C floats (or, with `top_k`,
+    only the k largest as `teacher_topk_indices` / `teacher_topk_values`). With `combine`, the
+    weighted mean of the members' logits is added as the ensemble's target column; with `hidden`,
+    the first model's last hidden layer is stored too (hint losses).
     """
 
     def __init__(self, checkpoints: dict[str, str], logit_dtype: str = "float32", threads: int = 1,
-                 device: str = "cpu", keep_columns: list[str] | None = None):
+                 device: str = "cpu", keep_columns: list[str] | None = None, combine: dict | None = None,
+                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32"):
         from pipeline.models import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -42,16 +49,54 @@ class TeacherPredictor:
             model, _, self.layout = load_model(path)  # every model of one job shares the feature layout
             self.models[column] = model.to(self.device)
         self.logit_dtype = np.dtype(logit_dtype)
-        self.keep_columns = keep_columns
+        self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in table_to_inputs(batch, self.layout).items()}
+        inputs = table_to_inputs(batch, self.layout)
+        if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+        outputs = self._predict(inputs)
+        if self.combine:
+            weights = self.combine["weights"]  # {member column: weight}
+            total = sum(weights.values())
+            outputs[self.combine["column"]] = sum(w * outputs[c] for c, w in weights.items()) / total
         out = batch.select(self.keep_columns) if self.keep_columns is not None else batch
-        with torch.inference_mode():
-            for column, model in self.models.items():
-                logits = model(inputs).float().cpu().numpy()  # (B,)
-                out = out.append_column(column, pa.array(logits.astype(self.logit_dtype)))
+        for column, values in outputs.items():
+            for name, array in self._to_arrow(column, values):
+                out = out.append_column(name, array)
         return out
+
+    def _predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        outputs = {}
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                                                     enabled=self.autocast is not None):
+            for index, (column, model) in enumerate(self.models.items()):
+                if self.hidden and index == 0:
+                    logits, hidden = model.forward_with_hidden(inputs)
+                    outputs[self.hidden] = hidden.float().cpu().numpy()  # (B, H)
+                else:
+                    logits = model(inputs)
+                outputs[column] = logits.float().cpu().numpy()  # (B,) or (B, C)
+        return outputs
+
+    def _to_arrow(self, column: str, values: np.ndarray) -> list[tuple[str, pa.Array]]:
+        values = values.astype(self.logit_dtype)
+        if values.ndim == 1:
+            return [(column, pa.array(values))]
+        is_target = self.combine is None or column == self.combine["column"]
+        if self.top_k and column != self.hidden and is_target:
+            top = np.argpartition(-values, self.top_k - 1, axis=1)[:, : self.top_k]  # (B, k), unordered
+            kept = np.take_along_axis(values, top, axis=1)
+            return [("teacher_topk_indices", _fixed_list(top.astype(np.int32))),
+                    ("teacher_topk_values", _fixed_list(kept))]
+        return [(column, _fixed_list(values))]
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.Array:
+    """(B, K) numpy -> Arrow fixed-size-list column, without per-row Python."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
 @dataclass
@@ -63,16 +108,20 @@ class Labelled:
     reused: list[str]
 
 
-def label_days(spec, teacher_checkpoint: str, shard_root: str, days: list[dt.date]) -> Labelled:
-    """Labels each day into `<shard_root>/date=YYYY-MM-DD/` unless its manifest shows the same teacher,
+def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list[dt.date]) -> Labelled:
+    """Labels each day into `<shard_root>/date=YYYY-MM-DD/` unless its manifest shows the same teacher(s),
     label settings and input files (names, sizes, modification times or ETags): only new or changed
     partitions are labelled, and a new teacher relabels every one.
+
+    Args:
+        teachers: {teacher name: checkpoint} (an ensemble when several), or one checkpoint path.
     """
+    if isinstance(teachers, str):
+        teachers = {spec.teacher[0].name: teachers}
     paths = clicklogs.partition_paths(spec.data.path, days)
-    columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
+    columns = label_columns(spec)
     clicklogs.check_columns(list(paths.values()), columns)
-    teacher = {"checkpoint": teacher_checkpoint, "checkpoint_sha256": shards.file_sha256(teacher_checkpoint),
-               "model": spec.teacher.model}
+    teacher = teacher_identity(spec, teachers)
     fingerprint = spec.fingerprint("features", "label")
     manifests, relabelled, reused = {}, [], []
     for day, path in paths.items():
@@ -91,19 +140,57 @@ def label_days(spec, teacher_checkpoint: str, shard_root: str, days: list[dt.dat
     return Labelled(shards.combine(list(manifests.values())), relabelled, reused)
 
 
+def label_columns(spec) -> list[str]:
+    """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs."""
+    f = spec.features
+    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, *f.input_columns()] if c))
+
+
+def teacher_identity(spec, teachers: dict[str, str]) -> dict:
+    """What made the soft labels: every teacher (model, checkpoint, hash, weight) and one combined hash
+    that changes when any member, weight or the combination rule changes."""
+    weights = {t.name: (t.weight if spec.distill.ensemble == "weighted" else 1.0) for t in spec.teacher}
+    models = {t.name: t.model for t in spec.teacher}
+    members = [{"name": name, "model": models.get(name, "unknown"), "checkpoint": path,
+                "checkpoint_sha256": shards.file_sha256(path), "weight": weights.get(name, 1.0)}
+               for name, path in teachers.items()]
+    if len(members) == 1:
+        return members[0] | {"members": members}
+    digest = hashlib.sha256(json.dumps([(m["checkpoint_sha256"], m["weight"]) for m in members]).encode())
+    return {"name": "ensemble", "model": "+".join(m["model"] for m in members), "checkpoint": None,
+            "checkpoint_sha256": digest.hexdigest(), "combine": spec.distill.ensemble, "members": members}
+
+
+def predictor_options(spec, teacher: dict) -> dict:
+    """TeacherPredictor arguments for labelling: one output column per member, plus the ensemble's target."""
+    multiclass = spec.features.task == "multiclass"
+    target = "teacher_logits" if multiclass else "teacher_logit"
+    members = teacher["members"]
+    if len(members) == 1:
+        checkpoints, combine = {target: members[0]["checkpoint"]}, None
+    else:
+        checkpoints = {f"{target}__{m['name']}": m["checkpoint"] for m in members}
+        combine = {"column": target, "weights": {f"{target}__{m['name']}": m["weight"] for m in members}}
+    return {"checkpoints": checkpoints, "combine": combine, "logit_dtype": spec.label.logit_dtype,
+            "hidden": "teacher_hidden" if spec.label.store_hidden else None, "top_k": spec.label.top_k,
+            "precision": spec.label.precision}
+
+
 def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: dict,
                      fingerprint: str, inputs: dict) -> dict:
     """Runs the teacher actor pool over one partition; the manifest is written last, after the row check."""
     storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
     dataset = clicklogs.read_click_logs(spec.data.path, [day], columns)
-    predictor = {"checkpoints": {"teacher_logit": teacher["checkpoint"]}, "logit_dtype": spec.label.logit_dtype}
-    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
+    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows)
+    files = storage.list_files(storage.join(day_dir, "data"))
     manifest = shards.build_manifest(
         teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
-        shard_files=storage.list_files(storage.join(day_dir, "data")), columns=columns + ["teacher_logit"],
+        shard_files=files, columns=shards.schema_names(files[0]) if files else columns,
     )
+    if spec.label.store_hidden and files:
+        manifest["hidden_dim"] = shards.list_width(files[0], "teacher_hidden")
     if manifest["total_rows"] != manifest["input_rows"]:  # the exactly-once invariant
         raise DataError(f"label stage wrote {manifest['total_rows']} rows for {manifest['input_rows']} input rows "
                         f"of {day}; the shards in {day_dir} are left without a manifest and will be redone")
@@ -111,9 +198,9 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     return manifest
 
 
-def run_label_stage(spec, teacher_checkpoint: str, shard_root: str) -> dict:
+def run_label_stage(spec, teachers: dict[str, str] | str, shard_root: str) -> dict:
     """Labels the spec's training days; returns the combined manifest (`reused` when nothing was labelled)."""
-    labelled = label_days(spec, teacher_checkpoint, shard_root, spec.data.train_days.days())
+    labelled = label_days(spec, teachers, shard_root, spec.data.train_days.days())
     return labelled.manifest | {"reused": not labelled.relabelled, "relabelled": labelled.relabelled,
                                 "reused_days": labelled.reused}
 

@@ -25,10 +25,15 @@ def binary_kd_loss(
     """
     label = label.to(student_logit.dtype)
     hard = F.binary_cross_entropy_with_logits(student_logit, label)
+    soft = binary_soft_loss(student_logit, teacher_logit, temperature)
+    loss = alpha * hard + (1.0 - alpha) * soft
+    return {"loss": loss, "hard": hard.detach(), "soft": (soft / temperature**2).detach()}
+
+
+def binary_soft_loss(student_logit: torch.Tensor, teacher_logit: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The soft term of binary KD, scaled: T^2 * BCE(sigmoid(s / T), sigmoid(t / T))."""
     soft_target = torch.sigmoid(teacher_logit.to(student_logit.dtype) / temperature)
-    soft = F.binary_cross_entropy_with_logits(student_logit / temperature, soft_target)
-    loss = alpha * hard + (1.0 - alpha) * temperature**2 * soft
-    return {"loss": loss, "hard": hard.detach(), "soft": soft.detach()}
+    return temperature**2 * F.binary_cross_entropy_with_logits(student_logit / temperature, soft_target)
 
 
 def logit_mse_loss(student_logit: torch.Tensor, teacher_logit: torch.Tensor) -> torch.Tensor:

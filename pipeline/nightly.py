@@ -100,7 +100,7 @@ def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
     """The spec's teacher, or one trained on the first cycle's window and kept for every later night."""
     from pipeline.job import ensure_teacher
 
-    if spec.teacher.checkpoint:
+    if spec.teacher[0].checkpoint:
         return ensure_teacher(spec)
     kept = storage.join(nightly_root(spec), "teacher.pt")
     if not storage.exists(kept):
@@ -111,11 +111,11 @@ def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
 def _same_architecture(model_path: str | None, spec: JobSpec) -> bool:
     """Warm start only from a champion whose architecture the spec's student still has."""
     from pipeline.job import model_config
-    from pipeline.models import load_model
+    from pipeline.models import complete_config, load_model
 
     if model_path is None:
         return False
-    same = load_model(model_path)[1] == model_config(spec.student)
+    same = complete_config(load_model(model_path)[1]) == complete_config(model_config(spec.student, spec))
     if not same:
         log.warning("nightly: the champion's architecture differs from student in the spec: training from scratch")
     return same

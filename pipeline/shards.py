@@ -64,6 +64,20 @@ def is_reusable(manifest: dict | None, *, teacher_sha256: str, label_fingerprint
     )
 
 
+def schema_names(uri: str) -> list[str]:
+    """Column names of a shard file, from its footer."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).schema_arrow.names
+
+
+def list_width(uri: str, column: str) -> int:
+    """Width of a fixed-size-list column (e.g. `teacher_hidden`), from the footer's Arrow schema."""
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.ParquetFile(handle).schema_arrow.field(column).type.list_size
+
+
 def _parquet_rows(uri: str) -> int:
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
@@ -75,6 +89,7 @@ def combine(manifests: list[dict]) -> dict:
     first = manifests[0]
     return {
         "teacher": first["teacher"],
+        "hidden_dim": first.get("hidden_dim"),
         "label_fingerprint": first["label_fingerprint"],
         "inputs": {day: entry for m in manifests for day, entry in m["inputs"].items()},
         "input_rows": sum(m["input_rows"] for m in manifests),

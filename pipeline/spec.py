@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import SpecError
 
-TEACHER_MODELS = ("dcn_v2",)
-STUDENT_MODELS = ("mlp", "dcn_v2")
+TEACHER_MODELS = ("dcn_v2", "deepfm", "bst", "custom")
+STUDENT_MODELS = ("mlp", "fm", "dcn_v2", "custom")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
 
@@ -72,6 +73,10 @@ class DataSpec(Section):
     train_days: DayRange
     eval_days: DayRange
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    on_bad_rows: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop at the first bad row, naming file, row group and column; "
+                            "quarantine: set bad rows aside under <run>/quarantine/ with a reason and go on")
+    max_id: int = Field(2**53, ge=1, description="ids above this (or below 0) are bad rows: corrupt, not real ids")
 
     @model_validator(mode="after")
     def _disjoint(self) -> DataSpec:
@@ -94,6 +99,8 @@ class SequenceSpec(Section):
 
 
 class FeaturesSpec(Section):
+    task: Literal["binary", "multiclass"] = "binary"
+    num_classes: int | None = Field(None, ge=2, description="multiclass only: labels are 0..num_classes-1")
     label: str = "clicked"
     id: str = "event_id"
     group: str | None = "user_id"
@@ -109,6 +116,8 @@ class FeaturesSpec(Section):
             raise ValueError(f"columns listed twice: {dupes}; each column has one role")
         if self.label in names:
             raise ValueError(f"label column {self.label!r} is also a feature; remove it from the feature lists")
+        if (self.task == "multiclass") != (self.num_classes is not None):
+            raise ValueError("task: multiclass needs num_classes (labels 0..num_classes-1); task: binary takes none")
         if self.sequence and self.sequence.embedding_of not in self.categorical:
             raise ValueError(
                 f"sequence.embedding_of {self.sequence.embedding_of!r} is not a categorical column; "
@@ -122,14 +131,20 @@ class FeaturesSpec(Section):
 
 
 class ModelSpec(Section):
-    """A CTR model: family by short name plus its size. Embeddings dominate CTR model size."""
+    """A CTR model: family by short name plus its size. Embeddings dominate CTR model size, so
+    `embedding_dim` and `hash_buckets` are the first knobs of compression."""
 
     model: str
+    factory: str | None = Field(None, description="model: custom only; 'package.module:function' building it")
+    factory_args: dict[str, Any] = Field({}, description="keyword arguments for the factory")
     embedding_dim: int = Field(8, ge=1, le=1024)
     hash_buckets: int = Field(10_000, ge=16, description="embedding rows per categorical field")
     hidden: list[int] = Field([64, 32], min_length=1)
     cross_layers: int = Field(0, ge=0, le=8, description="DCN-v2 cross layers (dcn_v2 only)")
     sequence_pooling: Literal["attention", "mean"] = "mean"
+    attention_heads: int = Field(2, ge=1, le=16, description="bst only: heads of the sequence transformer")
+    transformer_layers: int = Field(1, ge=1, le=8, description="bst only: transformer blocks")
+    dropout: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("hidden")
     @classmethod
@@ -138,9 +153,40 @@ class ModelSpec(Section):
             raise ValueError(f"every hidden layer width must be >= 1, got {hidden}")
         return hidden
 
+    @field_validator("factory")
+    @classmethod
+    def _factory_format(cls, factory: str | None) -> str | None:
+        if factory is not None and not _FACTORY.match(factory):
+            raise ValueError(f"{factory!r} is not 'package.module:function'; write an importable module, a colon "
+                             "and a function name, e.g. 'my_models.ctr:build_student'")
+        return factory
+
+    @model_validator(mode="after")
+    def _plugin(self) -> ModelSpec:
+        if self.model != "custom":
+            if self.factory is not None:
+                raise ValueError(f"factory is only read with model: custom (model is {self.model!r}); remove it "
+                                 "or set model: custom")
+            return self
+        if self.factory is None:
+            raise ValueError("model: custom needs factory: 'package.module:function' (a function building the model)")
+        from pipeline.models.plugin import resolve_factory  # the one documented way user code enters a spec
+
+        resolve_factory(self.factory)
+        return self
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelSpec:
+        if self.model == "bst" and self.embedding_dim % self.attention_heads:
+            raise ValueError(f"bst: embedding_dim {self.embedding_dim} must be divisible by attention_heads "
+                             f"{self.attention_heads}")
+        return self
+
 
 class TeacherSpec(ModelSpec):
     model: str = "dcn_v2"
+    name: str = Field("teacher", pattern=r"^[A-Za-z0-9_]+$", description="names this teacher in an ensemble")
+    weight: float = Field(1.0, gt=0, description="ensemble weight (distill.ensemble: weighted)")
     checkpoint: str | None = Field(None, description="model.pt of a trained teacher; trained by the job if absent")
     epochs: int | None = Field(None, ge=1, description="teacher training epochs (default: train.epochs)")
     lr: float | None = Field(None, gt=0)
@@ -162,7 +208,11 @@ class StudentSpec(ModelSpec):
 
 class DistillSpec(Section):
     temperature: float = Field(1.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label BCE; 1 - alpha goes to the teacher")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 - alpha goes to the teacher")
+    soft_loss: Literal["kd", "mse"] = Field("kd", description="kd: tempered BCE/KL; mse: logit matching")
+    hint_weight: float = Field(0.0, ge=0, description="weight of the hint loss (needs label.store_hidden)")
+    listwise_weight: float = Field(0.0, ge=0, description="weight of listwise ranking KD over features.group")
+    ensemble: Literal["mean", "weighted"] = Field("mean", description="how several teachers' logits combine")
 
 
 class LabelSpec(Section):
@@ -171,7 +221,10 @@ class LabelSpec(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     logit_dtype: Literal["float32", "float16"] = "float32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="teacher inference autocast (GPU)")
     shard_rows: int = Field(250_000, ge=1, description="target rows per soft-label shard file")
+    store_hidden: bool = Field(False, description="store the teacher's last hidden layer for hint losses")
+    top_k: int | None = Field(None, ge=1, description="multiclass: keep only the top-k teacher logits per row")
 
     @field_validator("actors")
     @classmethod
@@ -180,6 +233,16 @@ class LabelSpec(Section):
         if low < 1 or high < low:
             raise ValueError(f"expected [min, max] with 1 <= min <= max, got {list(actors)}")
         return actors
+
+
+class LRScheduleSpec(Section):
+    """Learning rate per optimizer step: constant, or warmup then cosine / linear decay, or step decay."""
+
+    kind: Literal["constant", "warmup_cosine", "warmup_linear", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear floor as a fraction of lr")
+    step_size: int = Field(1000, ge=1, description="step: multiply lr by gamma every step_size steps")
+    gamma: float = Field(0.5, gt=0, le=1)
 
 
 class TrainSpec(Section):
@@ -193,12 +256,18 @@ class TrainSpec(Section):
     zero_stage: int = Field(0, ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer; 0 disables")
-    max_failures: int = Field(0, ge=0)
+    prefetch_batches: int = Field(2, ge=0, description="batches Ray Data prepares ahead of the training step")
+    lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
+    max_failures: int = Field(0, ge=0, description="worker failures Ray Train survives, resuming from a checkpoint")
     seed: int = 0
 
 
 class EvalSpec(Section):
     batch_size: int = Field(8192, ge=1)
+    slice_by: str | None = Field(None, description="categorical column to break metrics down by, e.g. device")
+    max_slices: int = Field(20, ge=1, description="the largest slices by rows are reported")
+    calibration_bins: int = Field(10, ge=2)
+    latency_runs: int = Field(200, ge=10, description="batch-1 forward passes timed per model")
 
 
 class OutputSpec(Section):
@@ -228,6 +297,9 @@ class StorageSpec(Section):
 class RaySpec(Section):
     address: str | None = Field(None, description="Ray address to join; a local Ray is started when absent")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
+    object_store_memory_mb: int | None = Field(None, ge=64, description="object store of a local Ray")
+    data_memory_limit_mb: int | None = Field(None, ge=16, description="cap on the object store Ray Data may "
+                                             "fill with in-flight blocks (streaming back-pressure)")
 
 
 class GateSpec(Section):
@@ -272,10 +344,11 @@ class ScheduleSpec(Section):
 
 
 class JobSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(min_length=1, description="names the run directory and the registry entry")
     data: DataSpec
     features: FeaturesSpec
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    teacher: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()],
+                                       description="one teacher, or a list (an ensemble)")
     student: StudentSpec = Field(default_factory=StudentSpec)
     distill: DistillSpec = Field(default_factory=DistillSpec)
     label: LabelSpec = Field(default_factory=LabelSpec)
@@ -286,16 +359,59 @@ class JobSpec(Section):
     schedule: ScheduleSpec | None = None
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            raise ValueError(f"{name!r} is not a job name: use letters, digits, '_', '.', '-', starting with a "
+                             "letter or digit (it names directories)")
+        return name
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _one_or_many(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return [raw]
+        if isinstance(raw, list) and not raw:
+            raise ValueError("the teacher list is empty; give one teacher or several")
+        return raw
+
     @model_validator(mode="after")
     def _cross_section(self) -> JobSpec:
+        names = [t.name for t in self.teacher]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names {names} repeat; give each teacher of an ensemble its own name")
+        if self.distill.hint_weight > 0 and not self.label.store_hidden:
+            raise ValueError("distill.hint_weight > 0 needs the teacher's hidden vectors: set label.store_hidden: true")
+        if self.distill.hint_weight > 0 and len(self.teacher) > 1:
+            raise ValueError("distill.hint_weight > 0 works with one teacher (hidden layers of an ensemble differ)")
+        if self.distill.listwise_weight > 0 and not self.features.group:
+            raise ValueError("distill.listwise_weight > 0 ranks items within features.group; set features.group")
+        if self.label.top_k is not None and self.features.task != "multiclass":
+            raise ValueError("label.top_k applies to task: multiclass only; remove it or set features.task")
+        if self.label.top_k is not None and self.label.top_k >= (self.features.num_classes or 0):
+            raise ValueError(f"label.top_k {self.label.top_k} must be below features.num_classes "
+                             f"{self.features.num_classes}; remove top_k to keep every logit")
+        if self.eval.slice_by and self.eval.slice_by not in self.features.categorical:
+            raise ValueError(f"eval.slice_by {self.eval.slice_by!r} is not a categorical feature; use one of "
+                             f"{self.features.categorical}")
         if self.label.gpus_per_actor > 0 and not self.train.use_gpu:
             raise ValueError(
                 "label.gpus_per_actor > 0 but train.use_gpu is false; set train.use_gpu: true on a GPU cluster "
                 "or label.gpus_per_actor: 0"
             )
+        if self.schedule is not None and len(self.teacher) > 1:
+            raise ValueError("schedule (nightly) runs take one teacher; distil the ensemble in a `distill run` job, "
+                             "or list a single teacher")
+        if self.label.precision == "fp16" and self.label.gpus_per_actor == 0:
+            raise ValueError("label.precision fp16 needs GPU actors (label.gpus_per_actor > 0); on CPU use fp32 or bf16")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision fp16 needs train.use_gpu: true; on CPU use fp32 or bf16")
         return self
+
+    @property
+    def teachers(self) -> list[TeacherSpec]:
+        return self.teacher
 
     @property
     def run_dir(self) -> str:
@@ -334,6 +450,11 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError(f"spec file {str(path)!r} not found; pass the path of a YAML job spec (see jobs/)")
     try:
         return yaml.safe_load(path.read_text())
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise SpecError(f"{path}: YAML tag refused at line {mark.line + 1}, column {mark.column + 1} ({exc.problem}): "
+                        "a spec is plain data; code enters only through model: custom with "
+                        "factory: 'package.module:function'") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -366,7 +487,11 @@ def _describe(exc: ValidationError, raw: dict) -> str:
 
 def _describe_one(err: dict, raw: dict) -> str:
     loc = [str(p) for p in err["loc"]]
-    path = ".".join(loc) or "<root>"
+    if loc[:1] == ["teacher"] and isinstance(raw.get("teacher"), dict) and loc[1:2] == ["0"]:
+        loc = ["teacher"] + loc[2:]  # one teacher written as a mapping: no list index in its paths
+    if not loc:  # a rule across sections: its message names the fields
+        return f"  - {err['msg'].removeprefix('Value error, ')}"
+    path = ".".join(loc)
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
         hint = difflib.get_close_matches(loc[-1], allowed, n=1)
@@ -382,7 +507,7 @@ def _describe_one(err: dict, raw: dict) -> str:
 def _allowed_keys(loc: list[str]) -> list[str]:
     """Field names of the section at `loc`, for 'did you mean' hints."""
     model: type[BaseModel] = JobSpec
-    for part in loc:
+    for part in (p for p in loc if not p.isdigit()):  # list indices (an ensemble's teachers) select no section
         field = model.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
         candidates = typing.get_args(annotation) or (annotation,)  # `X | None` sections too

@@ -191,7 +191,7 @@ def resolved_spec_yaml(spec: JobSpec, source: str = "") -> str:
 def submit_warnings(spec: JobSpec) -> list[str]:
     """What means something else on a cluster: relative paths (inside the job's temporary working directory)
     and the `ray` section (the job joins the cluster it was submitted to)."""
-    paths = {"data.path": spec.data.path, "output.root": spec.output.root, "teacher.checkpoint": spec.teacher.checkpoint}
+    paths = {"data.path": spec.data.path, "output.root": spec.output.root, "teacher.checkpoint": spec.teacher[0].checkpoint}
     warnings = [f"{field} {value!r} is relative: on the cluster it resolves inside the job's temporary working "
                 "directory; use an absolute path on shared storage or an s3:// URI"
                 for field, value in paths.items() if value and "://" not in value and not Path(value).is_absolute()]

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from pipeline import storage
+from pipeline import losses, storage
 from pipeline.features import FeatureLayout, table_to_inputs
-from pipeline.losses import binary_kd_loss
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -30,22 +31,28 @@ PROGRESS_FILE = "progress.json"
 @dataclass
 class TrainResult:
     model_path: str
-    history: list[dict]
+    history: list[dict]  # one entry per epoch: rows, loss terms, rows/s
+    steps: list[dict] = field(default_factory=list)  # sampled per optimizer step: lr and loss terms
+    restarts: int = 0  # times the run resumed from a checkpoint (worker failure or a rerun)
 
 
-def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict | None,
-                epochs: int, lr: float, model_path: str, init_model: str | None = None) -> TrainResult:
-    """Trains `model_config` on `dataset` and exports the final weights to `model_path`.
+def train_model(*, role: str, spec, model_config: dict, dataset, rows: int, distill: dict | None,
+                epochs: int, lr: float, model_path: str, init_model: str | None = None,
+                targets: dict | None = None) -> TrainResult:
+    """Trains `model_config` on `dataset` (`rows` rows) and exports the final weights to `model_path`.
 
     Args:
         role: run name inside `<run_dir>/train/`, e.g. "teacher" or "student_distilled".
-        distill: {"alpha", "temperature"} to train on `teacher_logit` too; None for hard labels only.
+        distill: the spec's `distill` section as a dict to train on the teacher's soft labels too;
+            None for hard labels only.
+        targets: which teacher columns the shards hold (`soft_label_targets`); None for hard labels.
         init_model: a saved model of the same architecture to start from (warm start).
     """
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     train_config = spec.train.model_dump() | {"epochs": epochs, "lr": lr}
+    steps_per_epoch = math.ceil(rows / (spec.train.batch_size * spec.train.num_workers))
     # Local: an absolute path (Ray needs one). S3: the path inside our filesystem, which knows the endpoint.
     (storage_path,), storage_filesystem = storage.arrow_paths([storage.join(spec.run_dir, "train")])
     trainer = TorchTrainer(
@@ -55,8 +62,12 @@ def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict |
             "model": model_config,
             "layout": FeatureLayout.from_spec(spec.features).__dict__,
             "label": spec.features.label,
+            "group": spec.features.group,
+            "task": spec.features.task,
             "train": train_config,
+            "total_steps": max(1, steps_per_epoch * epochs),
             "distill": distill,
+            "targets": targets if distill else None,
             "init_model": init_model,
         },
         scaling_config=ScalingConfig(
@@ -76,8 +87,22 @@ def train_model(*, role: str, spec, model_config: dict, dataset, distill: dict |
     checkpoint: Checkpoint = result.checkpoint
     with checkpoint.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
         storage.atomic_write_bytes(model_path, open(os.path.join(directory, MODEL_FILE), "rb").read())
-        history = json.load(open(os.path.join(directory, PROGRESS_FILE)))["history"]
-    return TrainResult(model_path=model_path, history=history)
+        progress = json.load(open(os.path.join(directory, PROGRESS_FILE)))
+    return TrainResult(model_path=model_path, history=progress["history"], steps=progress.get("steps", []),
+                       restarts=progress.get("restarts", 0))
+
+
+def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:
+    """The teacher columns of the soft-label shards for this spec, and their shapes."""
+    multiclass = spec.features.task == "multiclass"
+    return {
+        "task": spec.features.task,
+        "logit": None if multiclass else "teacher_logit",
+        "logits": "teacher_logits" if multiclass and not spec.label.top_k else None,
+        "top_k": spec.label.top_k if multiclass else None,
+        "hidden": "teacher_hidden" if spec.label.store_hidden else None,
+        "hidden_dim": hidden_dim,
+    }
 
 
 def deepspeed_config(train: dict) -> dict:
@@ -89,33 +114,95 @@ def deepspeed_config(train: dict) -> dict:
         "bf16": {"enabled": train["precision"] == "bf16"},
         "fp16": {"enabled": train["precision"] == "fp16"},
         "gradient_clipping": 1.0,
-        "steps_per_print": 10**9,  # we log per epoch ourselves
+        "steps_per_print": 10**9,  # we log per step ourselves
         "wall_clock_breakdown": False,
     }
 
 
-class ShardCollate:
-    """Arrow batch -> flat dict of tensors (model inputs, label, teacher_logit) for `iter_torch_batches`."""
+def lr_lambda(schedule: dict, total_steps: int):
+    """Multiplier of the base lr at optimizer step `step` (0-based), from the spec's `train.lr_schedule`.
 
-    def __init__(self, layout: FeatureLayout, label: str, with_teacher: bool):
-        self.layout, self.label, self.with_teacher = layout, label, with_teacher
+    1) linear warmup from 0 over `warmup_steps`; 2) then constant, cosine or linear decay to
+    `min_lr_ratio`, or step decay by `gamma` every `step_size` steps.
+    """
+    kind, warmup, floor = schedule["kind"], schedule["warmup_steps"], schedule["min_lr_ratio"]
+
+    def multiplier(step: int) -> float:
+        if kind == "step":
+            return schedule["gamma"] ** (step // schedule["step_size"])
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if kind == "warmup_cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return multiplier
+
+
+class DistillModule(torch.nn.Module):
+    """What DeepSpeed trains: the model, plus the hint projection (student hidden -> teacher hidden)
+    when the hint loss is on. Only `model` is exported."""
+
+    def __init__(self, model: torch.nn.Module, hint_dim: int | None):
+        super().__init__()
+        self.model = model
+        self.projection = None
+        if hint_dim:
+            if not hasattr(model, "forward_with_hidden"):
+                raise ValueError("distill.hint_weight > 0 needs a student with forward_with_hidden(inputs)")
+            self.projection = torch.nn.Linear(model.hidden_dim, hint_dim)
+
+    def forward(self, inputs: dict[str, torch.Tensor]):
+        if self.projection is None:
+            return self.model(inputs), None
+        logits, hidden = self.model.forward_with_hidden(inputs)
+        return logits, self.projection(hidden)  # (B,) or (B, C); (B, d_teacher)
+
+
+class ShardCollate:
+    """Arrow batch -> flat dict of tensors (model inputs, label, teacher targets) for `iter_torch_batches`."""
+
+    def __init__(self, layout: FeatureLayout, label: str, targets: dict | None, group: str | None):
+        self.layout, self.label, self.targets, self.group = layout, label, targets or {}, group
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         tensors = table_to_inputs(batch, self.layout)
-        tensors["label"] = torch.from_numpy(batch.column(self.label).to_numpy().astype("float32"))
-        if self.with_teacher:
-            logits = batch.column("teacher_logit").to_numpy().astype("float32")
-            tensors["teacher_logit"] = torch.from_numpy(logits)
+        label = batch.column(self.label).to_numpy()
+        tensors["label"] = torch.from_numpy(label.astype("int64" if self.targets.get("task") == "multiclass"
+                                                          else "float32"))
+        t = self.targets
+        if t.get("logit"):
+            tensors["teacher_logit"] = torch.from_numpy(batch.column(t["logit"]).to_numpy().astype("float32"))
+        if t.get("logits"):
+            tensors["teacher_logits"] = _matrix(batch.column(t["logits"]), "float32")
+        if t.get("top_k"):
+            tensors["teacher_topk_indices"] = _matrix(batch.column("teacher_topk_indices"), "int64")
+            tensors["teacher_topk_values"] = _matrix(batch.column("teacher_topk_values"), "float32")
+        if t.get("hidden"):
+            tensors["teacher_hidden"] = _matrix(batch.column(t["hidden"]), "float32")
+        if self.group and self.group in batch.column_names:
+            tensors["group"] = torch.from_numpy(batch.column(self.group).to_numpy().astype("int64"))
         return tensors
 
 
-def _arrow_collate(layout: FeatureLayout, label: str, with_teacher: bool):
+def _matrix(column, dtype: str) -> torch.Tensor:
+    """A list column whose rows all have the same length -> (B, K) tensor, without per-row Python."""
+    import pyarrow.compute as pc
+
+    rows = len(column)
+    values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype)
+    return torch.from_numpy(values.reshape(rows, -1) if rows else values.reshape(0, 0))
+
+
+def _arrow_collate(layout: FeatureLayout, label: str, targets: dict | None, group: str | None):
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     class _Collate(ArrowBatchCollateFn):  # Ray hands Arrow batches only to this subclass
         def __init__(self):
             super().__init__()
-            self.inner = ShardCollate(layout, label, with_teacher)
+            self.inner = ShardCollate(layout, label, targets, group)
 
         def __call__(self, batch):
             return self.inner(batch)
@@ -132,6 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     _skip_inference_comm_op()
     train, layout, distill = config["train"], FeatureLayout(**config["layout"]), config["distill"]
+    targets = config["targets"]
     torch.manual_seed(train["seed"])
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
 
@@ -140,21 +228,66 @@ def train_loop_per_worker(config: dict) -> None:
         from pipeline.models import load_model
 
         model.load_state_dict(load_model(config["init_model"])[0].state_dict())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train))
-    start_epoch, history = _restore(engine)
+    hint_dim = targets["hidden_dim"] if distill and distill["hint_weight"] > 0 else None
+    module = DistillModule(model, hint_dim)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train["lr_schedule"], config["total_steps"]))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(train))
+    start_epoch, progress = _restore(engine)
 
     shard = ray.train.get_dataset_shard("train")
-    collate = _arrow_collate(layout, config["label"], with_teacher=distill is not None)
+    collate = _arrow_collate(layout, config["label"], targets, config["group"] if distill else None)
+    log_every = max(1, config["total_steps"] // 200)  # about 200 points per run for the loss curves
     for epoch in range(start_epoch, train["epochs"]):
         batches = shard.iter_torch_batches(
-            batch_size=train["batch_size"], collate_fn=collate, prefetch_batches=2,
+            batch_size=train["batch_size"], collate_fn=collate, prefetch_batches=train["prefetch_batches"],
             local_shuffle_buffer_size=train["shuffle_buffer_rows"] or None,
             local_shuffle_seed=train["seed"] + epoch if train["shuffle_buffer_rows"] else None,
         )
-        stats = _train_epoch(engine, batches, distill)
-        history.append({"epoch": epoch + 1, **stats})
-        _report(engine, config, layout, history)
+        stats = _train_epoch(engine, batches, distill, config["task"], progress["steps"], log_every)
+        progress["history"].append({"epoch": epoch + 1, **stats})
+        _report(engine, config, layout, progress)
+
+
+def loss_terms(logits: torch.Tensor, hint_pred: torch.Tensor | None, batch: dict[str, torch.Tensor],
+               distill: dict | None, task: str) -> dict[str, torch.Tensor]:
+    """Every loss term of one batch and their weighted sum `loss`.
+
+        loss = alpha * hard + (1 - alpha) * soft + hint_weight * hint + listwise_weight * listwise
+
+    hard: BCE (binary) or cross-entropy (multiclass) on the labels; soft: tempered KD (`kd`) or logit
+    matching (`mse`) against the teacher; hint: FitNets MSE to the teacher's hidden vector; listwise:
+    softmax over each group's items in the batch. Without `distill` the loss is the hard term alone.
+    """
+    label = batch["label"]
+    if task == "multiclass":
+        hard = F.cross_entropy(logits, label)
+    else:
+        hard = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+    terms = {"hard_loss": hard}
+    if distill is None:
+        return terms | {"loss": hard}
+    temperature, alpha = distill["temperature"], distill["alpha"]
+    if task == "multiclass" and "teacher_topk_indices" in batch:
+        soft = losses.topk_kd_loss(logits, batch["teacher_topk_indices"], batch["teacher_topk_values"], temperature)
+    elif task == "multiclass" and distill["soft_loss"] == "mse":
+        soft = F.mse_loss(logits, batch["teacher_logits"].to(logits.dtype))
+    elif task == "multiclass":
+        soft = losses.multiclass_kd_loss(logits, batch["teacher_logits"], temperature)
+    elif distill["soft_loss"] == "mse":
+        soft = losses.logit_mse_loss(logits, batch["teacher_logit"])
+    else:
+        soft = losses.binary_soft_loss(logits, batch["teacher_logit"], temperature)
+    terms["soft_loss"] = soft
+    loss = alpha * hard + (1.0 - alpha) * soft
+    if hint_pred is not None:
+        terms["hint_loss"] = F.mse_loss(hint_pred, batch["teacher_hidden"].to(hint_pred.dtype))
+        loss = loss + distill["hint_weight"] * terms["hint_loss"]
+    if distill["listwise_weight"] > 0 and task == "binary":
+        terms["listwise_loss"] = losses.listwise_kd_loss(logits, batch["teacher_logit"], batch["group"], temperature)
+        loss = loss + distill["listwise_weight"] * terms["listwise_loss"]
+    return terms | {"loss": loss}
 
 
 def _skip_inference_comm_op() -> None:
@@ -170,47 +303,55 @@ def _skip_inference_comm_op() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
-def _train_epoch(engine, batches, distill: dict | None) -> dict:
-    """One pass over this worker's shard; returns loss terms averaged over all workers' rows."""
+def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[dict], log_every: int) -> dict:
+    """One pass over this worker's shard; returns loss terms averaged over all workers' rows, and
+    appends a sample of (step, lr, loss terms) to `steps` every `log_every` optimizer steps."""
     engine.train()
-    alpha = distill["alpha"] if distill else 1.0
-    temperature = distill["temperature"] if distill else 1.0
-    totals = torch.zeros(4, dtype=torch.float64)  # rows, loss, hard, soft (row-weighted sums)
+    names = ["loss", "hard_loss", "soft_loss", "hint_loss", "listwise_loss"]
+    totals = torch.zeros(1 + len(names), dtype=torch.float64)  # rows, then row-weighted sums of each term
+    seen: set[str] = set()
     start = time.perf_counter()
     for batch in batches:
         inputs = {k: v.to(engine.device) for k, v in batch.items()}
-        logits = engine(inputs).float()  # (B,)
-        teacher = inputs.get("teacher_logit", logits.detach())
-        losses = binary_kd_loss(logits, teacher, inputs["label"], alpha=alpha, temperature=temperature)
-        engine.backward(losses["loss"])
-        engine.step()
+        logits, hint_pred = engine(inputs)
+        terms = loss_terms(logits.float(), None if hint_pred is None else hint_pred.float(), inputs, distill, task)
+        engine.backward(terms["loss"])
+        engine.step()  # also steps the lr scheduler
         rows = float(len(logits))
-        totals += torch.tensor([rows, rows * losses["loss"].item(), rows * losses["hard"].item(),
-                                rows * losses["soft"].item()], dtype=torch.float64)
+        values = {k: v.item() for k, v in terms.items()}
+        seen |= set(values)
+        totals += torch.tensor([rows] + [rows * values.get(n, 0.0) for n in names], dtype=torch.float64)
+        if engine.global_steps % log_every == 0:
+            steps.append({"step": engine.global_steps, "lr": engine.get_lr()[0], **values})
     seconds = time.perf_counter() - start
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
     rows = max(totals[0].item(), 1.0)
-    return {"rows": int(totals[0].item()), "loss": totals[1].item() / rows, "hard_loss": totals[2].item() / rows,
-            "soft_loss": totals[3].item() / rows if distill else None, "seconds": seconds,
+    averages = {n: totals[1 + i].item() / rows if n in seen | {"loss", "hard_loss"} else None
+                for i, n in enumerate(names)}
+    return {"rows": int(totals[0].item()), **averages, "seconds": seconds,
             "rows_per_s": totals[0].item() / max(seconds, 1e-9)}
 
 
-def _restore(engine) -> tuple[int, list[dict]]:
-    """Resumes DeepSpeed state (weights, optimizer) from Ray Train's latest checkpoint, if any."""
+def _restore(engine) -> tuple[int, dict]:
+    """Resumes DeepSpeed state (weights, optimizer, lr schedule) from Ray Train's latest checkpoint, if any;
+    returns the epoch to start from and the progress record (history, sampled steps, restarts)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, []
+        return 0, {"history": [], "steps": [], "restarts": 0}
     with checkpoint.as_directory() as directory:
         engine.load_checkpoint(directory)
         progress = json.load(open(os.path.join(directory, PROGRESS_FILE)))
-    log.info("resumed from epoch %d", len(progress["history"]))
-    return len(progress["history"]), progress["history"]
+    progress["restarts"] = progress.get("restarts", 0) + 1
+    progress.setdefault("steps", [])
+    log.warning("resumed from the checkpoint after epoch %d (restart %d)", len(progress["history"]),
+                progress["restarts"])
+    return len(progress["history"]), progress
 
 
-def _report(engine, config: dict, layout: FeatureLayout, history: list[dict]) -> None:
+def _report(engine, config: dict, layout: FeatureLayout, progress: dict) -> None:
     """Saves DeepSpeed state on every rank and the exported model on rank 0, then reports."""
     import ray.train
     from ray.train import Checkpoint
@@ -224,16 +365,16 @@ def _report(engine, config: dict, layout: FeatureLayout, history: list[dict]) ->
         if rank == 0:
             save_model(os.path.join(directory, MODEL_FILE), state, config["model"], layout)
             with open(os.path.join(directory, PROGRESS_FILE), "w") as handle:
-                json.dump({"role": config["role"], "history": history}, handle)
-        metrics = {k: v for k, v in history[-1].items() if v is not None}
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+                json.dump({"role": config["role"], **progress}, handle)
+        metrics = {k: v for k, v in progress["history"][-1].items() if v is not None}
+        ray.train.report(metrics | {"restarts": progress["restarts"]}, checkpoint=Checkpoint.from_directory(directory))
 
 
 def _full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Float32 weights of the whole model, gathering ZeRO-3 partitions when needed."""
+    """Float32 weights of the exported model (without the hint projection), gathering ZeRO-3 partitions."""
     import deepspeed
 
-    module = engine.module
+    module = engine.module.model
     if engine.zero_optimization_stage() == 3:
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
             return {k: v.detach().float().clone() for k, v in module.state_dict().items()}

@@ -41,7 +41,7 @@ def _error(raw: dict, match: str) -> str:
 def test_unknown_key_suggests_the_closest_field(raw):
     raw["train"]["epocs"] = 3
     message = _error(raw, r"train\.epocs: unknown key")
-    assert "did you mean 'epochs'" in message
+    assert "did you mean 'epochs'" in message and "allowed keys: num_workers" in message
 
 
 def test_unknown_section_is_refused(raw):
@@ -51,7 +51,7 @@ def test_unknown_section_is_refused(raw):
 
 def test_wrong_type(raw):
     raw["train"]["epochs"] = "three"
-    _error(raw, r"train\.epochs: .*integer")
+    _error(raw, r"train\.epochs: .*valid integer.*\(got 'three'\)")
 
 
 @pytest.mark.parametrize("value", [0, -1.0])
@@ -83,12 +83,79 @@ def test_actor_pool_bounds(raw):
 
 def test_unknown_model_lists_the_families(raw):
     raw["student"]["model"] = "xgboost"
-    _error(raw, r"student\.model: unknown student model 'xgboost'; choose one of")
+    _error(raw, r"student\.model: unknown student model 'xgboost'; choose one of \['mlp', 'fm'")
 
 
-def test_missing_required_section(raw):
-    del raw["features"]
-    _error(raw, r"features: required field is missing")
+def test_unknown_teacher_model_lists_the_families(raw):
+    raw["teacher"] = {"model": "gbdt"}
+    _error(raw, r"teacher\.model: unknown teacher model 'gbdt'; choose one of \['dcn_v2'")
+
+
+def test_plugin_module_that_cannot_be_imported(raw):
+    raw["student"] = {"model": "custom", "factory": "no_such_module:build"}
+    _error(raw, r"student: factory 'no_such_module:build': cannot import module 'no_such_module' .*"
+                r"install the package or put it on PYTHONPATH")
+
+
+def test_plugin_module_without_the_function(raw):
+    raw["student"] = {"model": "custom", "factory": "pipeline.spec:no_such_function"}
+    _error(raw, r"student: factory 'pipeline\.spec:no_such_function': module 'pipeline\.spec' has no function")
+
+
+def test_malformed_plugin_path(raw):
+    raw["student"] = {"model": "custom", "factory": "not a path"}
+    _error(raw, r"student\.factory: 'not a path' is not 'package\.module:function'; write an importable module")
+
+
+def test_custom_model_needs_a_factory(raw):
+    raw["student"] = {"model": "custom"}
+    _error(raw, r"student: model: custom needs factory: 'package\.module:function'")
+
+
+def test_factory_without_model_custom(raw):
+    raw["student"]["factory"] = "pipeline.spec:parse_spec"
+    _error(raw, r"student: factory is only read with model: custom \(model is 'mlp'\); remove it or set model: custom")
+
+
+def test_bad_cron(raw):
+    raw["schedule"] = {"registry": "registry", "cron": "every night"}
+    _error(raw, r"schedule\.cron: 'every night' is not a cron expression; expected 5 fields, e\.g\. '30 2 \* \* \*'")
+
+
+def test_bad_time_zone(raw):
+    raw["schedule"] = {"registry": "registry", "timezone": "Mars/Olympus"}
+    _error(raw, r"schedule\.timezone: unknown time zone 'Mars/Olympus'; use an IANA name such as 'UTC'")
+
+
+def test_hint_loss_needs_stored_hidden_vectors(raw):
+    raw["distill"]["hint_weight"] = 0.5
+    _error(raw, r"distill\.hint_weight > 0 needs the teacher's hidden vectors: set label\.store_hidden: true")
+
+
+def test_top_k_needs_a_multiclass_task(raw):
+    raw["label"]["top_k"] = 2
+    _error(raw, r"label\.top_k applies to task: multiclass only; remove it or set features\.task")
+
+
+def test_slice_by_must_be_a_categorical_feature(raw):
+    raw["eval"] = {"slice_by": "price"}
+    _error(raw, r"eval\.slice_by 'price' is not a categorical feature; use one of \['user_id'")
+
+
+def test_empty_teacher_list(raw):
+    raw["teacher"] = []
+    _error(raw, r"teacher: the teacher list is empty; give one teacher or several")
+
+
+def test_duplicate_teacher_names_in_an_ensemble(raw):
+    raw["teacher"] = [{"name": "big"}, {"name": "big", "model": "deepfm"}]
+    _error(raw, r"teacher names \['big', 'big'\] repeat; give each teacher of an ensemble its own name")
+
+
+@pytest.mark.parametrize("section", ["data", "features"])
+def test_missing_required_section(raw, section):
+    del raw[section]
+    _error(raw, rf"  - {section}: required field is missing; add it to the spec")
 
 
 def test_eval_days_must_not_overlap_train_days(raw):
@@ -98,12 +165,19 @@ def test_eval_days_must_not_overlap_train_days(raw):
 
 def test_day_range_must_be_ordered(raw):
     raw["data"]["train_days"] = {"start": "2026-11-02", "end": "2026-11-01"}
-    _error(raw, r"data\.train_days: .*before start")
+    _error(raw, r"data\.train_days: end 2026-11-01 is before start 2026-11-02; swap them")
+
+
+def test_day_range_needs_both_ends(raw):
+    raw["data"]["train_days"] = {"start": "2026-11-01"}
+    _error(raw, r"data\.train_days\.end: required field is missing; add it to the spec")
 
 
 def test_gpu_actors_need_gpu_training(raw):
+    raw["train"]["use_gpu"] = False
     raw["label"]["gpus_per_actor"] = 1
-    _error(raw, r"label\.gpus_per_actor > 0 but train\.use_gpu is false")
+    _error(raw, r"label\.gpus_per_actor > 0 but train\.use_gpu is false; set train\.use_gpu: true .* "
+                r"or label\.gpus_per_actor: 0")
 
 
 def test_fp16_needs_gpu(raw):
@@ -133,9 +207,13 @@ def test_credentials_in_the_spec_are_refused_without_echoing_them(raw):
     assert "s3cr3t-value" not in message and "AKIA1" not in message
 
 
-def test_non_mapping_document():
+def test_non_mapping_document(tmp_path):
     with pytest.raises(SpecError, match="must be a YAML mapping"):
         parse_spec(["a", "list"])
+    path = tmp_path / "list.yaml"
+    path.write_text("- name: tiny\n- data: {}\n")
+    with pytest.raises(SpecError, match=r"list\.yaml: the spec must be a YAML mapping of sections, got list"):
+        load_spec(path)
 
 
 def test_yaml_syntax_error_gives_line_and_column(tmp_path):
@@ -189,3 +267,33 @@ def test_cli_validate_exit_codes(tmp_path, raw, capsys):
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "distill.alpha" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("train.epochs", "three", "train.epochs"),
+    ("student.factory", "not a path", "is not 'package.module:function'"),
+    ("schedule", {"registry": "r", "cron": "61 * * * *"}, "schedule.cron"),
+    ("eval", {"slice_by": "price"}, "eval.slice_by 'price'"),
+    ("teacher", [], "the teacher list is empty"),
+])
+def test_cli_validate_exits_2_naming_the_problem(tmp_path, raw, capsys, field, value, shown):
+    section, _, key = field.partition(".")
+    if key:
+        raw[section] = {**raw.get(section, {}), key: value} | ({"model": "custom"} if key == "factory" else {})
+    else:
+        raw[section] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: invalid job spec") and shown in err and "Traceback" not in err
+
+
+def test_cli_validate_exits_2_on_yaml_errors_and_non_mappings(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: tiny\ndata: {path: [x\n")
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("- tiny\n")
+    assert main(["validate", str(broken)]) == 2 and main(["validate", str(listed)]) == 2
+    err = capsys.readouterr().err
+    assert "YAML syntax error at line 3, column 1" in err and "got list" in err and "Traceback" not in err
