@@ -134,14 +134,19 @@ def _generate(args) -> int:
 
 def _report(args) -> int:
     from pipeline import storage
-    from pipeline.evaluate import render_report
+    from pipeline.report import write_report
 
     path = storage.join(args.run_dir, "metrics.json")
     if not storage.exists(path):
-        raise UserError(f"{path} not found; pass the directory of a finished `distill run`")
-    text = render_report(storage.read_json(path))
-    storage.atomic_write_text(storage.join(args.run_dir, "report.md"), text)
-    print(text)
+        raise UserError(f"{path} not found: either the run is unfinished (metrics.json is written when the run "
+                        f"ends) or {args.run_dir} is not a run directory; pass the directory of a finished "
+                        "`distill run`")
+    try:
+        metrics = storage.read_json(path)
+    except ValueError as exc:  # a truncated or hand-edited file
+        raise UserError(f"{path} is not valid JSON ({exc}); rerun the job to rewrite it") from None
+    print(write_report(args.run_dir, metrics))
+    print(f"wrote {storage.join(args.run_dir, 'report.md')} and its plots under {storage.join(args.run_dir, 'plots')}")
     return 0
 
 
