@@ -16,11 +16,12 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipeline import evaluate, shards, storage
+from pipeline import evaluate, report, shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import UserError
-from pipeline.label import TeacherPredictor, pool_options, run_label_stage
+from pipeline.label import TeacherPredictor, bad_rows_located, pool_options, run_label_stage
 from pipeline.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def run_job(spec: JobSpec) -> dict:
             metrics = evaluate_run(spec, teachers, students, manifest)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
-    storage.atomic_write_text(storage.join(spec.run_dir, "report.md"), evaluate.render_report(metrics))
+    report.write_report(spec.run_dir, metrics)
     return metrics
 
 
@@ -104,11 +105,14 @@ def ensure_click_logs(spec: JobSpec) -> None:
 
 
 def check_inputs(spec: JobSpec) -> None:
-    """Fails before Ray starts when a selected day or a needed column is missing."""
-    needed = [spec.features.label, *spec.features.input_columns()]
+    """Fails before Ray starts when a selected day, a needed column or a file is missing, unreadable or of
+    the wrong type (footers only: no data is read here)."""
+    from pipeline.data import validate
+
+    needed = [spec.features.label, *spec.features.input_columns()] + ([spec.features.group] if spec.features.group else [])
     for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
-        paths = list(clicklogs.partition_paths(spec.data.path, days).values())
-        clicklogs.check_columns(paths, needed + extra + ([spec.features.group] if spec.features.group else []))
+        paths = clicklogs.partition_paths(spec.data.location, days)
+        validate.check_partitions(paths, spec.features, [c for c in needed + extra if c])
 
 
 def generate(spec: JobSpec, days: list | None = None) -> list[str]:
@@ -146,15 +150,23 @@ def ensure_teacher(spec: JobSpec, teacher=None) -> str:
     config = model_config(teacher, spec)
     columns = [spec.features.label] + spec.features.input_columns()
     inputs = {d.isoformat(): clicklogs.count_rows([p])
-              for d, p in clicklogs.partition_paths(spec.data.path, spec.data.train_days.days()).items()}
+              for d, p in clicklogs.partition_paths(spec.data.location, spec.data.train_days.days()).items()}
     depends_on = {"model": config, "train": spec.train.model_dump(), "inputs": inputs,
                   "epochs": teacher.epochs, "lr": teacher.lr}
     role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
-    return _train_once(
-        spec, role, config, depends_on, rows=sum(inputs.values()),
-        dataset=lambda: clicklogs.read_click_logs(spec.data.path, spec.data.train_days.days(), columns),
-        distill=None, epochs=teacher.epochs or spec.train.epochs, lr=teacher.lr or spec.train.lr,
-    )
+    days = spec.data.train_days.days()
+    with bad_rows_located(spec, days, columns):  # bad rows are dropped here, and quarantined by the label stage
+        return _train_once(
+            spec, role, config, depends_on, rows=sum(inputs.values()),
+            dataset=lambda: clicklogs.read_click_logs(spec.data.location, days, columns, **_row_checks(spec)),
+            distill=None, epochs=teacher.epochs or spec.train.epochs, lr=teacher.lr or spec.train.lr,
+        )
+
+
+def _row_checks(spec: JobSpec) -> dict:
+    from pipeline.data.validate import RowRules
+
+    return {"rules": RowRules.from_spec(spec), "fail": spec.data.on_bad_rows == "fail"}
 
 
 def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | None = None) -> str:
@@ -173,7 +185,8 @@ def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | No
     files, filesystem = storage.arrow_paths([s["path"] for s in manifest["shards"]])
     wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
     if distill:
-        wanted += [c for c in manifest["columns"] if c.startswith("teacher_") and "__" not in c]
+        wanted += [c for c in manifest["columns"] if c.startswith("teacher_") and "__" not in c
+                   and (c != "teacher_hidden" or spec.distill.hint_weight > 0)]
     columns = [c for c in dict.fromkeys(wanted) if c and c in manifest["columns"]]
     return _train_once(
         spec, role, config, depends_on, rows=manifest["total_rows"],
@@ -214,38 +227,96 @@ def model_config(section, spec: JobSpec) -> dict:
     return {k: getattr(section, k) for k in keys} | {"out_dim": spec.features.num_classes or 1}
 
 
-def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: dict | None = None) -> dict:
+def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: dict | None = None,
+                    roles: dict[str, str] | None = None) -> dict:
     """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ...}.
 
     Args:
         combine: {"column": name, "weights": {member: weight}} adds an ensemble scored by the
             weighted mean of its members' logits.
+        roles: {model name: "teacher" | "distilled" | "hard" | "ensemble_member"}; agreement with the
+            teacher is reported for every model that is not a teacher.
     """
-    from pipeline.models import count_parameters, load_model
-
+    roles = roles or {}
     columns = _eval_columns(spec)
-    dataset = clicklogs.read_click_logs(spec.data.path, spec.data.eval_days.days(), columns)
-    keep = [c for c in (spec.features.label, spec.features.group, "true_ctr") if c in columns]
+    days = spec.data.eval_days.days()
+    dataset = clicklogs.read_click_logs(spec.data.location, days, columns, **_row_checks(spec))
+    keep = [c for c in (spec.features.label, spec.features.group, spec.eval.slice_by, "true_ctr") if c in columns]
+    keep = list(dict.fromkeys(keep))
     predictor = {"checkpoints": dict(checkpoints), "keep_columns": keep, "combine": combine}
     scored = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
-    table = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
+    with bad_rows_located(spec, days, columns):
+        table = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
 
     labels = table.column(spec.features.label).to_numpy()
     groups = table.column(spec.features.group).to_numpy() if spec.features.group else None
+    slices = table.column(spec.eval.slice_by).to_numpy() if spec.eval.slice_by else None
+    logits = {name: _logits(table.column(name)) for name in [*checkpoints, *([combine["column"]] if combine else [])]}
+    teacher = logits.get("teacher")
+    sample = _latency_sample(spec)
     models = {}
     for name, path in checkpoints.items():
-        model, config, _ = load_model(path)
-        models[name] = evaluate.score_model(labels, table.column(name).to_numpy(), groups)
-        models[name] |= {"family": config["model"], "params": count_parameters(model), "checkpoint": path}
+        role = roles.get(name, "student")
+        models[name] = _score(spec, labels, logits[name], groups, slices,
+                              None if role in ("teacher", "ensemble_member") else teacher)
+        models[name] |= {"role": role, **_describe_model(spec, path, sample)}
     if combine:
         members = [models[m] for m in combine["weights"]]
-        models[combine["column"]] = evaluate.score_model(labels, table.column(combine["column"]).to_numpy(), groups)
-        models[combine["column"]] |= {"family": "ensemble", "checkpoint": None, "params": {
-            k: sum(m["params"][k] for m in members) for k in ("total", "embedding", "dense")}}
-    ceiling = evaluate.auc(labels, table.column("true_ctr").to_numpy()) if "true_ctr" in keep else None
+        models[combine["column"]] = _score(spec, labels, logits[combine["column"]], groups, slices, None) | {
+            "role": "teacher", "family": "ensemble", "checkpoint": None,
+            "params": {k: sum(m["params"][k] for m in members) for k in ("total", "embedding", "dense")},
+            "bytes": sum(m["bytes"] for m in members),
+            "latency": _ensemble_latency([m["latency"] for m in members]),
+        }
+    binary = spec.features.task == "binary"
+    ceiling = evaluate.auc(labels, table.column("true_ctr").to_numpy()) if binary and "true_ctr" in keep else None
     return {"eval": {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
-                     "click_rate": float(np.mean(labels)), "ceiling_auc": ceiling},
-            "models": models}
+                     "click_rate": float(np.mean(labels)) if spec.features.task == "binary" else None,
+                     "ceiling_auc": ceiling, "slice_by": spec.eval.slice_by},
+            "models": models, "summary": evaluate.summarize(models)}
+
+
+def _logits(column: pa.ChunkedArray) -> np.ndarray:
+    """A logit column: (N,) floats, or (N, C) from a fixed-size-list column (multiclass)."""
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        return pc.list_flatten(column).to_numpy().reshape(-1, width)
+    return column.to_numpy()
+
+
+def _score(spec: JobSpec, labels, logits, groups, slices, teacher_logits) -> dict:
+    return evaluate.score_model(labels, logits, groups, teacher_logits=teacher_logits, slice_values=slices,
+                                bins=spec.eval.calibration_bins, max_slices=spec.eval.max_slices,
+                                task=spec.features.task)
+
+
+def _latency_sample(spec: JobSpec):
+    """Up to `eval.batch_size` (at most 4096) rows of the first eval day, for latency and throughput."""
+    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()[:1]).values())
+    return clicklogs.partition_dataset(paths).head(min(spec.eval.batch_size, 4096),
+                                                   columns=spec.features.input_columns())
+
+
+def _describe_model(spec: JobSpec, path: str, sample: pa.Table) -> dict:
+    """Family, parameter counts, serialized bytes and CPU latency of one saved model."""
+    from pipeline.features import table_to_inputs
+    from pipeline.models import count_parameters, load_model
+    from pipeline.models.registry import model_bytes
+
+    model, config, layout = load_model(path)
+    batch = table_to_inputs(sample, layout)
+    one_row = {k: v[:1] for k, v in batch.items()}
+    return {"family": config["model"], "params": count_parameters(model), "bytes": len(model_bytes(model)),
+            "latency": evaluate.measure_latency(model, one_row, batch, runs=spec.eval.latency_runs),
+            "checkpoint": path}
+
+
+def _ensemble_latency(members: list[dict]) -> dict:
+    """An ensemble runs every member: latencies add up, throughput combines harmonically."""
+    return {"batch1_p50_ms": sum(m["batch1_p50_ms"] for m in members),
+            "batch1_p99_ms": sum(m["batch1_p99_ms"] for m in members),
+            "batched_rows_per_s": 1 / sum(1 / m["batched_rows_per_s"] for m in members),
+            "batch_size": members[0]["batch_size"], "threads": members[0]["threads"]}
 
 
 def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], manifest: dict) -> dict:
@@ -262,14 +333,20 @@ def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, st
         "task": spec.features.task,
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
         "label": {"total_rows": manifest["total_rows"], "shards": len(manifest["shards"]),
+                  "input_rows": manifest["input_rows"], "quarantined_rows": manifest.get("quarantined_rows", 0),
                   "status": "reused" if manifest.get("reused") else "labelled",
                   "relabelled_days": manifest.get("relabelled", []),
                   "teacher_sha256": manifest["teacher"]["checkpoint_sha256"],
                   "teachers": [{k: m[k] for k in ("name", "model", "checkpoint_sha256", "weight")}
                                for m in manifest["teacher"]["members"]]},
-        **evaluate_models(spec, checkpoints | students, combine),
+        **evaluate_models(spec, checkpoints | students, combine, roles=_roles(checkpoints, students)),
         "training": _training_records(spec),
     }
+
+
+def _roles(teachers: dict[str, str], students: dict[str, str]) -> dict[str, str]:
+    roles = {name: "teacher" if name == "teacher" else "ensemble_member" for name in teachers}
+    return roles | {name: "distilled" if name == "student_distilled" else "hard" for name in students}
 
 
 def _training_records(spec: JobSpec) -> dict:
@@ -284,7 +361,7 @@ def _training_records(spec: JobSpec) -> dict:
 
 def _eval_columns(spec: JobSpec) -> list[str]:
     """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
-    paths = list(clicklogs.partition_paths(spec.data.path, spec.data.eval_days.days()).values())
+    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()).values())
     present = clicklogs.partition_dataset(paths).schema.names
     wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
     if "true_ctr" in present:

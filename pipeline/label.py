@@ -8,6 +8,7 @@ and label settings, and only new or changed days are labelled.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from pipeline import shards, storage
-from pipeline.data import clicklogs
+from pipeline.data import clicklogs, validate
 from pipeline.errors import DataError, UserError
 from pipeline.features import table_to_inputs
 
@@ -39,7 +40,8 @@ class TeacherPredictor:
 
     def __init__(self, checkpoints: dict[str, str], logit_dtype: str = "float32", threads: int = 1,
                  device: str = "cpu", keep_columns: list[str] | None = None, combine: dict | None = None,
-                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32"):
+                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32",
+                 rules=None, quarantine_dir: str | None = None):
         from pipeline.models import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -51,8 +53,14 @@ class TeacherPredictor:
         self.logit_dtype = np.dtype(logit_dtype)
         self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.rules, self.quarantine_dir = rules, quarantine_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.rules is not None:  # bad rows never reach the teacher: quarantined, or the stage stops
+            batch, bad = validate.split_bad_rows(batch, self.rules)
+            if bad.num_rows and self.quarantine_dir is None:
+                raise DataError(f"{bad.num_rows} {validate.BAD_ROWS_MARKER}; first: {bad.column('reason')[0]}")
+            validate.write_quarantine(bad, self.quarantine_dir)
         inputs = table_to_inputs(batch, self.layout)
         if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
@@ -118,7 +126,7 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
     """
     if isinstance(teachers, str):
         teachers = {spec.teacher[0].name: teachers}
-    paths = clicklogs.partition_paths(spec.data.path, days)
+    paths = clicklogs.partition_paths(spec.data.location, days)
     columns = label_columns(spec)
     clicklogs.check_columns(list(paths.values()), columns)
     teacher = teacher_identity(spec, teachers)
@@ -178,24 +186,57 @@ def predictor_options(spec, teacher: dict) -> dict:
 
 def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: dict,
                      fingerprint: str, inputs: dict) -> dict:
-    """Runs the teacher actor pool over one partition; the manifest is written last, after the row check."""
+    """Runs the teacher actor pool over one partition; the manifest is written last, after the row check:
+    rows read = rows labelled + rows quarantined."""
+    quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
     storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
-    dataset = clicklogs.read_click_logs(spec.data.path, [day], columns)
-    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
+    storage.remove_tree(quarantine_dir)
+    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns)
+    options = predictor_options(spec, teacher) | {
+        "rules": validate.RowRules.from_spec(spec),
+        "quarantine_dir": quarantine_dir if spec.data.on_bad_rows == "quarantine" else None,
+    }
+    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, options))
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
-    labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows)
+    with bad_rows_located(spec, [day], columns):
+        labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows)
     files = storage.list_files(storage.join(day_dir, "data"))
     manifest = shards.build_manifest(
         teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
         shard_files=files, columns=shards.schema_names(files[0]) if files else columns,
+        quarantine_files=storage.list_files(quarantine_dir),
     )
     if spec.label.store_hidden and files:
         manifest["hidden_dim"] = shards.list_width(files[0], "teacher_hidden")
-    if manifest["total_rows"] != manifest["input_rows"]:  # the exactly-once invariant
-        raise DataError(f"label stage wrote {manifest['total_rows']} rows for {manifest['input_rows']} input rows "
-                        f"of {day}; the shards in {day_dir} are left without a manifest and will be redone")
+    if manifest["total_rows"] + manifest["quarantined_rows"] != manifest["input_rows"]:  # exactly once
+        raise DataError(f"label stage wrote {manifest['total_rows']} rows and quarantined "
+                        f"{manifest['quarantined_rows']} for {manifest['input_rows']} input rows of {day}; the "
+                        f"shards in {day_dir} are left without a manifest and will be redone")
+    if manifest["quarantined_rows"]:
+        log.warning("label: %d bad row(s) of %s quarantined under %s", manifest["quarantined_rows"], day,
+                    quarantine_dir)
     shards.write_manifest(day_dir, manifest)
     return manifest
+
+
+def quarantine_root(day_dir: str) -> str:
+    """`<run>/shards/date=D` -> `<run>/quarantine`: bad rows sit next to the shards they were kept out of."""
+    return storage.join(day_dir.rstrip("/").rsplit("/", 2)[0], "quarantine")
+
+
+@contextlib.contextmanager
+def bad_rows_located(spec, days: list[dt.date], columns: list[str]):
+    """Under `data.on_bad_rows: fail`, a bad row stops a Ray task inside a worker, and the driver sees a
+    wrapped error; this finds the row again (one file at a time) and raises a `DataError` naming the
+    file, row group and column."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, UserError) or validate.BAD_ROWS_MARKER not in str(exc):
+            raise
+        paths = list(clicklogs.partition_paths(spec.data.location, days).values())
+        validate.check_rows(clicklogs.parquet_files(paths), validate.RowRules.from_spec(spec), columns)
+        raise DataError(f"a bad row stopped the stage but could not be located again: {exc}") from None
 
 
 def run_label_stage(spec, teachers: dict[str, str] | str, shard_root: str) -> dict:

@@ -23,10 +23,11 @@ def file_sha256(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
-def build_manifest(*, teacher: dict, label_fingerprint: str, spec_hash: str,
-                   inputs: dict[str, dict], shard_files: list[str], columns: list[str]) -> dict:
-    """Counts rows per shard from Parquet footers and assembles the manifest."""
+def build_manifest(*, teacher: dict, label_fingerprint: str, spec_hash: str, inputs: dict[str, dict],
+                   shard_files: list[str], columns: list[str], quarantine_files: list[str] = ()) -> dict:
+    """Counts rows per shard (and per quarantine file) from Parquet footers and assembles the manifest."""
     shards = [{"path": path, "rows": _parquet_rows(path)} for path in shard_files]
+    quarantine = [{"path": path, "rows": _parquet_rows(path)} for path in quarantine_files]
     return {
         "format": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -37,6 +38,8 @@ def build_manifest(*, teacher: dict, label_fingerprint: str, spec_hash: str,
         "input_rows": sum(i["rows"] for i in inputs.values()),
         "shards": shards,
         "total_rows": sum(s["rows"] for s in shards),
+        "quarantine": quarantine,
+        "quarantined_rows": sum(q["rows"] for q in quarantine),
         "columns": columns,
     }
 
@@ -60,7 +63,7 @@ def is_reusable(manifest: dict | None, *, teacher_sha256: str, label_fingerprint
         and manifest["teacher"]["checkpoint_sha256"] == teacher_sha256
         and manifest["label_fingerprint"] == label_fingerprint
         and manifest["inputs"] == inputs
-        and manifest["total_rows"] == manifest["input_rows"]
+        and manifest["total_rows"] + manifest.get("quarantined_rows", 0) == manifest["input_rows"]
     )
 
 
@@ -95,5 +98,6 @@ def combine(manifests: list[dict]) -> dict:
         "input_rows": sum(m["input_rows"] for m in manifests),
         "shards": [shard for m in manifests for shard in m["shards"]],
         "total_rows": sum(m["total_rows"] for m in manifests),
+        "quarantined_rows": sum(m.get("quarantined_rows", 0) for m in manifests),
         "columns": first["columns"],
     }

@@ -69,7 +69,9 @@ class SyntheticSpec(Section):
 
 class DataSpec(Section):
     source: Literal["synthetic", "parquet"] = "synthetic"
-    path: str = Field(min_length=1, description="root holding date=YYYY-MM-DD partitions (local or s3://)")
+    path: str | None = Field(None, min_length=1, description="root holding date=YYYY-MM-DD partitions (local or s3://)")
+    partitions: dict[dt.date, str] | None = Field(
+        None, description="logs not laid out as date= partitions: {day: Parquet file or directory}")
     train_days: DayRange
     eval_days: DayRange
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
@@ -77,6 +79,20 @@ class DataSpec(Section):
         "fail", description="fail: stop at the first bad row, naming file, row group and column; "
                             "quarantine: set bad rows aside under <run>/quarantine/ with a reason and go on")
     max_id: int = Field(2**53, ge=1, description="ids above this (or below 0) are bad rows: corrupt, not real ids")
+
+    @property
+    def location(self) -> str | dict[dt.date, str]:
+        """What `clicklogs` reads: the partition root, or the explicit {day: path} map."""
+        return self.partitions if self.partitions is not None else self.path
+
+    @model_validator(mode="after")
+    def _where(self) -> DataSpec:
+        if (self.path is None) == (self.partitions is None):
+            raise ValueError("give data.path (a root of date=YYYY-MM-DD partitions) or data.partitions "
+                             "({day: file or directory}), not both or neither")
+        if self.partitions is not None and self.source == "synthetic":
+            raise ValueError("data.partitions names existing files: use it with data.source: parquet")
+        return self
 
     @model_validator(mode="after")
     def _disjoint(self) -> DataSpec:
@@ -102,7 +118,7 @@ class FeaturesSpec(Section):
     task: Literal["binary", "multiclass"] = "binary"
     num_classes: int | None = Field(None, ge=2, description="multiclass only: labels are 0..num_classes-1")
     label: str = "clicked"
-    id: str = "event_id"
+    id: str | None = Field("event_id", description="unique row id carried into the shards (null: none)")
     group: str | None = "user_id"
     categorical: list[str] = Field(min_length=1)
     dense: list[str] = []

@@ -100,7 +100,7 @@ def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:
         "logit": None if multiclass else "teacher_logit",
         "logits": "teacher_logits" if multiclass and not spec.label.top_k else None,
         "top_k": spec.label.top_k if multiclass else None,
-        "hidden": "teacher_hidden" if spec.label.store_hidden else None,
+        "hidden": "teacher_hidden" if spec.label.store_hidden and spec.distill.hint_weight > 0 else None,
         "hidden_dim": hidden_dim,
     }
 
@@ -164,14 +164,14 @@ class DistillModule(torch.nn.Module):
 class ShardCollate:
     """Arrow batch -> flat dict of tensors (model inputs, label, teacher targets) for `iter_torch_batches`."""
 
-    def __init__(self, layout: FeatureLayout, label: str, targets: dict | None, group: str | None):
-        self.layout, self.label, self.targets, self.group = layout, label, targets or {}, group
+    def __init__(self, layout: FeatureLayout, label: str, targets: dict | None, group: str | None,
+                 task: str = "binary"):
+        self.layout, self.label, self.targets, self.group, self.task = layout, label, targets or {}, group, task
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
         tensors = table_to_inputs(batch, self.layout)
         label = batch.column(self.label).to_numpy()
-        tensors["label"] = torch.from_numpy(label.astype("int64" if self.targets.get("task") == "multiclass"
-                                                          else "float32"))
+        tensors["label"] = torch.from_numpy(label.astype("int64" if self.task == "multiclass" else "float32"))
         t = self.targets
         if t.get("logit"):
             tensors["teacher_logit"] = torch.from_numpy(batch.column(t["logit"]).to_numpy().astype("float32"))
@@ -196,13 +196,13 @@ def _matrix(column, dtype: str) -> torch.Tensor:
     return torch.from_numpy(values.reshape(rows, -1) if rows else values.reshape(0, 0))
 
 
-def _arrow_collate(layout: FeatureLayout, label: str, targets: dict | None, group: str | None):
+def _arrow_collate(layout: FeatureLayout, label: str, targets: dict | None, group: str | None, task: str):
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     class _Collate(ArrowBatchCollateFn):  # Ray hands Arrow batches only to this subclass
         def __init__(self):
             super().__init__()
-            self.inner = ShardCollate(layout, label, targets, group)
+            self.inner = ShardCollate(layout, label, targets, group, task)
 
         def __call__(self, batch):
             return self.inner(batch)
@@ -237,7 +237,8 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, progress = _restore(engine)
 
     shard = ray.train.get_dataset_shard("train")
-    collate = _arrow_collate(layout, config["label"], targets, config["group"] if distill else None)
+    listwise = distill is not None and distill["listwise_weight"] > 0
+    collate = _arrow_collate(layout, config["label"], targets, config["group"] if listwise else None, config["task"])
     log_every = max(1, config["total_steps"] // 200)  # about 200 points per run for the loss curves
     for epoch in range(start_epoch, train["epochs"]):
         batches = shard.iter_torch_batches(

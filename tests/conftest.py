@@ -30,6 +30,8 @@ def ray_cluster():
             env.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
             env.delenv(name, raising=False)
+        # Workers import `model: custom` factories by module path, like a user's package on their image.
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
         ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
     yield ray

@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.data import clicklogs, validate
 from pipeline.errors import DataError
+from tests.conftest import ROOT
 
 NOV = [dt.date(2026, 11, d) for d in (1, 2, 3)]
 
@@ -68,3 +69,23 @@ def test_read_streams_only_the_selected_days_and_columns(ray_cluster, click_logs
     assert dataset.count() == 600
     names = dataset.schema().names
     assert "user_id" in names and "clicked" in names and "price" not in names and "true_ctr" not in names
+
+
+CRITEO = ROOT.parent / "shared" / "data" / "criteo"
+
+
+@pytest.mark.skipif(not CRITEO.is_dir(), reason="the shared Criteo sample is not next to this checkout")
+def test_criteo_sample_job_reads_the_real_files(monkeypatch):
+    """jobs/criteo-sample.yaml maps two flat files to two days; its inputs pass every footer check."""
+    from pipeline.job import check_inputs
+    from pipeline.spec import load_spec
+
+    monkeypatch.chdir(ROOT)  # the spec's paths are relative to the project root
+    spec = load_spec(ROOT / "jobs" / "criteo-sample.yaml")
+    check_inputs(spec)
+    paths = clicklogs.partition_paths(spec.data.location, spec.data.all_days())
+    assert [clicklogs.count_rows([p]) for p in paths.values()] == [10_000, 10_000]
+    moved = load_spec(ROOT / "jobs" / "criteo-sample.yaml",
+                      [f"data.partitions={{2026-01-01: {CRITEO}/criteo_indexed_test.parquet, "
+                       f"2026-01-02: {CRITEO}/criteo_indexed_train.parquet}}"])
+    assert str(moved.data.location[dt.date(2026, 1, 1)]).endswith("criteo_indexed_test.parquet")

@@ -110,3 +110,23 @@ def test_missing_columns_fail_before_any_work(labelled_setup):
     with pytest.raises(clicklogs.DataError, match=r"lack column\(s\) \['discount'\]"):
         run_label_stage(bad, teacher, shard_dir)
     assert not storage.exists(shard_dir)
+
+
+@pytest.mark.parametrize("batch_size, actors, cpus_per_actor", [(64, (1, 1), 1.0), (700, (1, 2), 0.5),
+                                                                (5000, (2, 2), 0.5)])
+def test_rows_in_equal_rows_out_at_any_batch_size_and_pool(labelled_setup, batch_size, actors, cpus_per_actor):
+    spec, teacher, shard_dir = labelled_setup
+    label = spec.label.model_copy(update={"batch_size": batch_size, "actors": actors, "cpus_per_actor": cpus_per_actor})
+    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir)
+    ids = _shard_table(manifest).column("event_id").to_numpy()
+    assert manifest["total_rows"] == len(ids) == len(set(ids)) == 1400
+
+
+def test_shard_files_hold_about_shard_rows(labelled_setup):
+    """No explosion of small files: each day's shards hold >= shard_rows rows, except a day's last one."""
+    spec, teacher, shard_dir = labelled_setup
+    label = spec.label.model_copy(update={"batch_size": 100, "shard_rows": 300})
+    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir)
+    for day in manifest["inputs"]:
+        rows = [s["rows"] for s in manifest["shards"] if f"date={day}" in s["path"]]
+        assert sum(rows) == 700 and sum(r < 300 for r in rows) <= 1, rows

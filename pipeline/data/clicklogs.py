@@ -21,8 +21,14 @@ __all__ = ["DataError", "available_days", "check_columns", "count_rows", "parque
 _PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
 
-def available_days(root: str) -> dict[dt.date, str]:
-    """All `date=` partitions under `root`, as {day: partition path}."""
+def available_days(root: str | dict[dt.date, str]) -> dict[dt.date, str]:
+    """All `date=` partitions under `root`, as {day: partition path}; a dict (`data.partitions`) is that map."""
+    if isinstance(root, dict):
+        missing = {d.isoformat(): p for d, p in root.items() if not storage.exists(p)}
+        if missing:
+            raise DataError(f"data.partitions names paths that do not exist: {missing}; fix the paths "
+                            "(--set 'data.partitions={2026-01-01: /path/file.parquet}' overrides them)")
+        return dict(root)
     if not storage.exists(root):
         raise DataError(f"click-log path {root!r} does not exist; check data.path (or run `distill generate SPEC`)")
     days = {}
@@ -35,7 +41,7 @@ def available_days(root: str) -> dict[dt.date, str]:
     return days
 
 
-def partition_paths(root: str, days: list[dt.date]) -> dict[dt.date, str]:
+def partition_paths(root: str | dict[dt.date, str], days: list[dt.date]) -> dict[dt.date, str]:
     """The partition paths for `days`; names every missing day and what exists."""
     found = available_days(root)
     missing = [d.isoformat() for d in days if d not in found]
@@ -68,12 +74,23 @@ def count_rows(paths: list[str]) -> int:
     return sum(footer.rows for footer in read_footers(paths))
 
 
-def read_click_logs(root: str, days: list[dt.date], columns: list[str]):
-    """Streams the selected days as a Ray Dataset with only `columns` plus `date`."""
+def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns: list[str], rules=None, fail: bool = True):
+    """Streams the selected days as a Ray Dataset with only `columns`.
+
+    Args:
+        rules: `validate.RowRules`; bad rows are dropped, or stop the read when `fail`. None: no row checks
+            (the label stage checks rows itself, to quarantine them).
+    """
     import ray.data
+
+    from pipeline.data.validate import drop_bad_rows
 
     paths = list(partition_paths(root, days).values())
     check_columns(paths, columns)
     files, filesystem = storage.arrow_paths(parquet_files(paths))  # on S3, carries the endpoint to Ray's readers
     dataset = ray.data.read_parquet(files, filesystem=filesystem)
-    return dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
+    dataset = dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
+    if rules is not None:
+        dataset = dataset.map_batches(drop_bad_rows, batch_format="pyarrow", zero_copy_batch=True,
+                                      fn_kwargs={"rules": rules, "fail": fail})
+    return dataset

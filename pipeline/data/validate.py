@@ -199,7 +199,7 @@ class RowRules:
     def from_spec(cls, spec) -> RowRules:
         features = spec.features
         return cls(label=features.label, num_classes=features.num_classes or 2,
-                   ids=tuple(dict.fromkeys([features.id, *features.categorical])), dense=tuple(features.dense),
+                   ids=tuple(dict.fromkeys(c for c in [features.id, *features.categorical] if c)), dense=tuple(features.dense),
                    sequence=features.sequence.column if features.sequence else None, max_id=spec.data.max_id)
 
     @property
@@ -337,6 +337,19 @@ def describe_bad_rows(location: dict) -> str:
     return (f"bad row in {location['file']}, row group {location['row_group']}, row {location['row_in_group']}"
             f" of the group, column {location['column']!r}: {location['reason']} "
             f"({location['bad_rows_in_group']} bad row(s) in that row group); {BAD_ROWS_FIX}")
+
+
+# Marks a bad-row failure raised inside a Ray worker, so the driver knows to locate the row for the user.
+BAD_ROWS_MARKER = "bad row(s) under data.on_bad_rows: fail"
+
+
+def drop_bad_rows(batch: pa.Table, rules: RowRules, fail: bool) -> pa.Table:
+    """A `map_batches` step for reads without quarantine (teacher training, evaluation): the good rows,
+    or, when `fail`, an error at the first bad row (the driver then locates it with `check_rows`)."""
+    good, bad = split_bad_rows(batch, rules)
+    if bad.num_rows and fail:
+        raise DataError(f"{bad.num_rows} {BAD_ROWS_MARKER}; first: {bad.column('reason')[0]}")
+    return good
 
 
 def write_quarantine(bad_rows: pa.Table, directory: str) -> str | None:
