@@ -1,0 +1,84 @@
+"""The pure parts of the training loop: learning-rate schedules and how the loss terms combine. No Ray."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline import losses
+from pipeline.train import DistillModule, loss_terms, lr_lambda
+
+SCHEDULE = {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "step_size": 1000, "gamma": 0.5}
+
+
+def test_warmup_cosine_rises_linearly_then_follows_a_half_cosine_to_the_floor():
+    f = lr_lambda(SCHEDULE | {"kind": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}, total_steps=110)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway: 0.55
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # stays at the floor
+
+
+def test_warmup_linear_and_step_decay():
+    linear = lr_lambda(SCHEDULE | {"kind": "warmup_linear", "warmup_steps": 0}, total_steps=100)
+    assert [linear(s) for s in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
+    step = lr_lambda(SCHEDULE | {"kind": "step", "step_size": 10, "gamma": 0.5}, total_steps=100)
+    assert [step(s) for s in (0, 9, 10, 25)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
+    assert lr_lambda(SCHEDULE, total_steps=10)(7) == 1.0
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    return {"label": torch.tensor([1.0, 0.0, 0.0, 1.0]), "teacher_logit": torch.tensor([1.5, -2.0, 0.3, 0.1]),
+            "group": torch.tensor([7, 7, 9, 9]), "teacher_hidden": torch.tensor([[1.0, 0.0]] * 4)}
+
+
+def test_loss_terms_weigh_each_term_as_the_spec_says():
+    student = torch.tensor([0.2, -1.0, 0.5, -0.3])
+    hint_pred = torch.tensor([[0.5, 0.5]] * 4)
+    distill = {"alpha": 0.3, "temperature": 2.0, "soft_loss": "kd", "hint_weight": 0.2, "listwise_weight": 0.5}
+    terms = loss_terms(student, hint_pred, _batch(), distill, "binary")
+    hard = F.binary_cross_entropy_with_logits(student, _batch()["label"])
+    soft = losses.binary_soft_loss(student, _batch()["teacher_logit"], 2.0)
+    hint = F.mse_loss(hint_pred, _batch()["teacher_hidden"])  # 0.25
+    listwise = losses.listwise_kd_loss(student, _batch()["teacher_logit"], _batch()["group"], 2.0)
+    assert terms["hint_loss"].item() == pytest.approx(0.25)
+    expected = 0.3 * hard + 0.7 * soft + 0.2 * hint + 0.5 * listwise
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_mse_soft_loss_and_hard_only_students():
+    student = torch.tensor([0.2, -1.0, 0.5, -0.3])
+    distill = {"alpha": 0.0, "temperature": 1.0, "soft_loss": "mse", "hint_weight": 0.0, "listwise_weight": 0.0}
+    terms = loss_terms(student, None, _batch(), distill, "binary")
+    assert terms["loss"].item() == pytest.approx(((student - _batch()["teacher_logit"]) ** 2).mean().item())
+    hard_only = loss_terms(student, None, _batch(), None, "binary")
+    assert set(hard_only) == {"loss", "hard_loss"} and hard_only["loss"] == hard_only["hard_loss"]
+
+
+def test_multiclass_topk_terms_use_the_sparse_soft_labels():
+    student = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    batch = {"label": torch.tensor([0, 5, 2]), "teacher_topk_indices": torch.tensor([[0, 1], [5, 4], [2, 3]]),
+             "teacher_topk_values": torch.tensor([[2.0, 1.0], [3.0, 0.0], [1.0, 1.0]])}
+    distill = {"alpha": 0.5, "temperature": 1.0, "soft_loss": "kd", "hint_weight": 0.0, "listwise_weight": 0.0}
+    terms = loss_terms(student, None, batch, distill, "multiclass")
+    soft = losses.topk_kd_loss(student, batch["teacher_topk_indices"], batch["teacher_topk_values"], 1.0)
+    expected = 0.5 * F.cross_entropy(student, batch["label"]) + 0.5 * soft
+    assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_hint_projection_trains_with_the_student_but_is_not_part_of_it():
+    from pipeline.features import FeatureLayout
+    from pipeline.models import build_model
+
+    layout = FeatureLayout(categorical=("a", "b"), dense=("x",))
+    student = build_model({"model": "mlp", "embedding_dim": 4, "hash_buckets": 32, "hidden": [8]}, layout)
+    module = DistillModule(student, hint_dim=5)
+    inputs = {"categorical": torch.tensor([[1, 2], [3, 4]]), "dense": torch.tensor([[0.5], [2.0]])}
+    logits, projected = module(inputs)
+    assert logits.shape == (2,) and projected.shape == (2, 5)
+    assert set(module.model.state_dict()) == set(student.state_dict())  # what gets exported
+    with pytest.raises(ValueError, match="forward_with_hidden"):
+        DistillModule(torch.nn.Linear(2, 1), hint_dim=5)
