@@ -78,12 +78,16 @@ def ray_session(spec: JobSpec):
 
 def limit_data_memory(spec: JobSpec) -> None:
     """Caps the object store Ray Data fills with in-flight blocks: its streaming executor then applies
-    back-pressure (reads wait for the teacher and the writer), so memory stays flat as the log grows."""
+    back-pressure (reads wait for the teacher and the writer), so memory stays flat as the log grows.
+    Blocks shrink with the cap, or a few default-sized blocks would overflow it and spill to disk."""
     if spec.ray.data_memory_limit_mb:
         from ray.data import DataContext
 
-        limits = DataContext.get_current().execution_options.resource_limits
-        limits.object_store_memory = spec.ray.data_memory_limit_mb * 2**20
+        context = DataContext.get_current()
+        limit = spec.ray.data_memory_limit_mb * 2**20
+        options = context.execution_options
+        options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
+        context.target_max_block_size = max(2**20, limit // 8)
 
 
 @contextlib.contextmanager

@@ -131,3 +131,19 @@ def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict
     tiny_spec_dict["teacher"]["checkpoint"] = str(tmp_path / "missing.pt")
     with pytest.raises(UserError, match=r"teacher.checkpoint '.*missing.pt' does not exist"):
         ensure_teacher(parse_spec(tiny_spec_dict))
+
+
+def test_data_memory_limit_caps_ray_data_and_its_blocks(tiny_spec_dict):
+    from ray.data import DataContext
+
+    from pipeline.job import limit_data_memory
+
+    context = DataContext.get_current()
+    saved = (context.execution_options.resource_limits, context.target_max_block_size)
+    tiny_spec_dict["ray"] = {"data_memory_limit_mb": 64}
+    try:
+        limit_data_memory(parse_spec(tiny_spec_dict))
+        assert context.execution_options.resource_limits.object_store_memory == 64 * 2**20
+        assert context.target_max_block_size == 8 * 2**20
+    finally:
+        context.execution_options.resource_limits, context.target_max_block_size = saved

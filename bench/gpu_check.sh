@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# GPU check: the label stage with GPU actors (label.gpus_per_actor 1, label.precision bf16) and a bf16
+# DeepSpeed training run (train.use_gpu true), printing rows/s and samples/s.
+#
+#   bash bench/gpu_check.sh                       # 1M rows labelled, 256k rows trained
+#   GPU_CHECK_ROWS=200000 bash bench/gpu_check.sh # smaller
+#   GPU_CHECK_FORCE_CPU=1 bash bench/gpu_check.sh # exercise the same code on CPU (fp32, no GPU resources)
+#
+# On a machine without a GPU it prints "no GPU" and exits 0. It creates .venv (make .venv/.installed,
+# the Makefile's pinned versions) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ! -x .venv/bin/python ]]; then
+    echo "gpu_check: .venv missing; installing the pinned dependencies (make .venv/.installed)"
+    make .venv/.installed
+fi
+
+if [[ "${GPU_CHECK_FORCE_CPU:-0}" != "1" ]]; then
+    if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
+        echo "gpu_check: no GPU (nvidia-smi finds none); nothing to check"
+        exit 0
+    fi
+    nvidia-smi -L
+    if ! .venv/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        echo "gpu_check: nvidia-smi sees a GPU but this venv's torch has no CUDA ($(.venv/bin/python -c \
+'import torch; print(torch.__version__)')): install a CUDA build of the pinned torch version" >&2
+        exit 2
+    fi
+fi
+
+cd bench
+exec ../.venv/bin/python - <<'EOF'
+"""Label with GPU actors, then train with bf16 DeepSpeed on the labels; prints rows/s and samples/s."""
+import os
+import shutil
+import time
+
+import common
+
+force_cpu = os.environ.get("GPU_CHECK_FORCE_CPU") == "1"
+rows = int(os.environ.get("GPU_CHECK_ROWS", 1_000_000))
+train_rows = min(rows, int(os.environ.get("GPU_CHECK_TRAIN_ROWS", 262_144)))
+gpu = 0 if force_cpu else 1
+root, days = common.click_log(rows, 1)
+spec = common.bench_spec(
+    root, days, common.DATA / "gpu-check",
+    label={"batch_size": 65536, "actors": [1, 1], "cpus_per_actor": 1, "gpus_per_actor": gpu,
+           "precision": "fp32" if force_cpu else "bf16"},
+    train={"num_workers": 1, "cpus_per_worker": 1, "use_gpu": not force_cpu, "epochs": 1, "batch_size": 8192,
+           "zero_stage": 0, "precision": "fp32" if force_cpu else "bf16", "shuffle_buffer_rows": 0},
+)
+shutil.rmtree(common.DATA / "gpu-check", ignore_errors=True)
+startup = common.start_ray(max(2, os.cpu_count() or 2))
+try:
+    import ray
+    import ray.data
+    import torch
+
+    from pipeline import train
+    from pipeline.label import label_days
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU only'}; "
+          f"Ray resources {ray.cluster_resources()}; ray.init {startup:.1f} s", flush=True)
+
+    # 1) label stage with GPU actors, bf16 autocast
+    started = time.perf_counter()
+    labelled = label_days(spec, common.ensure_teacher(), str(common.DATA / "gpu-check" / "shards"), days)
+    seconds = time.perf_counter() - started
+    total = labelled.manifest["total_rows"]
+    print(f"gpu_check: label stage: {total:,} rows in {seconds:.1f} s = {total / seconds:,.0f} rows/s "
+          f"(gpus_per_actor {spec.label.gpus_per_actor}, precision {spec.label.precision})", flush=True)
+
+    # 2) DeepSpeed bf16 training on the new soft labels (at least one optimizer step)
+    files = [s["path"] for s in labelled.manifest["shards"]]
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    dataset = ray.data.read_parquet(files).select_columns(columns).limit(train_rows)
+    import inspect
+
+    extra = {"rows": train_rows, "targets": train.soft_label_targets(spec) if hasattr(train, "soft_label_targets")
+             else None}
+    accepted = inspect.signature(train.train_model).parameters
+    started = time.perf_counter()
+    result = train.train_model(
+        role="gpu-check", spec=spec, model_config=common.model_config(common.demo_yaml()["student"]),
+        dataset=dataset, distill=spec.distill.model_dump(), epochs=1, lr=0.003,
+        model_path=str(common.DATA / "gpu-check" / "student.pt"),
+        **{k: v for k, v in extra.items() if k in accepted and v is not None})
+    call = time.perf_counter() - started
+    epoch = result.history[-1]
+    print(f"gpu_check: DeepSpeed {spec.train.precision} training: {epoch['rows']:,} samples, "
+          f"{epoch['rows'] / epoch['seconds']:,.0f} samples/s in the loop, {epoch['rows'] / call:,.0f} samples/s "
+          f"for the whole train_model call ({call:.1f} s; use_gpu {spec.train.use_gpu}, batch "
+          f"{spec.train.batch_size})", flush=True)
+finally:
+    common.stop_ray()
+EOF

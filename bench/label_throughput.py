@@ -1,0 +1,230 @@
+"""Label-stage throughput: the pipeline's teacher actor pool against a bare single-process loop.
+
+Same teacher (the demo's DCN-v2, untrained), same log, same batch size and torch thread count:
+  (a) bare: pyarrow dataset batches -> table_to_inputs -> teacher -> pyarrow Parquet writer, one process;
+  (b) pipeline: `pipeline.label.label_days` (Ray Data read -> TeacherPredictor actor pool -> write_parquet
+      -> manifests) inside a local Ray this script starts; Ray's start-up is timed separately.
+
+    .venv/bin/python bench/label_throughput.py                  # 5M rows (one day, 5 files of 1M rows), appends to RESULTS.md
+    .venv/bin/python bench/label_throughput.py --rows 200000 --no-append   # smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import torch
+
+import common
+
+
+def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, batch_size: int, threads: int,
+               logit_dtype: str, shard_rows: int) -> dict:
+    """(a) One process, no Ray: read batches, run the teacher, write shards of about `shard_rows` rows."""
+    from pipeline.features import table_to_inputs
+    from pipeline.models import load_model
+
+    torch.set_num_threads(threads)
+    model, _, layout = load_model(teacher)
+    seconds = {"read": 0.0, "teacher": 0.0, "write": 0.0}
+    rows = 0
+    started, cpu = time.perf_counter(), time.process_time()
+    for day in days:
+        files = sorted(str(p) for p in (data_root / f"date={day.isoformat()}").glob("*.parquet"))
+        batches = pads.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
+        day_dir = out_dir / f"date={day.isoformat()}"
+        day_dir.mkdir(parents=True)
+        writer, in_file, part = None, 0, 0
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            t1 = time.perf_counter()
+            seconds["read"] += t1 - t0
+            if batch is None:
+                break
+            table = pa.Table.from_batches([batch])
+            with torch.inference_mode():
+                logits = model(table_to_inputs(table, layout)).float().numpy()  # (B,)
+            table = table.append_column("teacher_logit", pa.array(logits.astype(logit_dtype)))
+            t2 = time.perf_counter()
+            seconds["teacher"] += t2 - t1
+            if writer is None:
+                writer = pq.ParquetWriter(day_dir / f"part-{part:05d}.parquet", table.schema)
+            writer.write_table(table)
+            in_file += table.num_rows
+            if in_file >= shard_rows:
+                writer.close()
+                writer, in_file, part = None, 0, part + 1
+            seconds["write"] += time.perf_counter() - t2
+            rows += table.num_rows
+        if writer is not None:
+            writer.close()
+    return {"rows": rows, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, **seconds}
+
+
+def stage_costs(data_root, teacher: str, columns: list[str], out_dir, *, batch_size: int, rows: int) -> dict:
+    """CPU seconds per million rows of each step, run one after the other over the same `rows` rows and
+    timed with `time.process_time` (this process's CPU time, all its threads; other load on the machine
+    does not count): Parquet decode, Arrow -> tensors + forward (1 torch thread), Parquet write (snappy)."""
+    from pipeline.features import table_to_inputs
+    from pipeline.models import load_model
+
+    torch.set_num_threads(1)
+    model, _, layout = load_model(teacher)
+    files = sorted(str(p) for p in data_root.rglob("*.parquet"))
+    cpu = {}
+    t0 = time.process_time()
+    tables, done = [], 0
+    for batch in pads.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size):
+        tables.append(pa.Table.from_batches([batch]))
+        done += batch.num_rows
+        if done >= rows:
+            break
+    cpu["decode"] = time.process_time() - t0
+    t0 = time.process_time()
+    with torch.inference_mode():
+        tables = [t.append_column("teacher_logit", pa.array(model(table_to_inputs(t, layout)).float().numpy()))
+                  for t in tables]
+    cpu["teacher"] = time.process_time() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.process_time()
+    with pq.ParquetWriter(out_dir / "costs.parquet", tables[0].schema) as writer:
+        for table in tables:
+            writer.write_table(table)
+    cpu["write"] = time.process_time() - t0
+    return {"rows": done, **{k: v * 1e6 / done for k, v in cpu.items()}}
+
+
+def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> dict:
+    """(b) The pipeline's own label stage, in a local Ray this function starts and stops."""
+    from pipeline.label import label_days
+
+    with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for the CPU time of every process
+        startup = common.start_ray(num_cpus, spec.ray.object_store_memory_mb, spec.ray.data_memory_limit_mb)
+        try:
+            _quiet_ray_data()
+            cpu, started = sampler.cpu_now(), time.perf_counter()
+            labelled = label_days(spec, teacher, str(shard_root), days)
+            seconds, cpu = time.perf_counter() - started, sampler.cpu_now() - cpu
+        finally:
+            common.stop_ray()
+    return {"rows": labelled.manifest["total_rows"], "seconds": seconds, "startup": startup, "cpu": cpu,
+            "shards": len(labelled.manifest["shards"])}
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False  # keeps the log readable; no effect on the work
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=5_000_000)
+    parser.add_argument("--days", type=int, default=1, help="date= partitions the rows are spread over")
+    parser.add_argument("--batch-size", type=int, default=8192, help="label.batch_size and the bare loop's")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads = label.cpus_per_actor")
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--logit-dtype", default="float32")
+    parser.add_argument("--shard-rows", type=int, default=250_000)
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--costs", action="store_true", help="only the per-step CPU cost (1 thread, first "
+                        "1M rows): decode, teacher, write, in CPU seconds per million rows")
+    args = parser.parse_args()
+    if args.costs:
+        return print_costs(args)
+
+    load_before = os.getloadavg()
+    data_root, days = common.click_log(args.rows, args.days)
+    teacher = common.ensure_teacher()
+    spec = common.bench_spec(data_root, days, common.DATA / "runs", label={
+        "batch_size": args.batch_size, "actors": [args.actors, args.actors], "cpus_per_actor": args.threads,
+        "logit_dtype": args.logit_dtype, "shard_rows": args.shard_rows})
+    columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
+    out = common.DATA / "label-out"
+    shutil.rmtree(out, ignore_errors=True)
+
+    bare = bare_label(data_root, days, teacher, columns, out / "bare", batch_size=args.batch_size,
+                      threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
+    print(f"(a) bare: {bare}", flush=True)
+    piped = pipeline_label(spec, teacher, out / "pipeline", days, args.num_cpus)
+    print(f"(b) pipeline: {piped}", flush=True)
+    assert bare["rows"] == piped["rows"], (bare["rows"], piped["rows"])
+    report = render(args, bare, piped, load_before, os.getloadavg())
+    print(report)
+    if not args.no_append:
+        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
+            handle.write("\n" + report)
+
+
+def print_costs(args) -> None:
+    data_root, _ = common.click_log(args.rows, args.days)
+    spec = common.bench_spec(data_root, [common.FIRST_DAY], common.DATA / "runs")
+    columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
+    out = common.DATA / "label-costs"
+    shutil.rmtree(out, ignore_errors=True)
+    lines = [f"## Label step costs, one thread (CPU seconds per million rows)", "",
+             f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
+             "Each step alone over the same rows, timed in this process's CPU time (`time.process_time`, all its "
+             "threads), so other load on the machine does not count; "
+             f"first {min(args.rows, 1_000_000):,} rows of the log, batch {args.batch_size}; pyarrow decode "
+             "defaults, torch 1 thread, writer pyarrow defaults (snappy).", ""]
+    rows = []
+    for role in ("teacher", "student"):
+        costs = stage_costs(data_root, common.ensure_teacher(role), columns, out / role,
+                            batch_size=args.batch_size, rows=min(args.rows, 1_000_000))
+        rows.append((f"demo {role} as labeller", f"{costs['decode']:.2f}", f"{costs['teacher']:.2f}",
+                     f"{costs['write']:.2f}", f"{1e6 / sum(costs[k] for k in ('decode', 'teacher', 'write')):,.0f}"))
+    lines += [common.table(rows, ("model", "Parquet decode", "tensors + forward", "Parquet write",
+                                  "rows/s per core, all three")), ""]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_append:
+        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
+            handle.write("\n" + report)
+
+
+def render(args, bare: dict, piped: dict, load_before, load_after) -> str:
+    rows = bare["rows"]
+    a = rows / bare["seconds"]
+    b_steady, b_total = rows / piped["seconds"], rows / (piped["seconds"] + piped["startup"])
+    lines = [
+        f"## Label throughput: pipeline vs bare loop ({rows:,} rows)",
+        "",
+        f"Command: `{common.command()}`",
+        f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+        "(1-minute; other agents shared the machine, so not guaranteed idle).",
+        f"Log: {rows:,} rows in {args.days} date= partition(s), files of up to 1M rows (synthetic, demo "
+        f"world); teacher: demo DCN-v2 (untrained); "
+        f"batch {args.batch_size}, torch threads {args.threads}, actors {args.actors}, Ray num_cpus "
+        f"{args.num_cpus}, logit {args.logit_dtype}, shard_rows {args.shard_rows:,}.",
+        "",
+        common.table([
+            ("(a) bare loop, one process", f"{bare['seconds']:.1f}", f"{a:,.0f}",
+             f"read {bare['read']:.1f} s, teacher {bare['teacher']:.1f} s, write {bare['write']:.1f} s"),
+            ("(b) label_days, steady (after ray.init)", f"{piped['seconds']:.1f}", f"{b_steady:,.0f}",
+             f"{piped['shards']} shard files, {args.days} manifest(s)"),
+            ("(b) including ray.init", f"{piped['seconds'] + piped['startup']:.1f}", f"{b_total:,.0f}",
+             f"ray.init {piped['startup']:.1f} s"),
+        ], ("run", "seconds", "rows/s", "notes")),
+        "",
+        f"Ratio b/a: **{b_steady / a:.2f}** without Ray start-up, {b_total / a:.2f} with it (target >= 0.8).",
+        f"Teacher compute alone (bare loop's teacher seconds): {rows / bare['teacher']:,.0f} rows/s.",
+        f"CPU seconds per million rows (all processes; other load does not count): bare {bare['cpu'] * 1e6 / rows:.1f}, "
+        f"pipeline {piped['cpu'] * 1e6 / rows:.1f} (driver, raylet, gcs, agents, read/write tasks, actor); "
+        f"CPU-cost ratio a/b **{bare['cpu'] / piped['cpu']:.2f}**.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""Student-training throughput: Ray Train + DeepSpeed against a bare PyTorch loop over the same shards.
+
+Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
+loss (binary KD, the demo's alpha 0.5, T 1) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
+  (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
+  (b) pipeline: `pipeline.train.train_model` (TorchTrainer, DeepSpeed, iter_torch_batches, checkpoint)
+      with 1 worker at ZeRO 0 and ZeRO 2, and 2 workers at ZeRO 2, in one local Ray this script starts.
+Rows/s of (b) are given three ways: inside the training loop (the loop's own timer, all workers' rows),
+the whole `train_model` call (worker start-up, DeepSpeed init, checkpoint), and with `ray.init` added.
+
+    .venv/bin/python bench/train_throughput.py                 # 2M rows, appends to RESULTS.md
+    .venv/bin/python bench/train_throughput.py --rows 200000 --no-append   # smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import torch
+
+import common
+
+LR = 0.003
+
+
+def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, threads: int) -> dict:
+    """(a) One process, no Ray: the same student, loss, optimizer and clipping as the pipeline's loop."""
+    from pipeline.features import FeatureLayout, table_to_inputs
+    from pipeline.losses import binary_kd_loss
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    layout = FeatureLayout.from_spec(spec.features)
+    model = build_model(model_config, layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=spec.train.weight_decay)
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    rows, started, cpu = 0, time.perf_counter(), time.process_time()
+    model.train()
+    for batch in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
+        inputs = table_to_inputs(batch, layout)
+        label = torch.from_numpy(batch.column(spec.features.label).to_numpy().astype("float32"))
+        teacher = torch.from_numpy(batch.column("teacher_logit").to_numpy().astype("float32"))
+        logits = model(inputs).float()  # (B,)
+        loss = binary_kd_loss(logits, teacher, label, alpha=spec.distill.alpha,
+                              temperature=spec.distill.temperature)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        rows += batch.num_rows
+    return {"rows": rows, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
+
+
+def step_costs(files: list[str], spec, model_config: dict, batch_size: int, steps: int = 150) -> dict:
+    """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
+    a plain torch step against `deepspeed.initialize` at ZeRO 0 and 2 (world size 1, gloo)."""
+    import importlib
+
+    import deepspeed
+
+    from pipeline.features import FeatureLayout, table_to_inputs
+    from pipeline.losses import binary_kd_loss
+    from pipeline.models import build_model
+    from pipeline.train import deepspeed_config
+
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        os.environ.setdefault(key, value)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # as the pipeline does
+    torch.set_num_threads(1)
+    layout = FeatureLayout.from_spec(spec.features)
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    batches = []
+    for table in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
+        inputs = table_to_inputs(table, layout)
+        inputs["label"] = torch.from_numpy(table.column(spec.features.label).to_numpy().astype("float32"))
+        inputs["teacher_logit"] = torch.from_numpy(table.column("teacher_logit").to_numpy().astype("float32"))
+        batches.append(inputs)
+        if len(batches) == steps:
+            break
+
+    def run(step_fn) -> float:
+        for batch in batches[:10]:  # warm-up: first-step allocations and lazy set-up are not per-step costs
+            step_fn(batch)
+        started = time.process_time()
+        for batch in batches:
+            step_fn(batch)
+        return (time.process_time() - started) / len(batches) * 1e3
+
+    def loss_of(logits, batch):
+        return binary_kd_loss(logits.float(), batch["teacher_logit"], batch["label"], alpha=spec.distill.alpha,
+                              temperature=spec.distill.temperature)["loss"]
+
+    torch.manual_seed(0)
+    model = build_model(model_config, layout)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def plain_step(batch):
+        loss = loss_of(model(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    costs = {"torch": run(plain_step)}
+    for zero in (0, 2):
+        torch.manual_seed(0)
+        model = build_model(model_config, layout)
+        train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
+                                               config=deepspeed_config(train))
+
+        def ds_step(batch):
+            engine.backward(loss_of(engine(batch), batch))
+            engine.step()
+
+        costs[f"zero{zero}"] = run(ds_step)
+    return costs
+
+
+def print_step_costs(args) -> None:
+    files = common.soft_label_shards(args.rows)
+    model_config = common.model_config(common.demo_yaml()["student"])
+    spec = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
+    rows = []
+    for batch_size in (1024, 4096):
+        c = step_costs(files, spec, model_config, batch_size)
+        rows.append((batch_size, f"{c['torch']:.2f}", f"{c['zero0']:.2f} ({c['zero0'] / c['torch'] - 1:+.0%})",
+                     f"{c['zero2']:.2f} ({c['zero2'] / c['torch'] - 1:+.0%})",
+                     f"{batch_size / c['torch'] * 1e3:,.0f}"))
+    report = "\n".join([
+        "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
+        f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
+        "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, KD loss, AdamW, "
+        "clip 1.0), 10 warm-up steps, then 150 timed in CPU time (`time.process_time`), so other load does not count; DeepSpeed with "
+        "world size 1 (gloo), config from `pipeline.train.deepspeed_config`, fp32.", "",
+        common.table(rows, ("batch", "plain torch", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
+                            "plain samples/s per core")), ""])
+    print(report)
+    if not args.no_append:
+        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
+            handle.write("\n" + report)
+
+
+def _rebatched(batches, size: int):
+    """Exact `size`-row tables (the last may be short), like Ray's iter_torch_batches."""
+    pending, count = [], 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= size:
+            table = pa.Table.from_batches(pending)
+            for start in range(0, count - size + 1, size):
+                yield table.slice(start, size)
+            rest = table.slice(count - count % size)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
+def pipeline_train(files: list[str], spec, model_config: dict, name: str, rows: int) -> dict:
+    """(b) The pipeline's training stage on a Ray Dataset over the shards (Ray is already started)."""
+    import inspect
+
+    import ray.data
+
+    from pipeline import train
+
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    dataset = ray.data.read_parquet(files).select_columns(columns)
+    extra = {"rows": rows}  # keyword arguments newer versions of train_model take
+    if hasattr(train, "soft_label_targets"):
+        extra["targets"] = train.soft_label_targets(spec)
+    accepted = inspect.signature(train.train_model).parameters
+    started = time.perf_counter()
+    result = train.train_model(
+        role=name, spec=spec, model_config=model_config, dataset=dataset, distill=spec.distill.model_dump(),
+        epochs=1, lr=LR, model_path=str(common.DATA / "train-runs" / f"{name}.pt"),
+        **{k: v for k, v in extra.items() if k in accepted})
+    seconds = time.perf_counter() - started
+    epoch = result.history[-1]
+    return {"rows": epoch["rows"], "seconds": seconds, "loop_seconds": epoch["seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2_000_000)
+    parser.add_argument("--batch-size", type=int, default=1024, help="train.batch_size (per worker)")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--runs", default="1x0,1x2,2x2", help="WORKERSxZERO pipeline runs, comma-separated")
+    parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
+                        "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024 and 4096, no Ray")
+    args = parser.parse_args()
+    if args.step_costs:
+        return print_step_costs(args)
+
+    load_before = os.getloadavg()
+    files = common.soft_label_shards(args.rows)
+    model_config = common.model_config(common.demo_yaml()["student"])
+    shutil.rmtree(common.DATA / "train-runs", ignore_errors=True)
+    base = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
+
+    bare = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
+    print(f"(a) bare: {bare}", flush=True)
+    results = []
+    with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for every process's CPU time
+        startup = common.start_ray(args.num_cpus)
+        try:
+            from ray.data import DataContext
+
+            DataContext.get_current().enable_progress_bars = False
+            for run in filter(None, args.runs.split(",")):
+                workers, zero = (int(x) for x in run.split("x"))
+                spec = _train_spec(workers, zero, args)
+                cpu = sampler.cpu_now()
+                result = pipeline_train(files, spec, model_config, f"w{workers}-zero{zero}", bare["rows"])
+                result["cpu_seconds"] = sampler.cpu_now() - cpu
+                print(f"(b) {workers} worker(s), ZeRO {zero}: {result}", flush=True)
+                results.append((workers, zero, spec.train.cpus_per_worker, result))
+        finally:
+            common.stop_ray()
+    report = render(args, bare, results, startup, load_before, os.getloadavg())
+    print(report)
+    if not args.no_append:
+        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
+            handle.write("\n" + report)
+
+
+def _train_spec(workers: int, zero: int, args):
+    # One worker takes one CPU (one torch thread), leaving the other core to Ray Data's readers; two
+    # workers take half a CPU each (still one thread each), as jobs/demo.yaml does on 2 cores.
+    cpus = 1.0 if workers == 1 else max(0.5, (args.num_cpus - 1) / workers)
+    return common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs", train={
+        "num_workers": workers, "cpus_per_worker": cpus, "zero_stage": zero, "batch_size": args.batch_size,
+        "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0})
+
+
+def render(args, bare: dict, results: list, startup: float, load_before, load_after) -> str:
+    a = bare["rows"] / bare["seconds"]
+    rows = [("(a) bare PyTorch loop, 1 process, 1 thread", f"{bare['seconds']:.1f}", f"{a:,.0f}", "-", "-", "-")]
+    cpu_rate = bare["rows"] / bare["cpu_seconds"]
+    ratios, cpu_ratios = [], []
+    for workers, zero, cpus, r in results:
+        loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
+        with_init = r["rows"] / (r["seconds"] + startup)
+        rows.append((f"(b) train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}", f"{r['seconds']:.1f}",
+                     f"{loop:,.0f}", f"{loop / a:.2f}", f"{call / a:.2f}", f"{with_init / a:.2f}"))
+        ratios.append(f"{workers}w/ZeRO {zero}: {loop / a:.2f}")
+        cpu_ratios.append(f"{workers}w/ZeRO {zero}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
+                          f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
+    lines = [
+        f"## Train throughput: Ray Train + DeepSpeed vs bare PyTorch ({bare['rows']:,} rows, 1 epoch)",
+        "",
+        f"Command: `{common.command()}`",
+        f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+        "(1-minute; other agents shared the machine, so not guaranteed idle).",
+        f"Student: demo MLP; batch {args.batch_size} per worker, fp32, no shuffle buffer, AdamW + clip 1.0, "
+        f"KD loss alpha 0.5 T 1; shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
+        f"ray.init {startup:.1f} s.",
+        "",
+        common.table(rows, ("run", "seconds (call)", "rows/s in loop", "b/a in loop", "b/a whole call",
+                            "b/a with ray.init")),
+        "",
+        f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8).",
+        f"Bare loop's CPU time (`time.process_time`, all threads; other load does not count): "
+        f"{bare['cpu_seconds']:.1f} s, i.e. {cpu_rate:,.0f} samples/s per busy core.",
+        f"CPU seconds per million samples, every process of the whole train_model call: bare "
+        f"{bare['cpu_seconds'] * 1e6 / bare['rows']:.1f}; {', '.join(cpu_ratios) or '-'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
