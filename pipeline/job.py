@@ -32,6 +32,7 @@ def run_job(spec: JobSpec) -> dict:
     """Runs the whole job described by `spec`; returns the metrics also written to `<run>/metrics.json`."""
     started = time.perf_counter()
     storage.configure(**spec.storage.model_dump())  # first: every stage may read or write s3:// paths
+    storage.check_writable(spec.run_dir)  # a read-only or full output fails now, not after training
     with _stage(1, "click logs"):
         ensure_click_logs(spec)
         check_inputs(spec)

@@ -1,7 +1,9 @@
 """One filesystem helper for local paths and `s3://` URIs, with atomic writes.
 
 Atomic: a reader sees either the old file or the complete new one, never a half-written file.
-Locally that is write-to-temp then `os.replace`; on S3 a single PUT is already atomic.
+Locally that is write-to-temp then `os.replace`; on S3 a single PUT is already atomic. A local write
+that fails for a reason the user must fix (disk full, read-only or not permitted) raises a `UserError`
+naming the path, and leaves neither the destination half-written nor the temporary file behind.
 
 S3 goes through s3fs, configured in one place (`configure`, from the spec's `storage` section).
 The settings live in environment variables, not module globals, because Ray workers are other
@@ -13,6 +15,7 @@ appear in no spec, manifest, Ray task argument or message.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -20,12 +23,16 @@ from typing import Any
 
 import fsspec
 
-from pipeline.errors import DataError
+from pipeline.errors import DataError, UserError
 
 # Spec field -> environment variable that carries it to every process (driver and Ray workers).
 SETTINGS_ENV = {"endpoint_url": "DISTILL_S3_ENDPOINT_URL", "region": "DISTILL_S3_REGION", "profile": "AWS_PROFILE"}
 # A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
 _BOTO_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
+# Local write failures that are the disk's or the permissions' fault, not the code's, and what to do about them.
+_FULL, _DENIED_HERE = "free space on that disk", "fix the directory's permissions"
+_WRITE_FIXES = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: "remount it read-write",
+                errno.EACCES: _DENIED_HERE, errno.EPERM: _DENIED_HERE}
 # Error codes S3 answers when the credentials are missing, wrong or not allowed.
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
            "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
@@ -194,24 +201,79 @@ def read_json(uri: str) -> Any:
 
 
 def atomic_write_bytes(uri: str, data: bytes) -> None:
+    """Writes `data` to `uri` atomically; a disk-full or permission failure is a `UserError` naming `uri`."""
     if is_remote(uri):
         fs, path = filesystem(uri)
         with s3_errors(uri):
             fs.pipe_file(path, data)  # one PUT: atomic on S3
         return
-    directory = os.path.dirname(os.path.abspath(uri))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(uri))
+    with local_write_errors(uri):
+        directory = os.path.dirname(os.path.abspath(uri))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(uri))
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())  # disk full shows here at the latest, before the rename
+            os.replace(tmp, uri)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # never leave a partial temp file next to the destination
+            raise
+
+
+@contextlib.contextmanager
+def local_write_errors(uri: str):
+    """Turns a local write failing for lack of space or permission into a `UserError` naming `uri`."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+        yield
+    except OSError as exc:
+        error = write_error(exc, uri)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def write_error(exc: BaseException, uri: str) -> UserError | None:
+    """A `UserError` naming `uri` when `exc`, or an error it wraps (a Ray task's `cause`, a chained
+    exception), is a disk-full or permission failure; None for any other error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _WRITE_FIXES:
+            return UserError(f"cannot write {uri}: {os.strerror(exc.errno).lower()}; {_WRITE_FIXES[exc.errno]}, "
+                             "or write somewhere else (output.root, schedule.registry)")
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(uri: str, setting: str = "output.root") -> None:
+    """Fails fast, before any work, when `uri` (created if missing) cannot take a new file.
+
+    Writes and removes a small probe file, so a read-only mount, missing permissions, a path under a
+    regular file or a full disk are reported now, naming `uri` and the spec field to change.
+    """
+    probe = join(uri, f".write-probe-{os.getpid()}")
+    if is_remote(uri):
+        fs, path = filesystem(probe)
+        with s3_errors(uri):
+            fs.pipe_file(path, b"probe")
+            fs.rm(path)
+        return
+    try:
+        os.makedirs(uri, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"probe")
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, uri)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise UserError(f"output directory {uri} is not writable: {reason}; fix its permissions or set "
+                        f"{setting} to a writable location") from exc
 
 
 def atomic_write_json(uri: str, payload: Any) -> None:
