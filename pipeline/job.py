@@ -68,13 +68,29 @@ def ray_session(spec: JobSpec):
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
         store = spec.ray.object_store_memory_mb
-        ray.init(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                 runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
+        start_local_ray(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                        runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
     limit_data_memory(spec)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def start_local_ray(attempts: int = 3, **options) -> None:
+    """`ray.init` for a new local Ray, tried again when its node times out starting (a busy machine)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node start-up timeout
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); trying again", attempt, attempts)
+            ray.shutdown()
+            time.sleep(5 * attempt)
 
 
 def limit_data_memory(spec: JobSpec) -> None:

@@ -32,7 +32,9 @@ def ray_cluster():
             env.delenv(name, raising=False)
         # Workers import `model: custom` factories by module path, like a user's package on their image.
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
-        ray.init(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
+        from pipeline.job import start_local_ray  # retries when a busy machine delays the node's start
+
+        start_local_ray(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
