@@ -54,24 +54,19 @@ def _wait_for(condition, timeout: float, what: str, every: float = 0.2):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _alive_actors(class_part: str) -> list:
-    """ALIVE actors of this test session's Ray whose class name contains `class_part` (with pid, id)."""
+def _actors(*filters: tuple) -> list:
+    """Actors of this test session's Ray matching state-API `filters`, with pid, state and restarts."""
     import ray
     from ray.util.state import list_actors
 
     # Other Ray instances may run on this machine: ask ours by its address, never "auto".
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")],
-                         detail=True, raise_on_missing_output=False)
-    return [a for a in actors if class_part in a.class_name and a.pid]
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=list(filters), detail=True,
+                       raise_on_missing_output=False)
 
 
-def _restarts(actor_id: str) -> int:
-    import ray
-    from ray.util.state import list_actors
-
-    (actor,) = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("actor_id", "=", actor_id)],
-                           detail=True)
-    return actor.num_restarts
+def _alive_actors(class_part: str) -> list:
+    """ALIVE actors whose class name contains `class_part`, e.g. "TeacherPredictor", "RayTrainWorker"."""
+    return [a for a in _actors(("state", "=", "ALIVE")) if class_part in a.class_name and a.pid]
 
 
 def _save_teacher(spec, path: Path, embedding_dim: int = 4, hidden: tuple = (8,)) -> str:
@@ -92,8 +87,8 @@ def _input_ids(click_root: str, days: list[dt.date]) -> set[int]:
 
 def _one_day(raw: dict, day: dt.date = DAY) -> dict:
     raw["data"]["train_days"] = {"start": day.isoformat(), "end": day.isoformat()}
-    raw["data"]["eval_days"] = {"start": (day + dt.timedelta(days=1)).isoformat()} | {
-        "end": (day + dt.timedelta(days=1)).isoformat()}
+    next_day = (day + dt.timedelta(days=1)).isoformat()
+    raw["data"]["eval_days"] = {"start": next_day, "end": next_day}
     return raw
 
 
@@ -113,8 +108,10 @@ def test_teacher_actor_killed_mid_day_loses_and_repeats_no_row(ray_cluster, tiny
 
     with ThreadPoolExecutor(1) as pool:
         labelling = pool.submit(label_days, spec, teacher, shard_root, [DAY])
-        (actor,) = _wait_for(lambda: _alive_actors("TeacherPredictor") or labelling.done(), 180,
-                             "the teacher actor to be ALIVE (model loaded)", every=0.1)
+        actors = _wait_for(lambda: _alive_actors("TeacherPredictor") or labelling.done(), 180,
+                           "the teacher actor to be ALIVE (model loaded)", every=0.1)
+        assert not labelling.done(), f"the stage ended before its actor was seen: {labelling.exception()}"
+        (actor,) = actors
         time.sleep(1.0)  # ALIVE means __init__ is done; let it get into its batches
         assert not labelling.done() and not (day_dir / shards.MANIFEST).exists(), "killed too late: raise rows"
         os.kill(actor.pid, signal.SIGKILL)
@@ -128,7 +125,8 @@ def test_teacher_actor_killed_mid_day_loses_and_repeats_no_row(ray_cluster, tiny
     ids = _event_ids(on_disk)
     assert len(ids) == len(set(ids)) == rows  # none repeated, none lost
     assert set(ids) == _input_ids(clicks, [DAY])
-    assert _restarts(actor.actor_id) == 1  # Ray restarted the killed actor and retried its task once
+    (after,) = _actors(("actor_id", "=", actor.actor_id))
+    assert after.num_restarts == 1  # Ray restarted the killed actor (max_restarts=-1) and retried its task
 
 
 # --- 2. the driver killed mid-label, then the same run again ------------------------------------------------
@@ -152,14 +150,21 @@ def _marked_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _kill_marked(marker: str) -> None:
+    """SIGKILLs every process carrying `marker` (only what our subprocess started) and waits until they are gone."""
     for proc in _marked_processes(marker):
         try:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
-    _wait_for(lambda: not [p for p in _marked_processes(marker) if p.status() != psutil.STATUS_ZOMBIE], 30,
-              "the killed run's Ray processes to exit")
+    _wait_for(lambda: not any(_running(p) for p in _marked_processes(marker)), 30, "the run's processes to exit")
 
 
 @pytest.fixture
@@ -170,10 +175,10 @@ def distill_run(tmp_path):
     started = []
 
     def start(spec_path: Path, log_name: str) -> subprocess.Popen:
-        log = open(tmp_path / log_name, "w")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec_path)], cwd=ROOT,
-                                env=_ray_env(ray_tmp, marker), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(tmp_path / log_name, "w") as log:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec_path)], cwd=ROOT,
+                                    env=_ray_env(ray_tmp, marker), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         started.append(proc)
         return proc
 
@@ -182,6 +187,7 @@ def distill_run(tmp_path):
     for proc in started:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     _kill_marked(marker)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -212,6 +218,7 @@ def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tin
     # 1) Kill the whole process group once the first day is finished and the others are not.
     first = distill_run(spec_path, "first.log")
     _wait_for(lambda: done() or first.poll() is not None, 240, "the first day's manifest")
+    assert first.poll() is None, f"the run ended by itself: {(tmp_path / 'first.log').read_text()[-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)
     finished = done()
     assert first.wait(timeout=30) == -signal.SIGKILL
