@@ -199,8 +199,13 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, options))
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
-        labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows,
-                               max_rows_per_file=spec.label.shard_rows)
+        try:
+            labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows,
+                                   max_rows_per_file=spec.label.shard_rows)
+        except Exception as exc:  # a full disk or lost permissions, deep inside a Ray write task
+            if (error := storage.write_error(exc, storage.join(day_dir, "data"))) is not None:
+                raise error from None  # the day has no manifest: a rerun redoes it
+            raise
     files = storage.list_files(storage.join(day_dir, "data"))
     manifest = shards.build_manifest(
         teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
