@@ -203,11 +203,11 @@ def _shard_state(day_dir: Path) -> dict[str, int]:
 
 
 def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tiny_spec_dict, tmp_path):
-    days = [DAY + dt.timedelta(days=i) for i in range(3)]
+    days = [DAY, DAY + dt.timedelta(days=1)]
     rows = 3_000
     raw = tiny_spec_dict
     raw["data"]["train_days"] = {"start": days[0].isoformat(), "end": days[-1].isoformat()}
-    raw["data"]["eval_days"] = {"start": "2026-11-04", "end": "2026-11-04"}
+    raw["data"]["eval_days"] = {"start": "2026-11-03", "end": "2026-11-03"}
     raw["data"]["synthetic"]["rows_per_day"] = rows
     raw["label"].update(batch_size=512, shard_rows=1_000)
     raw["train"].update(num_workers=1, cpus_per_worker=1, epochs=1, batch_size=256)
@@ -219,14 +219,14 @@ def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tin
     shard_root = Path(spec.run_dir, "shards")
     done = lambda: [d for d in days if (shard_root / f"date={d}" / shards.MANIFEST).exists()]  # noqa: E731
 
-    # 1) Kill the whole process group once the first day is finished and the others are not.
+    # 1) Kill the whole process group once the first day is finished and the second is not.
     first = distill_run(spec_path, "first.log")
     _wait_for(lambda: done() or first.poll() is not None, 240, "the first day's manifest")
     assert first.poll() is None, f"the run ended by itself: {(tmp_path / 'first.log').read_text()[-3000:]}"
     os.killpg(first.pid, signal.SIGKILL)
     finished = done()
     assert first.wait(timeout=30) == -signal.SIGKILL
-    assert finished == [days[0]], f"expected only day 1 finished at the kill, got {finished}: lower the poll delay"
+    assert finished == [days[0]], f"expected only the first day finished at the kill, got {finished}"
     _kill_marked(distill_run.marker)  # Ray's workers leave the group (seen: the teacher actor, still running)
     kept = _shard_state(shard_root / f"date={days[0]}")
 
@@ -411,28 +411,21 @@ def test_disk_full_write_fails_clearly_and_leaves_old_file_or_nothing(how, mount
 def _label_onto_full_disk(spec, teacher: str, disk: Path) -> tuple[type, str]:
     """Runs the label stage onto a full disk; returns the error's type and message, and only those.
 
-    The error's traceback reaches into Ray Data's frames, which hold the failed stage's actor (and its CPU)
-    until they are freed: kept, it would starve the next stage on this 2-CPU cluster. So neither this
-    function nor pytest's log capture (Ray Data logs the error with its traceback) may keep it.
+    The error's traceback reaches into Ray Data's frames, which hold the failed stage's actor (and its CPU):
+    kept alive, it would starve the next stage on this 2-CPU cluster. So neither this function nor pytest's
+    log capture (Ray Data logs the error with its traceback) may keep it.
     """
     from pipeline.label import label_days
 
     failure = None
-    for name in ("ray", "ray.data"):
-        lg = logging.getLogger(name)
-        print("DBG", name, lg.propagate, [type(h).__name__ for h in lg.handlers], [type(h).__name__ for h in logging.getLogger().handlers])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(logging.getLogger("ray.data"), "propagate", False)
-        try:
-            label_days(spec, teacher, str(disk), [DAY])
-        except Exception as exc:  # noqa: BLE001 - whatever reaches the caller is what we check
-            failure = (type(exc), str(exc))
+    try:
+        label_days(spec, teacher, str(disk), [DAY])
+    except Exception as exc:  # noqa: BLE001 - whatever reaches the caller is what we check
+        failure = (type(exc), str(exc))
     assert failure is not None, "labelling onto a full disk did not fail"
-    for name in ("ray", "ray.data"):
-        lg = logging.getLogger(name)
-        print("DBG after", name, lg.propagate, [type(h).__name__ for h in lg.handlers])
-    for h in logging.getLogger().handlers:
-        print("DBG root handler", type(h).__name__, len(getattr(h, "records", [])), [r.name for r in getattr(h, "records", []) if r.exc_info][:5])
+    for handler in logging.getLogger().handlers:  # pytest's capture handlers; the text is already kept
+        for record in getattr(handler, "records", ()):
+            record.exc_info = None
 
     def leftover_actors() -> list:
         gc.collect()
