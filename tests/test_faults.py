@@ -202,6 +202,7 @@ def _shard_state(day_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(day_dir)): p.stat().st_mtime_ns for p in files}
 
 
+@pytest.mark.e2e  # the rerun goes to the end: students and evaluation
 def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tiny_spec_dict, tmp_path):
     days = [DAY, DAY + dt.timedelta(days=1)]
     rows = 3_000
