@@ -106,12 +106,12 @@ def _load(args):
 
 
 def _run(args) -> int:
-    from pipeline.evaluate import render_table
+    from pipeline.report import render_table
     from pipeline.job import run_job
 
     spec = _load(args)
     metrics = run_job(spec)
-    print(f"\n{render_table(metrics['models'], metrics['eval']['ceiling_auc'])}\n")
+    print(f"\n{render_table(metrics['models'], metrics['eval']['ceiling_auc'], metrics['task'])}\n")
     print(f"run directory: {spec.run_dir} (metrics.json, report.md); {metrics['wall_seconds']:.0f}s in all")
     return 0
 

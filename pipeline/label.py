@@ -207,13 +207,14 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
                 raise error from None  # the day has no manifest: a rerun redoes it
             raise
     files = storage.list_files(storage.join(day_dir, "data"))
+    schema = shards.shard_schema(files[0]) if files else None
     manifest = shards.build_manifest(
         teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
-        shard_files=files, columns=shards.schema_names(files[0]) if files else columns,
+        shard_files=files, columns=schema.names if schema else columns,
         quarantine_files=storage.list_files(quarantine_dir),
     )
-    if spec.label.store_hidden and files:
-        manifest["hidden_dim"] = shards.list_width(files[0], "teacher_hidden")
+    if spec.label.store_hidden and schema:
+        manifest["hidden_dim"] = schema.field("teacher_hidden").type.list_size
     if manifest["total_rows"] + manifest["quarantined_rows"] != manifest["input_rows"]:  # exactly once
         raise DataError(f"label stage wrote {manifest['total_rows']} rows and quarantined "
                         f"{manifest['quarantined_rows']} for {manifest['input_rows']} input rows of {day}; the "

@@ -56,8 +56,8 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     started = time.perf_counter()
     cycle = cycle_spec(spec, day)
     storage.configure(**spec.storage.model_dump())
-    for root in (nightly_root(spec), spec.schedule.registry):  # fail before any work, not after training
-        storage.check_writable(root, "output.root" if root == nightly_root(spec) else "schedule.registry")
+    storage.check_writable(nightly_root(spec))  # fail before any work, not after training
+    storage.check_writable(spec.schedule.registry, "schedule.registry")
     ensure_click_logs(cycle)
     with ray_session(cycle):
         record = _cycle(spec, cycle, day)

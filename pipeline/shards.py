@@ -67,18 +67,11 @@ def is_reusable(manifest: dict | None, *, teacher_sha256: str, label_fingerprint
     )
 
 
-def schema_names(uri: str) -> list[str]:
-    """Column names of a shard file, from its footer."""
+def shard_schema(uri: str):
+    """The Arrow schema of a shard file, from its footer."""
     fs, path = storage.filesystem(uri)
     with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).schema_arrow.names
-
-
-def list_width(uri: str, column: str) -> int:
-    """Width of a fixed-size-list column (e.g. `teacher_hidden`), from the footer's Arrow schema."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        return pq.ParquetFile(handle).schema_arrow.field(column).type.list_size
+        return pq.ParquetFile(handle).schema_arrow
 
 
 def _parquet_rows(uri: str) -> int:

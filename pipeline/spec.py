@@ -426,10 +426,6 @@ class JobSpec(Section):
         return self
 
     @property
-    def teachers(self) -> list[TeacherSpec]:
-        return self.teacher
-
-    @property
     def run_dir(self) -> str:
         return f"{self.output.root.rstrip('/')}/{self.output.run_name or self.name}"
 
