@@ -1,14 +1,14 @@
 """Student-training throughput: Ray Train + DeepSpeed against a bare PyTorch loop over the same shards.
 
 Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
-loss (binary KD, the demo's alpha 0.5, T 1) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
+loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
   (b) pipeline: `pipeline.train.train_model` (TorchTrainer, DeepSpeed, iter_torch_batches, checkpoint)
       with 1 worker at ZeRO 0 and ZeRO 2, and 2 workers at ZeRO 2, in one local Ray this script starts.
 Rows/s of (b) are given three ways: inside the training loop (the loop's own timer, all workers' rows),
 the whole `train_model` call (worker start-up, DeepSpeed init, checkpoint), and with `ray.init` added.
 
-    .venv/bin/python bench/train_throughput.py                 # 2M rows, appends to RESULTS.md
+    .venv/bin/python bench/train_throughput.py                 # 4M rows, batch 4096, appends to RESULTS.md
     .venv/bin/python bench/train_throughput.py --rows 200000 --no-append   # smoke check
 """
 
@@ -32,8 +32,8 @@ LR = 0.003
 def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, threads: int) -> dict:
     """(a) One process, no Ray: the same student, loss, optimizer and clipping as the pipeline's loop."""
     from pipeline.features import FeatureLayout, table_to_inputs
-    from pipeline.losses import binary_kd_loss
     from pipeline.models import build_model
+    from pipeline.train import loss_terms
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -45,11 +45,10 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
     model.train()
     for batch in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
         inputs = table_to_inputs(batch, layout)
-        label = torch.from_numpy(batch.column(spec.features.label).to_numpy().astype("float32"))
-        teacher = torch.from_numpy(batch.column("teacher_logit").to_numpy().astype("float32"))
+        inputs["label"] = torch.from_numpy(batch.column(spec.features.label).to_numpy().astype("float32"))
+        inputs["teacher_logit"] = torch.from_numpy(batch.column("teacher_logit").to_numpy().astype("float32"))
         logits = model(inputs).float()  # (B,)
-        loss = binary_kd_loss(logits, teacher, label, alpha=spec.distill.alpha,
-                              temperature=spec.distill.temperature)["loss"]
+        loss = loss_terms(logits, None, inputs, spec.distill.model_dump(), "binary")["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -66,9 +65,8 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     import deepspeed
 
     from pipeline.features import FeatureLayout, table_to_inputs
-    from pipeline.losses import binary_kd_loss
     from pipeline.models import build_model
-    from pipeline.train import deepspeed_config
+    from pipeline.train import deepspeed_config, loss_terms
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
@@ -95,8 +93,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
         return (time.process_time() - started) / len(batches) * 1e3
 
     def loss_of(logits, batch):
-        return binary_kd_loss(logits.float(), batch["teacher_logit"], batch["label"], alpha=spec.distill.alpha,
-                              temperature=spec.distill.temperature)["loss"]
+        return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
 
     torch.manual_seed(0)
     model = build_model(model_config, layout)
@@ -138,7 +135,7 @@ def print_step_costs(args) -> None:
     report = "\n".join([
         "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
         f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
-        "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, KD loss, AdamW, "
+        "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, AdamW, "
         "clip 1.0), 10 warm-up steps, then 150 timed in CPU time (`time.process_time`), so other load does not count; DeepSpeed with "
         "world size 1 (gloo), config from `pipeline.train.deepspeed_config`, fp32.", "",
         common.table(rows, ("batch", "plain torch", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
@@ -186,13 +183,14 @@ def pipeline_train(files: list[str], spec, model_config: dict, name: str, rows: 
         **{k: v for k, v in extra.items() if k in accepted})
     seconds = time.perf_counter() - started
     epoch = result.history[-1]
-    return {"rows": epoch["rows"], "seconds": seconds, "loop_seconds": epoch["seconds"]}
+    return {"rows": epoch["rows"], "seconds": seconds, "loop_seconds": epoch["seconds"],
+            "first_batch_seconds": epoch.get("first_batch_seconds"), "input_wait_seconds": epoch.get("input_wait_seconds")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=2_000_000)
-    parser.add_argument("--batch-size", type=int, default=1024, help="train.batch_size (per worker)")
+    parser.add_argument("--rows", type=int, default=4_000_000)
+    parser.add_argument("--batch-size", type=int, default=4096, help="train.batch_size (per worker)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--runs", default="1x0,1x2,2x2", help="WORKERSxZERO pipeline runs, comma-separated")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
@@ -216,7 +214,10 @@ def main() -> None:
         try:
             from ray.data import DataContext
 
+            from pipeline.job import configure_ray_data
+
             DataContext.get_current().enable_progress_bars = False
+            configure_ray_data(base)  # the pipeline's Ray Data settings, as its ray_session applies them
             for run in filter(None, args.runs.split(",")):
                 workers, zero = (int(x) for x in run.split("x"))
                 spec = _train_spec(workers, zero, args)
@@ -245,15 +246,21 @@ def _train_spec(workers: int, zero: int, args):
 
 def render(args, bare: dict, results: list, startup: float, load_before, load_after) -> str:
     a = bare["rows"] / bare["seconds"]
-    rows = [("(a) bare PyTorch loop, 1 process, 1 thread", f"{bare['seconds']:.1f}", f"{a:,.0f}", "-", "-", "-")]
+    distill = common.demo_yaml()["distill"]
+    base_loss = f"soft_loss {distill.get('soft_loss', 'kd')}, alpha {distill['alpha']}"
+    rows = [("(a) bare PyTorch loop, 1 process, 1 thread", f"{bare['seconds']:.1f}", "-", f"{a:,.0f}", "-", "-", "-",
+             "-", "-")]
     cpu_rate = bare["rows"] / bare["cpu_seconds"]
     ratios, cpu_ratios = [], []
+    waits = ", ".join(f"{w}w/ZeRO {z}: {r['input_wait_seconds']:.1f}" for w, z, _, r in results)
     for workers, zero, cpus, r in results:
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
+        steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
         with_init = r["rows"] / (r["seconds"] + startup)
         rows.append((f"(b) train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}", f"{r['seconds']:.1f}",
-                     f"{loop:,.0f}", f"{loop / a:.2f}", f"{call / a:.2f}", f"{with_init / a:.2f}"))
-        ratios.append(f"{workers}w/ZeRO {zero}: {loop / a:.2f}")
+                     f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{loop / a:.2f}", f"{steady:,.0f}",
+                     f"**{steady / a:.2f}**", f"{call / a:.2f}", f"{with_init / a:.2f}"))
+        ratios.append(f"{workers}w/ZeRO {zero}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
         cpu_ratios.append(f"{workers}w/ZeRO {zero}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
     lines = [
@@ -263,13 +270,16 @@ def render(args, bare: dict, results: list, startup: float, load_before, load_af
         f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
         "(1-minute; other agents shared the machine, so not guaranteed idle).",
         f"Student: demo MLP; batch {args.batch_size} per worker, fp32, no shuffle buffer, AdamW + clip 1.0, "
-        f"KD loss alpha 0.5 T 1; shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
+        f"the demo's distillation loss ({base_loss}); shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
         f"ray.init {startup:.1f} s.",
         "",
-        common.table(rows, ("run", "seconds (call)", "rows/s in loop", "b/a in loop", "b/a whole call",
+        common.table(rows, ("run", "seconds (call)", "first batch s", "rows/s in loop", "b/a in loop",
+                            "rows/s after first batch", "b/a after first batch", "b/a whole call",
                             "b/a with ray.init")),
         "",
         f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8).",
+        "First batch: seconds from the worker's first request to its first batch (Ray Data starting to "
+        f"read the shards), paid once per epoch. Total input wait per run (s): {waits or '-'}.",
         f"Bare loop's CPU time (`time.process_time`, all threads; other load does not count): "
         f"{bare['cpu_seconds']:.1f} s, i.e. {cpu_rate:,.0f} samples/s per busy core.",
         f"CPU seconds per million samples, every process of the whole train_model call: bare "

@@ -105,6 +105,12 @@ def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:
     }
 
 
+def target_columns(targets: dict) -> list[str]:
+    """The shard columns a distilled student reads for `targets` (see `soft_label_targets`)."""
+    topk = ["teacher_topk_indices", "teacher_topk_values"] if targets["top_k"] else []
+    return [c for c in (targets["logit"], targets["logits"], *topk, targets["hidden"]) if c]
+
+
 def deepspeed_config(train: dict) -> dict:
     """DeepSpeed config from the spec's `train` section (plain dict)."""
     return {
@@ -311,8 +317,10 @@ def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[d
     names = ["loss", "hard_loss", "soft_loss", "hint_loss", "listwise_loss"]
     totals = torch.zeros(1 + len(names), dtype=torch.float64)  # rows, then row-weighted sums of each term
     seen: set[str] = set()
-    start = time.perf_counter()
+    waits = []  # seconds blocked on Ray Data before each step
+    start = asked = time.perf_counter()
     for batch in batches:
+        waits.append(time.perf_counter() - asked)
         inputs = {k: v.to(engine.device) for k, v in batch.items()}
         logits, hint_pred = engine(inputs)
         terms = loss_terms(logits.float(), None if hint_pred is None else hint_pred.float(), inputs, distill, task)
@@ -324,6 +332,7 @@ def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[d
         totals += torch.tensor([rows] + [rows * values.get(n, 0.0) for n in names], dtype=torch.float64)
         if engine.global_steps % log_every == 0:
             steps.append({"step": engine.global_steps, "lr": engine.get_lr()[0], **values})
+        asked = time.perf_counter()
     seconds = time.perf_counter() - start
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(totals)
@@ -331,7 +340,10 @@ def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[d
     averages = {n: totals[1 + i].item() / rows if n in seen | {"loss", "hard_loss"} else None
                 for i, n in enumerate(names)}
     return {"rows": int(totals[0].item()), **averages, "seconds": seconds,
-            "rows_per_s": totals[0].item() / max(seconds, 1e-9)}
+            "rows_per_s": totals[0].item() / max(seconds, 1e-9),
+            # Where the epoch went on this worker: waiting for the first batch (pipeline start-up), and
+            # waiting for data in all; a wait share well above the first batch means input-bound training.
+            "first_batch_seconds": waits[0] if waits else 0.0, "input_wait_seconds": sum(waits)}
 
 
 def _restore(engine) -> tuple[int, dict]:

@@ -136,14 +136,15 @@ def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict
 def test_data_memory_limit_caps_ray_data_and_its_blocks(tiny_spec_dict):
     from ray.data import DataContext
 
-    from pipeline.job import limit_data_memory
+    from pipeline.job import configure_ray_data
 
     context = DataContext.get_current()
-    saved = (context.execution_options.resource_limits, context.target_max_block_size)
+    saved = (context.execution_options.resource_limits, context.target_max_block_size, context.use_datasource_v2)
     tiny_spec_dict["ray"] = {"data_memory_limit_mb": 64}
     try:
-        limit_data_memory(parse_spec(tiny_spec_dict))
+        configure_ray_data(parse_spec(tiny_spec_dict))
         assert context.execution_options.resource_limits.object_store_memory == 64 * 2**20
         assert context.target_max_block_size == 8 * 2**20
+        assert not context.use_datasource_v2  # our reads name their files: no listing task
     finally:
-        context.execution_options.resource_limits, context.target_max_block_size = saved
+        context.execution_options.resource_limits, context.target_max_block_size, context.use_datasource_v2 = saved
