@@ -104,14 +104,12 @@ def stage_costs(data_root, teacher: str, columns: list[str], out_dir, *, batch_s
 
 def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> dict:
     """(b) The pipeline's own label stage, in a local Ray this function starts and stops."""
-    from pipeline.job import configure_ray_data
     from pipeline.label import label_days
 
     with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for the CPU time of every process
         startup = common.start_ray(num_cpus, spec.ray.object_store_memory_mb, spec.ray.data_memory_limit_mb)
         try:
             _quiet_ray_data()
-            configure_ray_data(spec)  # the pipeline's Ray Data settings, as its ray_session applies them
             cpu, started = sampler.cpu_now(), time.perf_counter()
             labelled = label_days(spec, teacher, str(shard_root), days)
             seconds, cpu = time.perf_counter() - started, sampler.cpu_now() - cpu

@@ -75,16 +75,16 @@ def _pipeline_wiring(spec) -> str:
     from ray.data import DataContext
 
     try:
-        from pipeline.job import configure_ray_data
+        from pipeline.job import limit_data_memory
     except ImportError:
-        return "pipeline.job has no configure_ray_data: the benchmark set the limit itself"
+        return "pipeline.job has no limit_data_memory: the benchmark set the limit itself"
     before = DataContext.get_current().execution_options.resource_limits
     try:
-        configure_ray_data(spec)
+        limit_data_memory(spec)
     except Exception as exc:  # noqa: BLE001 - reported, not hidden: the benchmark's own setting stays
-        return f"pipeline.job.configure_ray_data failed ({type(exc).__name__}: {exc}); the benchmark set the limit itself"
+        return f"pipeline.job.limit_data_memory failed ({type(exc).__name__}: {exc}); the benchmark set the limit itself"
     after = DataContext.get_current().execution_options.resource_limits
-    return f"pipeline.job.configure_ray_data ran; Ray Data limits {before} -> {after}"
+    return f"pipeline.job.limit_data_memory ran; Ray Data limits {before} -> {after}"
 
 
 def _spill_lines(ray) -> str:

@@ -166,12 +166,10 @@ def pipeline_train(files: list[str], spec, model_config: dict, name: str, rows: 
     """(b) The pipeline's training stage on a Ray Dataset over the shards (Ray is already started)."""
     import inspect
 
-    import ray.data
-
     from pipeline import train
 
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
-    dataset = ray.data.read_parquet(files).select_columns(columns)
+    dataset = train.read_shards(files, None, columns)  # how the pipeline reads its shards
     extra = {"rows": rows}  # keyword arguments newer versions of train_model take
     if hasattr(train, "soft_label_targets"):
         extra["targets"] = train.soft_label_targets(spec)
@@ -214,10 +212,7 @@ def main() -> None:
         try:
             from ray.data import DataContext
 
-            from pipeline.job import configure_ray_data
-
             DataContext.get_current().enable_progress_bars = False
-            configure_ray_data(base)  # the pipeline's Ray Data settings, as its ray_session applies them
             for run in filter(None, args.runs.split(",")):
                 workers, zero = (int(x) for x in run.split("x"))
                 spec = _train_spec(workers, zero, args)

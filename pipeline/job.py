@@ -70,7 +70,7 @@ def ray_session(spec: JobSpec):
         store = spec.ray.object_store_memory_mb
         start_local_ray(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
                         runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
-    configure_ray_data(spec)
+    limit_data_memory(spec)
     try:
         yield
     finally:
@@ -93,23 +93,14 @@ def start_local_ray(attempts: int = 3, **options) -> None:
             time.sleep(5 * attempt)
 
 
-def configure_ray_data(spec: JobSpec) -> None:
-    """Ray Data settings of this driver for the job's reads and writes.
-
-    Reader: every read names its files (a day's log files, the manifest's shards). Ray 2.60's default
-    Parquet reader (DataSource V2) lists them again in a task with a pool of footer readers: 5 s of an
-    8 s wait for the first training batch on 2 cores, every epoch. The V1 reader reads the footers in the
-    driver instead: that wait drops to 5 s. Same rows, blocks and filesystems.
-
-    Memory: `ray.data_memory_limit_mb` caps the object store Ray Data fills with in-flight blocks; its
-    streaming executor then applies back-pressure (reads wait for the teacher and the writer), so memory
-    stays flat as the log grows. Blocks shrink with the cap, or a few default-sized blocks would overflow
-    it and spill to disk."""
-    from ray.data import DataContext
-
-    context = DataContext.get_current()
-    context.use_datasource_v2 = False
+def limit_data_memory(spec: JobSpec) -> None:
+    """Caps the object store Ray Data fills with in-flight blocks: its streaming executor then applies
+    back-pressure (reads wait for the teacher and the writer), so memory stays flat as the log grows.
+    Blocks shrink with the cap, or a few default-sized blocks would overflow it and spill to disk."""
     if spec.ray.data_memory_limit_mb:
+        from ray.data import DataContext
+
+        context = DataContext.get_current()
         limit = spec.ray.data_memory_limit_mb * 2**20
         options = context.execution_options
         options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
@@ -202,9 +193,7 @@ def _row_checks(spec: JobSpec) -> dict:
 def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | None = None) -> str:
     """Trains a student on the soft-label shards: with the distillation losses, or on hard labels only;
     from `init_model`'s weights when given (warm start)."""
-    import ray.data
-
-    from pipeline.train import soft_label_targets, target_columns
+    from pipeline.train import read_shards, soft_label_targets, target_columns
 
     config = model_config(spec.student, spec)
     distill = spec.distill.model_dump() if role == "student_distilled" else None
@@ -218,7 +207,7 @@ def train_student(spec: JobSpec, manifest: dict, role: str, init_model: str | No
     columns = [c for c in dict.fromkeys(wanted) if c and c in manifest["columns"]]
     return _train_once(
         spec, role, config, depends_on, rows=manifest["total_rows"],
-        dataset=lambda: ray.data.read_parquet(files, filesystem=filesystem).select_columns(columns),
+        dataset=lambda: read_shards(files, filesystem, columns),
         distill=distill, epochs=spec.train.epochs, lr=spec.train.lr, init_model=init_model, targets=targets,
     )
 

@@ -92,6 +92,13 @@ def train_model(*, role: str, spec, model_config: dict, dataset, rows: int, dist
                        restarts=progress.get("restarts", 0))
 
 
+def read_shards(files: list[str], filesystem, columns: list[str]):
+    """A Ray Dataset over soft-label shard files named by the manifests, `columns` only."""
+    from pipeline.data.clicklogs import read_named_files
+
+    return read_named_files(files, filesystem).select_columns(columns)
+
+
 def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:
     """The teacher columns of the soft-label shards for this spec, and their shapes."""
     multiclass = spec.features.task == "multiclass"

@@ -61,6 +61,8 @@ def test_outputs_written_and_consistent(finished_run):
         record = storage.read_json(storage.join(spec.run_dir, "models", f"{role}.json"))
         assert [e["epoch"] for e in record["history"]] == [1, 2]
         assert all(e["rows"] == 2 * spec.data.synthetic.rows_per_day for e in record["history"])
+        for epoch in record["history"]:  # where the epoch went: start-up wait within all waits within the loop
+            assert 0 < epoch["first_batch_seconds"] <= epoch["input_wait_seconds"] < epoch["seconds"]
 
 
 @pytest.mark.e2e
@@ -136,15 +138,14 @@ def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict
 def test_data_memory_limit_caps_ray_data_and_its_blocks(tiny_spec_dict):
     from ray.data import DataContext
 
-    from pipeline.job import configure_ray_data
+    from pipeline.job import limit_data_memory
 
     context = DataContext.get_current()
-    saved = (context.execution_options.resource_limits, context.target_max_block_size, context.use_datasource_v2)
+    saved = (context.execution_options.resource_limits, context.target_max_block_size)
     tiny_spec_dict["ray"] = {"data_memory_limit_mb": 64}
     try:
-        configure_ray_data(parse_spec(tiny_spec_dict))
+        limit_data_memory(parse_spec(tiny_spec_dict))
         assert context.execution_options.resource_limits.object_store_memory == 64 * 2**20
         assert context.target_max_block_size == 8 * 2**20
-        assert not context.use_datasource_v2  # our reads name their files: no listing task
     finally:
-        context.execution_options.resource_limits, context.target_max_block_size, context.use_datasource_v2 = saved
+        context.execution_options.resource_limits, context.target_max_block_size = saved

@@ -82,3 +82,25 @@ def test_hint_projection_trains_with_the_student_but_is_not_part_of_it():
     assert set(module.model.state_dict()) == set(student.state_dict())  # what gets exported
     with pytest.raises(ValueError, match="forward_with_hidden"):
         DistillModule(torch.nn.Linear(2, 1), hint_dim=5)
+
+
+def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data import DataContext
+
+    from pipeline.train import read_shards
+
+    files = []
+    for part in range(3):  # 3 shards of 100 rows with an extra column the student does not read
+        path = tmp_path / f"part-{part}.parquet"
+        pq.write_table(pa.table({"clicked": [part % 2] * 100, "teacher_logit": [0.5 * part] * 100,
+                                 "unused": ["x"] * 100}), path)
+        files.append(str(path))
+    before = DataContext.get_current().use_datasource_v2
+
+    dataset = read_shards(files[:2], None, ["clicked", "teacher_logit"])
+
+    assert DataContext.get_current().use_datasource_v2 == before  # only this read uses the V1 reader
+    assert dataset.schema().names == ["clicked", "teacher_logit"]
+    assert dataset.count() == 200 and sorted(set(dataset.to_pandas()["teacher_logit"])) == [0.0, 0.5]
