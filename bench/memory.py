@@ -42,9 +42,10 @@ def label_with_sampling(rows: int, args) -> dict:
 
             context = DataContext.get_current()
             context.enable_progress_bars = False
-            if args.target_block_mb:
-                context.target_max_block_size = args.target_block_mb * MIB
             wiring = _pipeline_wiring(spec)
+            if args.target_block_mb:  # an explicit size wins over the one the pipeline derives from its cap
+                context.target_max_block_size = args.target_block_mb * MIB
+            block_mib = context.target_max_block_size / MIB
             idle_rss = sampler.peak_rss
             started = time.perf_counter()
             labelled = label_days(spec, common.ensure_teacher(args.teacher), str(out), days)
@@ -54,7 +55,8 @@ def label_with_sampling(rows: int, args) -> dict:
             common.stop_ray()
     return {"rows": labelled.manifest["total_rows"], "log_mib": log_bytes / MIB, "seconds": seconds,
             "startup": startup, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "idle_rss": idle_rss,
-            "by_name": sampler.peak_by_name, "samples": sampler.samples, "spill": spill, "wiring": wiring}
+            "by_name": sampler.peak_by_name, "samples": sampler.samples, "spill": spill, "wiring": wiring,
+            "block_mib": block_mib}
 
 
 def _arrow_bytes(root, columns: list[str]) -> int:
@@ -102,7 +104,7 @@ def main() -> None:
     parser.add_argument("--object-store-mb", type=int, default=75, help="ray.object_store_memory_mb (Ray's minimum)")
     parser.add_argument("--data-memory-limit-mb", type=int, default=48, help="ray.data_memory_limit_mb")
     parser.add_argument("--target-block-mb", type=int, default=0,
-                        help="Ray Data's target_max_block_size (0: Ray's default, 128 MiB)")
+                        help="Ray Data's target_max_block_size (0: what the pipeline sets, 1/8 of the cap)")
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--teacher", choices=("teacher", "student"), default="teacher",
                         help="the labelling model: the demo teacher, or the demo student's architecture (a "
@@ -139,8 +141,7 @@ def render(args, results: list[dict], load_before, load_after) -> str:
         f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
         "(1-minute; other agents shared the machine, so not guaranteed idle).",
         f"Settings: ray.object_store_memory_mb {args.object_store_mb}, ray.data_memory_limit_mb "
-        f"{args.data_memory_limit_mb}, target_max_block_size "
-        f"{f'{args.target_block_mb} MiB' if args.target_block_mb else 'Ray default'}; label batch "
+        f"{args.data_memory_limit_mb}, target_max_block_size in effect {results[0]['block_mib']:g} MiB; label batch "
         f"{args.batch_size}, labelling model: demo {args.teacher} (untrained), 1 actor x 1 CPU, Ray num_cpus {args.num_cpus}; each log is one date= partition "
         "(files of 1M rows); memory of the driver and all its descendant processes, sampled every 0.2 s "
         "(PSS every 2 s).",
