@@ -275,7 +275,7 @@ def _committed_epochs(train_root: Path) -> int:
 def test_training_worker_killed_mid_run_resumes_from_last_epoch(ray_cluster, tiny_spec_dict, click_logs):
     from pipeline.job import ensure_teacher
 
-    rows = 20_000  # a few seconds per epoch with 2 workers on 2 cores
+    rows = 40_000  # several seconds per epoch with 2 workers on 2 cores: the kill lands inside epoch 2
     tiny_spec_dict["data"]["path"] = click_logs(days=1, rows=rows)
     tiny_spec_dict["teacher"].update(embedding_dim=8, hidden=[32], epochs=2)
     tiny_spec_dict["train"].update(num_workers=2, cpus_per_worker=0.5, epochs=2, batch_size=128, max_failures=2)
@@ -297,9 +297,11 @@ def test_training_worker_killed_mid_run_resumes_from_last_epoch(ray_cluster, tin
     assert [e["epoch"] for e in record["history"]] == [1, 2]
     assert [e["rows"] for e in record["history"]] == [rows, rows]
     assert record["restarts"] == 1
-    final = json.loads(checkpoints()[-1].read_text())
-    assert final["restarts"] == 1 and len(final["history"]) == 2
-    assert len(checkpoints()) == 2  # one per epoch: epoch 1 was resumed from, not trained again
+    progress = [json.loads(p.read_text()) for p in checkpoints()]
+    assert progress[-1]["restarts"] == 1 and len(progress[-1]["history"]) == 2
+    # Epoch 1 was resumed from, not trained again. (The killed attempt may have left an uncommitted
+    # epoch-2 checkpoint when the kill landed during its upload: Ray Train ignores it, and so do we.)
+    assert [len(p["history"]) for p in progress].count(1) == 1, progress
 
 
 # --- 4. output not writable, disk full ----------------------------------------------------------------------
