@@ -117,22 +117,14 @@ def start_ray(num_cpus: int, object_store_mb: int | None = None, data_memory_lim
     Applies Ray Data's object-store cap the way the pipeline's `ray_session` is meant to
     (`DataContext.execution_options.resource_limits`), so the benchmark does not depend on that wiring.
     """
-    import ray
-    from ray.data import DataContext, ExecutionResources
+    from ray.data import DataContext
+
+    from pipeline.job import start_local_ray  # retried when a busy machine delays the node's start
 
     os.environ.pop("RAY_ADDRESS", None)  # never join another agent's cluster
-    for attempt in range(3):  # Ray gives a raylet 30 s to register: an overloaded machine can miss that
-        started = time.perf_counter()
-        try:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-                     object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
-            break
-        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if "timed out during startup" not in str(exc) or attempt == 2:
-                raise
-            print(f"ray.init timed out after {time.perf_counter() - started:.0f} s (loaded machine); retrying",
-                  flush=True)
-            ray.shutdown()
+    started = time.perf_counter()
+    start_local_ray(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                    object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
     seconds = time.perf_counter() - started
     if data_memory_limit_mb:
         options = DataContext.get_current().execution_options
@@ -243,9 +235,9 @@ def machine() -> str:
             f"pyarrow {pyarrow.__version__}; {dt.datetime.now().isoformat(timespec='minutes')}")
 
 
-def table(rows: list[tuple], header: tuple) -> str:
-    """A Markdown table (also readable in a terminal)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
+def table(rows: list, header, left: int = 1) -> str:
+    """A Markdown table (also readable in a terminal); the first `left` columns are left-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+import common
+
 from pipeline import shards, storage
 from pipeline.job import evaluate_models, ray_session, run_job, train_student
 from pipeline.spec import JobSpec, parse_spec
@@ -181,11 +183,6 @@ def percent(value: float | None) -> str:
     return "n/a (teacher <= hard)" if value is None else f"{100 * value:.0f}%"
 
 
-def table(rows: list[list], header: list[str], left: int = 1) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < left else "---:" for i in range(len(header))) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def model_rows(records: list[dict], names: dict[str, str]) -> list[list]:
     """One row per model: family, params, batch-1 latency, AUC and log-loss over seeds."""
     rows = []
@@ -282,22 +279,22 @@ def dataset_section(dataset: str, records: list[dict]) -> list[str]:
     first = records[0]
     lines = [f"### {dataset} (`{DATASETS[dataset][0]}`" + (f", overrides {first['overrides']}" if first["overrides"] else "")
              + f"; variant {first['variant']}), seeds {[r['seed'] for r in records]}", ""]
-    lines += table(model_rows(records, NAMES), ["model", "family", "params (total / embedding)", "batch-1 p50 ms, "
-                                                "job", "batch-1 p50 ms, best of 5", "AUC mean ± std", "log-loss mean ± std"], left=2)
+    lines += common.table(model_rows(records, NAMES), ["model", "family", "params (total / embedding)", "batch-1 p50 ms, "
+                                                "job", "batch-1 p50 ms, best of 5", "AUC mean ± std", "log-loss mean ± std"], left=2).splitlines()
     if n["ceiling_auc"]:
         lines += [f"| ceiling (true CTR) | - | - | - | - | {n['ceiling_auc']:.4f} | - |"]
     header = ["seed", "teacher", "hard-label"]
     for name in n["distilled"]:
         short = "distilled" if name == "student_distilled" else "variant"
         header += [short, f"{short} - hard", "gap recovery"]
-    lines += ["", "Per seed (AUC):", ""] + table(per_seed_rows(records, n), header + ["minutes"]) + [""]
+    lines += ["", "Per seed (AUC):", ""] + common.table(per_seed_rows(records, n), header + ["minutes"]).splitlines() + [""]
     if n["ceiling_auc"]:
         lines += [f"Teacher regret to the ceiling: {n['ceiling_auc'] - n['auc_mean']['teacher']:.4f} AUC "
                   f"(ceiling {n['ceiling_auc']:.4f}, teacher {n['auc_mean']['teacher']:.4f}).", ""]
     lines += ["Teacher minus each hard-label student (mean AUC): " + ", ".join(
         f"{m} {v:+.4f}" for m, v in n["teacher_margin"].items()) + ".", ""]
     columns = ["distilled (shipped setting)" if m == "student_distilled" else "distilled, variant" for m in n["distilled"]]
-    lines += table(verdict_rows(n, len(records)), ["target", *columns], left=len(columns) + 1)
+    lines += common.table(verdict_rows(n, len(records)), ["target", *columns], left=len(columns) + 1).splitlines()
     return lines + [""]
 
 
