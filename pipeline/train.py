@@ -9,11 +9,14 @@ the same storage path and name resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +29,7 @@ from pipeline.features import FeatureLayout, table_to_inputs
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 PROGRESS_FILE = "progress.json"
+_END = object()  # the end of an iterator
 
 
 @dataclass
@@ -93,10 +97,14 @@ def train_model(*, role: str, spec, model_config: dict, dataset, rows: int, dist
 
 
 def read_shards(files: list[str], filesystem, columns: list[str]):
-    """A Ray Dataset over soft-label shard files named by the manifests, `columns` only."""
+    """A Ray Dataset over soft-label shard files named by the manifests, `columns` only.
+
+    One read task per file: otherwise Ray Data splits the reads into >= 200 blocks (10k rows of a 250k-row
+    shard), which every batch then stitches together and the split coordinator hands on one by one.
+    """
     from pipeline.data.clicklogs import read_named_files
 
-    return read_named_files(files, filesystem).select_columns(columns)
+    return read_named_files(files, filesystem, blocks=len(files)).select_columns(columns)
 
 
 def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:
@@ -235,33 +243,66 @@ def train_loop_per_worker(config: dict) -> None:
     targets = config["targets"]
     torch.manual_seed(train["seed"])
     torch.set_num_threads(max(1, int(train["cpus_per_worker"])))
-
-    model = build_model(config["model"], layout)
-    if config.get("init_model") and ray.train.get_checkpoint() is None:  # a resumed run has newer weights
-        from pipeline.models import load_model
-
-        model.load_state_dict(load_model(config["init_model"])[0].state_dict())
-    hint_dim = targets["hidden_dim"] if distill and distill["hint_weight"] > 0 else None
-    module = DistillModule(model, hint_dim)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train["lr_schedule"], config["total_steps"]))
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train))
-    start_epoch, progress = _restore(engine)
-
     shard = ray.train.get_dataset_shard("train")
     listwise = distill is not None and distill["listwise_weight"] > 0
     collate = _arrow_collate(layout, config["label"], targets, config["group"] if listwise else None, config["task"])
-    log_every = max(1, config["total_steps"] // 200)  # about 200 points per run for the loss curves
-    for epoch in range(start_epoch, train["epochs"]):
-        batches = shard.iter_torch_batches(
+
+    def epoch_batches(epoch: int):
+        return shard.iter_torch_batches(
             batch_size=train["batch_size"], collate_fn=collate, prefetch_batches=train["prefetch_batches"],
             local_shuffle_buffer_size=train["shuffle_buffer_rows"] or None,
             local_shuffle_seed=train["seed"] + epoch if train["shuffle_buffer_rows"] else None,
         )
+
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
+        progress = _progress(directory)
+        start_epoch = len(progress["history"])
+        # Ray Data's first batch takes seconds (its split coordinator and read tasks start in new worker
+        # processes): ask for it now, so that the wait overlaps building the model and DeepSpeed.
+        first_batches = _asked_early(epoch_batches(start_epoch)) if start_epoch < train["epochs"] else None
+        model = build_model(config["model"], layout)
+        if config.get("init_model") and checkpoint is None:  # a resumed run has newer weights
+            from pipeline.models import load_model
+
+            model.load_state_dict(load_model(config["init_model"])[0].state_dict())
+        hint_dim = targets["hidden_dim"] if distill and distill["hint_weight"] > 0 else None
+        module = DistillModule(model, hint_dim)
+        optimizer = torch.optim.AdamW(module.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train["lr_schedule"], config["total_steps"]))
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=deepspeed_config(train))
+        if directory:  # weights, optimizer and lr schedule of the last finished epoch
+            engine.load_checkpoint(directory)
+            log.warning("resumed from the checkpoint after epoch %d (restart %d)", start_epoch, progress["restarts"])
+
+    log_every = max(1, config["total_steps"] // 200)  # about 200 points per run for the loss curves
+    for epoch in range(start_epoch, train["epochs"]):
+        batches = first_batches if epoch == start_epoch else epoch_batches(epoch)
         stats = _train_epoch(engine, batches, distill, config["task"], progress["steps"], log_every)
         progress["history"].append({"epoch": epoch + 1, **stats})
         _report(engine, config, layout, progress)
+
+
+def _asked_early(batches):
+    """Iterates `batches`, having started to fetch the first one on a background thread right away."""
+    iterator, first = iter(batches), concurrent.futures.Future()
+
+    def fetch():
+        try:
+            first.set_result(next(iterator, _END))
+        except BaseException as error:  # re-raised in the training loop, where it is handled
+            first.set_exception(error)
+
+    threading.Thread(target=fetch, name="first-batch", daemon=True).start()
+
+    def all_batches():
+        batch = first.result()
+        if batch is not _END:
+            yield batch
+            yield from iterator
+
+    return all_batches()
 
 
 def loss_terms(logits: torch.Tensor, hint_pred: torch.Tensor | None, batch: dict[str, torch.Tensor],
@@ -326,6 +367,7 @@ def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[d
     seen: set[str] = set()
     waits = []  # seconds blocked on Ray Data before each step
     start = asked = time.perf_counter()
+    cpu = time.thread_time()
     for batch in batches:
         waits.append(time.perf_counter() - asked)
         inputs = {k: v.to(engine.device) for k, v in batch.items()}
@@ -348,27 +390,23 @@ def _train_epoch(engine, batches, distill: dict | None, task: str, steps: list[d
                 for i, n in enumerate(names)}
     return {"rows": int(totals[0].item()), **averages, "seconds": seconds,
             "rows_per_s": totals[0].item() / max(seconds, 1e-9),
-            # Where the epoch went on this worker: waiting for the first batch (pipeline start-up), and
-            # waiting for data in all; a wait share well above the first batch means input-bound training.
-            "first_batch_seconds": waits[0] if waits else 0.0, "input_wait_seconds": sum(waits)}
+            # Where the epoch went on this worker: waiting for the first batch (pipeline start-up; in a run's
+            # first epoch only what is left after the set-up it overlaps), and waiting for data in all; a
+            # wait share well above the first batch means input-bound training.
+            "first_batch_seconds": waits[0] if waits else 0.0, "input_wait_seconds": sum(waits),
+            # CPU time of the training thread: well below (seconds - input wait), the worker lost its
+            # core to other processes; above what a bare loop takes for the same steps, each step cost more.
+            "loop_cpu_seconds": time.thread_time() - cpu}
 
 
-def _restore(engine) -> tuple[int, dict]:
-    """Resumes DeepSpeed state (weights, optimizer, lr schedule) from Ray Train's latest checkpoint, if any;
-    returns the epoch to start from and the progress record (history, sampled steps, restarts)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, {"history": [], "steps": [], "restarts": 0}
-    with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory)
-        progress = json.load(open(os.path.join(directory, PROGRESS_FILE)))
+def _progress(checkpoint_dir: str | None) -> dict:
+    """The progress record (history, sampled steps, restarts) of Ray Train's latest checkpoint, or a new one."""
+    if checkpoint_dir is None:
+        return {"history": [], "steps": [], "restarts": 0}
+    progress = json.load(open(os.path.join(checkpoint_dir, PROGRESS_FILE)))
     progress["restarts"] = progress.get("restarts", 0) + 1
     progress.setdefault("steps", [])
-    log.warning("resumed from the checkpoint after epoch %d (restart %d)", len(progress["history"]),
-                progress["restarts"])
-    return len(progress["history"]), progress
+    return progress
 
 
 def _report(engine, config: dict, layout: FeatureLayout, progress: dict) -> None:

@@ -63,6 +63,7 @@ def test_outputs_written_and_consistent(finished_run):
         assert all(e["rows"] == 2 * spec.data.synthetic.rows_per_day for e in record["history"])
         for epoch in record["history"]:  # where the epoch went: start-up wait within all waits within the loop
             assert 0 < epoch["first_batch_seconds"] <= epoch["input_wait_seconds"] < epoch["seconds"]
+            assert 0 < epoch["loop_cpu_seconds"] < epoch["seconds"] + 0.1  # one thread's CPU time fits its wall time
 
 
 @pytest.mark.e2e

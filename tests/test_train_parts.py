@@ -104,3 +104,4 @@ def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_pat
     assert DataContext.get_current().use_datasource_v2 == before  # only this read uses the V1 reader
     assert dataset.schema().names == ["clicked", "teacher_logit"]
     assert dataset.count() == 200 and sorted(set(dataset.to_pandas()["teacher_logit"])) == [0.0, 0.5]
+    assert dataset.materialize().num_blocks() == 2  # a block per file, not Ray Data's default >= 200
