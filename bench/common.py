@@ -6,10 +6,13 @@ Benchmarks build their inputs under /tmp/bench-data and reuse them; nothing here
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import os
 import platform
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -25,6 +28,23 @@ WORLD = {"users": 5000, "items": 20000, "categories": 50, "seq_len": 10, "seed":
 
 
 FILE_ROWS = 1_000_000  # rows per generated Parquet file (one generated day each)
+
+
+@contextlib.contextmanager
+def reader_beside(files: list[str]):
+    """Another process decodes `files` over and over with one thread, as a pipeline's reader does on the
+    other core: a bare loop timed inside this shows what sharing the machine costs it, with no pipeline."""
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import sys, pyarrow.dataset as pads\n"
+        "while True:\n"
+        "    for _ in pads.dataset(sys.argv[1:], format='parquet').to_batches(): pass\n"), *map(str, files)],
+        env=os.environ | {"OMP_NUM_THREADS": "1"})  # pyarrow's CPU pool takes its size from it, as in Ray tasks
+    try:
+        time.sleep(1.0)  # decoding before the timed loop starts
+        yield
+    finally:
+        reader.kill()
+        reader.wait()
 
 
 def click_log(rows: int, days: int = 1) -> tuple[Path, list[dt.date]]:

@@ -3,6 +3,7 @@
 Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
 loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
+  (a') the same loop while another process decodes the shards on the other core with one thread;
   (b) pipeline: `pipeline.train.train_model` (TorchTrainer, DeepSpeed, iter_torch_batches, checkpoint)
       with 1 worker at ZeRO 0 and ZeRO 2, and 2 workers at ZeRO 2, in one local Ray this script starts.
 Rows/s of (b) are given three ways: inside the training loop (the loop's own timer, all workers' rows),
@@ -182,7 +183,7 @@ def pipeline_train(files: list[str], spec, model_config: dict, name: str, rows: 
     seconds = time.perf_counter() - started
     epoch = result.history[-1]
     return {"rows": epoch["rows"], "seconds": seconds, "loop_seconds": epoch["seconds"],
-            "first_batch_seconds": epoch.get("first_batch_seconds"), "input_wait_seconds": epoch.get("input_wait_seconds")}
+            **{k: epoch.get(k) for k in ("first_batch_seconds", "input_wait_seconds", "loop_cpu_seconds")}}
 
 
 def main() -> None:
@@ -206,6 +207,9 @@ def main() -> None:
 
     bare = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
     print(f"(a) bare: {bare}", flush=True)
+    with common.reader_beside(files):
+        beside = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
+    print(f"(a') bare beside a reader: {beside}", flush=True)
     results = []
     with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for every process's CPU time
         startup = common.start_ray(args.num_cpus)
@@ -223,7 +227,7 @@ def main() -> None:
                 results.append((workers, zero, spec.train.cpus_per_worker, result))
         finally:
             common.stop_ray()
-    report = render(args, bare, results, startup, load_before, os.getloadavg())
+    report = render(args, bare, beside, results, startup, load_before, os.getloadavg())
     print(report)
     if not args.no_append:
         with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
@@ -239,15 +243,20 @@ def _train_spec(workers: int, zero: int, args):
         "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0})
 
 
-def render(args, bare: dict, results: list, startup: float, load_before, load_after) -> str:
+def render(args, bare: dict, beside: dict, results: list, startup: float, load_before, load_after) -> str:
     a = bare["rows"] / bare["seconds"]
     distill = common.demo_yaml()["distill"]
     base_loss = f"soft_loss {distill.get('soft_loss', 'kd')}, alpha {distill['alpha']}"
     rows = [("(a) bare PyTorch loop, 1 process, 1 thread", f"{bare['seconds']:.1f}", "-", f"{a:,.0f}", "-", "-", "-",
              "-", "-")]
+    shared = beside["rows"] / beside["seconds"]
+    rows.append(("(a') the same, another process decoding the shards on the other core (1 thread)",
+                 f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", f"{shared / a:.2f}", "-", "-", "-", "-"))
     cpu_rate = bare["rows"] / bare["cpu_seconds"]
     ratios, cpu_ratios = [], []
     waits = ", ".join(f"{w}w/ZeRO {z}: {r['input_wait_seconds']:.1f}" for w, z, _, r in results)
+    loop_cpu = ", ".join(f"{w}w/ZeRO {z}: {r['loop_cpu_seconds']:.1f}" for w, z, _, r in results
+                         if r.get("loop_cpu_seconds") is not None)
     for workers, zero, cpus, r in results:
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
@@ -273,8 +282,12 @@ def render(args, bare: dict, results: list, startup: float, load_before, load_af
                             "b/a with ray.init")),
         "",
         f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8).",
-        "First batch: seconds from the worker's first request to its first batch (Ray Data starting to "
-        f"read the shards), paid once per epoch. Total input wait per run (s): {waits or '-'}.",
+        "First batch: seconds the worker waited for its first batch once its model and DeepSpeed were set up "
+        f"(Ray Data starts reading the shards during that set-up). Total input wait per run (s): {waits or '-'}.",
+        f"(a')/(a) = {shared / a:.2f}: a second busy core alone slows the bare loop by {1 - shared / a:.0%}, with no "
+        "pipeline in it; every (b) run reads on the other core while it trains, so this is about its ceiling here.",
+        f"CPU seconds of the training thread in the loop (rank 0): {loop_cpu or '-'}; the bare loop's process, "
+        f"decoding included: {bare['cpu_seconds']:.1f} alone, {beside['cpu_seconds']:.1f} beside the reader.",
         f"Bare loop's CPU time (`time.process_time`, all threads; other load does not count): "
         f"{bare['cpu_seconds']:.1f} s, i.e. {cpu_rate:,.0f} samples/s per busy core.",
         f"CPU seconds per million samples, every process of the whole train_model call: bare "
