@@ -260,7 +260,7 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch = len(progress["history"])
         # Ray Data's first batch takes seconds (its split coordinator and read tasks start in new worker
         # processes): ask for it now, so that the wait overlaps building the model and DeepSpeed.
-        first_batches = _asked_early(epoch_batches(start_epoch)) if start_epoch < train["epochs"] else None
+        batches = _asked_early(epoch_batches(start_epoch)) if start_epoch < train["epochs"] else None
         model = build_model(config["model"], layout)
         if config.get("init_model") and checkpoint is None:  # a resumed run has newer weights
             from pipeline.models import load_model
@@ -278,9 +278,10 @@ def train_loop_per_worker(config: dict) -> None:
 
     log_every = max(1, config["total_steps"] // 200)  # about 200 points per run for the loss curves
     for epoch in range(start_epoch, train["epochs"]):
-        batches = first_batches if epoch == start_epoch else epoch_batches(epoch)
         stats = _train_epoch(engine, batches, distill, config["task"], progress["steps"], log_every)
         progress["history"].append({"epoch": epoch + 1, **stats})
+        if epoch + 1 < train["epochs"]:  # the next epoch's read starts while this one's checkpoint is saved
+            batches = _asked_early(epoch_batches(epoch + 1))
         _report(engine, config, layout, progress)
 
 
