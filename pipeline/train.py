@@ -97,14 +97,10 @@ def train_model(*, role: str, spec, model_config: dict, dataset, rows: int, dist
 
 
 def read_shards(files: list[str], filesystem, columns: list[str]):
-    """A Ray Dataset over soft-label shard files named by the manifests, `columns` only.
-
-    One read task per file: otherwise Ray Data splits the reads into >= 200 blocks (10k rows of a 250k-row
-    shard), which every batch then stitches together and the split coordinator hands on one by one.
-    """
+    """A Ray Dataset over soft-label shard files named by the manifests, `columns` only."""
     from pipeline.data.clicklogs import read_named_files
 
-    return read_named_files(files, filesystem, blocks=len(files)).select_columns(columns)
+    return read_named_files(files, filesystem).select_columns(columns)
 
 
 def soft_label_targets(spec, hidden_dim: int | None = None) -> dict:

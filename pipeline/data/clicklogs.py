@@ -74,12 +74,14 @@ def count_rows(paths: list[str]) -> int:
     return sum(footer.rows for footer in read_footers(paths))
 
 
-def read_named_files(files: list[str], filesystem, blocks: int | None = None):
+def read_named_files(files: list[str], filesystem):
     """`ray.data.read_parquet` over files we already know (a day's log files, a manifest's shards).
 
     With Ray Data's V1 Parquet reader: the default V2 reader of Ray 2.60 first lists the files again, in a
     task with a pool of footer readers, which took 5 s before the first row on 2 cores (of an 8 s wait
-    for a training epoch's first batch). `blocks`: read tasks (V1 otherwise splits reads into >= 200 blocks).
+    for a training epoch's first batch). One read task per file (its output split only at Ray Data's
+    target block size): V1 otherwise splits the reads into >= 200 small blocks, which the label stage wrote out as twice the shard files `label.shard_rows`
+    asks for, and which every training batch stitched together.
     """
     import ray.data
     from ray.data import DataContext
@@ -87,7 +89,7 @@ def read_named_files(files: list[str], filesystem, blocks: int | None = None):
     context = DataContext.get_current()
     default, context.use_datasource_v2 = context.use_datasource_v2, False  # read here, at call time only
     try:
-        return ray.data.read_parquet(files, filesystem=filesystem, override_num_blocks=blocks)
+        return ray.data.read_parquet(files, filesystem=filesystem, override_num_blocks=len(files))
     finally:
         context.use_datasource_v2 = default
 
@@ -106,7 +108,7 @@ def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns
     paths = list(partition_paths(root, days).values())
     check_columns(paths, columns)
     files, filesystem = storage.arrow_paths(parquet_files(paths))  # on S3, carries the endpoint to Ray's readers
-    dataset = read_named_files(files, filesystem, blocks=len(files))  # a block per file: fuller shard files
+    dataset = read_named_files(files, filesystem)
     dataset = dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
     if rules is not None:
         dataset = dataset.map_batches(drop_bad_rows, batch_format="pyarrow", zero_copy_batch=True,
