@@ -156,8 +156,7 @@ def main() -> None:
     bare = bare_label(data_root, days, teacher, columns, out / "bare", batch_size=args.batch_size,
                       threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
     print(f"(a) bare: {bare}", flush=True)
-    log_files = sorted(p for day in days for p in (data_root / f"date={day.isoformat()}").glob("*.parquet"))
-    with common.reader_beside(log_files):
+    with common.reader_beside(sorted(data_root.rglob("*.parquet"))):
         beside = bare_label(data_root, days, teacher, columns, out / "bare-beside", batch_size=args.batch_size,
                             threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
     print(f"(a') bare beside a reader: {beside}", flush=True)

@@ -255,8 +255,7 @@ def render(args, bare: dict, beside: dict, results: list, startup: float, load_b
     cpu_rate = bare["rows"] / bare["cpu_seconds"]
     ratios, cpu_ratios = [], []
     waits = ", ".join(f"{w}w/ZeRO {z}: {r['input_wait_seconds']:.1f}" for w, z, _, r in results)
-    loop_cpu = ", ".join(f"{w}w/ZeRO {z}: {r['loop_cpu_seconds']:.1f}" for w, z, _, r in results
-                         if r.get("loop_cpu_seconds") is not None)
+    loop_cpu = ", ".join(f"{w}w/ZeRO {z}: {r['loop_cpu_seconds']:.1f}" for w, z, _, r in results)
     for workers, zero, cpus, r in results:
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
