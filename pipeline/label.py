@@ -40,8 +40,7 @@ class TeacherPredictor:
 
     def __init__(self, checkpoints: dict[str, str], logit_dtype: str = "float32", threads: int = 1,
                  device: str = "cpu", keep_columns: list[str] | None = None, combine: dict | None = None,
-                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32",
-                 rules=None, quarantine_dir: str | None = None):
+                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32"):
         from pipeline.models import load_model
 
         torch.set_num_threads(max(1, threads))
@@ -53,14 +52,8 @@ class TeacherPredictor:
         self.logit_dtype = np.dtype(logit_dtype)
         self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.rules, self.quarantine_dir = rules, quarantine_dir
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if self.rules is not None:  # bad rows never reach the teacher: quarantined, or the stage stops
-            batch, bad = validate.split_bad_rows(batch, self.rules)
-            if bad.num_rows and self.quarantine_dir is None:
-                raise DataError(f"{bad.num_rows} {validate.BAD_ROWS_MARKER}; first: {bad.column('reason')[0]}")
-            validate.write_quarantine(bad, self.quarantine_dir)
         inputs = table_to_inputs(batch, self.layout)
         if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
@@ -191,12 +184,10 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
     storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
     storage.remove_tree(quarantine_dir)
-    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns)
-    options = predictor_options(spec, teacher) | {
-        "rules": validate.RowRules.from_spec(spec),
-        "quarantine_dir": quarantine_dir if spec.data.on_bad_rows == "quarantine" else None,
-    }
-    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, options))
+    fail = spec.data.on_bad_rows == "fail"
+    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns, rules=validate.RowRules.from_spec(spec),
+                                        fail=fail, quarantine_dir=None if fail else quarantine_dir)
+    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
         try:

@@ -94,12 +94,14 @@ def read_named_files(files: list[str], filesystem):
         context.use_datasource_v2 = default
 
 
-def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns: list[str], rules=None, fail: bool = True):
+def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns: list[str], rules=None,
+                    fail: bool = True, quarantine_dir: str | None = None):
     """Streams the selected days as a Ray Dataset with only `columns`.
 
     Args:
-        rules: `validate.RowRules`; bad rows are dropped, or stop the read when `fail`. None: no row checks
-            (the label stage checks rows itself, to quarantine them).
+        rules: `validate.RowRules`; bad rows are dropped (written to `quarantine_dir` first, when given),
+            or stop the read when `fail`. None: no row checks. The checks run in the read tasks, so an
+            actor pool downstream (the teacher) spends its time on the model alone.
     """
     import ray.data
 
@@ -111,6 +113,9 @@ def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns
     dataset = read_named_files(files, filesystem)
     dataset = dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
     if rules is not None:
+        # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
+        extra = {"runtime_env": {"env_vars": storage.worker_env()}} if quarantine_dir and storage.worker_env() else {}
         dataset = dataset.map_batches(drop_bad_rows, batch_format="pyarrow", zero_copy_batch=True,
-                                      fn_kwargs={"rules": rules, "fail": fail})
+                                      fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir},
+                                      **extra)
     return dataset

@@ -343,12 +343,15 @@ def describe_bad_rows(location: dict) -> str:
 BAD_ROWS_MARKER = "bad row(s) under data.on_bad_rows: fail"
 
 
-def drop_bad_rows(batch: pa.Table, rules: RowRules, fail: bool) -> pa.Table:
-    """A `map_batches` step for reads without quarantine (teacher training, evaluation): the good rows,
-    or, when `fail`, an error at the first bad row (the driver then locates it with `check_rows`)."""
+def drop_bad_rows(batch: pa.Table, rules: RowRules, fail: bool, quarantine_dir: str | None = None) -> pa.Table:
+    """A `map_batches` step of a read: the good rows; the bad ones are written to `quarantine_dir` (the
+    label stage) or dropped; when `fail`, an error at the first bad row instead (the driver then locates
+    it with `check_rows`)."""
     good, bad = split_bad_rows(batch, rules)
     if bad.num_rows and fail:
         raise DataError(f"{bad.num_rows} {BAD_ROWS_MARKER}; first: {bad.column('reason')[0]}")
+    if quarantine_dir is not None:
+        write_quarantine(bad, quarantine_dir)
     return good
 
 
