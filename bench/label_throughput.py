@@ -3,8 +3,9 @@
 Same teacher (the demo's DCN-v2, untrained), same log, same batch size and torch thread count:
   (a) bare: pyarrow dataset batches -> table_to_inputs -> teacher -> pyarrow Parquet writer, one process;
   (a') the same loop while another process decodes the log on the other core with one thread;
-  (b) pipeline: `pipeline.label.label_days` (Ray Data read -> TeacherPredictor actor pool -> write_parquet
-      -> manifests) inside a local Ray this script starts; Ray's start-up is timed separately.
+  (b) pipeline: `pipeline.label.label_days` (Ray Data read + row checks -> TeacherPredictor actor pool ->
+      write_parquet -> manifests) inside a local Ray this script starts; Ray's start-up is timed separately,
+      and the stage runs twice: right after `ray.init`, then again in the same Ray (as in a job).
 
     .venv/bin/python bench/label_throughput.py                  # 5M rows (one day, 5 files of 1M rows), appends to RESULTS.md
     .venv/bin/python bench/label_throughput.py --rows 200000 --no-append   # smoke check
@@ -103,21 +104,26 @@ def stage_costs(data_root, teacher: str, columns: list[str], out_dir, *, batch_s
     return {"rows": done, **{k: v * 1e6 / done for k, v in cpu.items()}}
 
 
-def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> dict:
-    """(b) The pipeline's own label stage, in a local Ray this function starts and stops."""
+def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> list[dict]:
+    """(b) The pipeline's own label stage, twice in a local Ray this function starts and stops: first right
+    after `ray.init` (Ray Data's own actors and worker processes start with it), then again into a new
+    directory, as in a job, where the label stage follows the teacher's training in the same Ray."""
     from pipeline.label import label_days
 
+    runs = []
     with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for the CPU time of every process
         startup = common.start_ray(num_cpus, spec.ray.object_store_memory_mb, spec.ray.data_memory_limit_mb)
         try:
             _quiet_ray_data()
-            cpu, started = sampler.cpu_now(), time.perf_counter()
-            labelled = label_days(spec, teacher, str(shard_root), days)
-            seconds, cpu = time.perf_counter() - started, sampler.cpu_now() - cpu
+            for name in ("first", "again"):
+                cpu, started = sampler.cpu_now(), time.perf_counter()
+                labelled = label_days(spec, teacher, str(shard_root / name), days)
+                seconds, cpu = time.perf_counter() - started, sampler.cpu_now() - cpu
+                runs.append({"rows": labelled.manifest["total_rows"], "seconds": seconds, "startup": startup,
+                             "cpu": cpu, "shards": len(labelled.manifest["shards"])})
         finally:
             common.stop_ray()
-    return {"rows": labelled.manifest["total_rows"], "seconds": seconds, "startup": startup, "cpu": cpu,
-            "shards": len(labelled.manifest["shards"])}
+    return runs
 
 
 def _quiet_ray_data() -> None:
@@ -160,10 +166,10 @@ def main() -> None:
         beside = bare_label(data_root, days, teacher, columns, out / "bare-beside", batch_size=args.batch_size,
                             threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
     print(f"(a') bare beside a reader: {beside}", flush=True)
-    piped = pipeline_label(spec, teacher, out / "pipeline", days, args.num_cpus)
-    print(f"(b) pipeline: {piped}", flush=True)
-    assert bare["rows"] == piped["rows"], (bare["rows"], piped["rows"])
-    report = render(args, bare, beside, piped, load_before, os.getloadavg())
+    piped, again = pipeline_label(spec, teacher, out / "pipeline", days, args.num_cpus)
+    print(f"(b) pipeline: {piped}\n(b) again: {again}", flush=True)
+    assert bare["rows"] == piped["rows"] == again["rows"], (bare["rows"], piped["rows"], again["rows"])
+    report = render(args, bare, beside, piped, again, load_before, os.getloadavg())
     print(report)
     if not args.no_append:
         with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
@@ -197,10 +203,11 @@ def print_costs(args) -> None:
             handle.write("\n" + report)
 
 
-def render(args, bare: dict, beside: dict, piped: dict, load_before, load_after) -> str:
+def render(args, bare: dict, beside: dict, piped: dict, again: dict, load_before, load_after) -> str:
     rows = bare["rows"]
     a = rows / bare["seconds"]
     b_steady, b_total = rows / piped["seconds"], rows / (piped["seconds"] + piped["startup"])
+    b_again = rows / again["seconds"]
     shared = rows / beside["seconds"]
     lines = [
         f"## Label throughput: pipeline vs bare loop ({rows:,} rows)",
@@ -222,16 +229,22 @@ def render(args, bare: dict, beside: dict, piped: dict, load_before, load_after)
              f"{piped['shards']} shard files, {args.days} manifest(s)"),
             ("(b) including ray.init", f"{piped['seconds'] + piped['startup']:.1f}", f"{b_total:,.0f}",
              f"ray.init {piped['startup']:.1f} s"),
+            ("(b) label_days again in the same Ray, into a new directory", f"{again['seconds']:.1f}",
+             f"{b_again:,.0f}", f"{again['shards']} shard files"),
         ], ("run", "seconds", "rows/s", "notes")),
         "",
-        f"Ratio b/a: **{b_steady / a:.2f}** without Ray start-up, {b_total / a:.2f} with it (target >= 0.8).",
+        f"Ratio b/a: **{b_steady / a:.2f}** for the first stage after `ray.init`, {b_total / a:.2f} counting "
+        f"`ray.init`, **{b_again / a:.2f}** for the stage run again in the same Ray (what a job's label stage "
+        "is: it follows the teacher's training, so Ray Data's own actors and Ray's worker processes are up) "
+        "(target >= 0.8).",
         f"(a')/(a) = {shared / a:.2f}: a second busy core alone slows the bare loop by {1 - shared / a:.0%}, with no "
         "pipeline in it; the label stage reads and writes on the other core while the teacher runs, so this is "
         "about its ceiling here.",
         f"Teacher compute alone (bare loop's teacher seconds): {rows / bare['teacher']:,.0f} rows/s.",
         f"CPU seconds per million rows (all processes; other load does not count): bare {bare['cpu'] * 1e6 / rows:.1f}, "
-        f"pipeline {piped['cpu'] * 1e6 / rows:.1f} (driver, raylet, gcs, agents, read/write tasks, actor); "
-        f"CPU-cost ratio a/b **{bare['cpu'] / piped['cpu']:.2f}**.",
+        f"pipeline {piped['cpu'] * 1e6 / rows:.1f} (driver, raylet, gcs, agents, read/write tasks, actor), "
+        f"{again['cpu'] * 1e6 / rows:.1f} run again; CPU-cost ratio a/b **{bare['cpu'] / piped['cpu']:.2f}**, "
+        f"{bare['cpu'] / again['cpu']:.2f} run again.",
         "",
     ]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
 loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
+      timed before and after the (b) runs, which the ratios divide by the rate over both;
   (a') the same loop while another process decodes the shards on the other core with one thread;
   (b) pipeline: `pipeline.train.train_model` (TorchTrainer, DeepSpeed, iter_torch_batches, checkpoint)
       with 1 worker at ZeRO 0 and ZeRO 2, and 2 workers at ZeRO 2, in one local Ray this script starts.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import shutil
 import sys
 import time
@@ -58,16 +60,15 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
     return {"rows": rows, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
 
 
-def step_costs(files: list[str], spec, model_config: dict, batch_size: int, steps: int = 150) -> dict:
+def step_costs(files: list[str], spec, model_config: dict, batch_size: int, steps: int = 150,
+               rounds: int = 5) -> dict:
     """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
-    a plain torch step against `deepspeed.initialize` at ZeRO 0 and 2 (world size 1, gloo)."""
+    a plain torch step against `pipeline.train.deepspeed_engine` at ZeRO 0 and 2 (world size 1, gloo)."""
     import importlib
-
-    import deepspeed
 
     from pipeline.features import FeatureLayout, table_to_inputs
     from pipeline.models import build_model
-    from pipeline.train import deepspeed_config, loss_terms
+    from pipeline.train import deepspeed_engine, loss_terms
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
@@ -85,41 +86,51 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
         if len(batches) == steps:
             break
 
-    def run(step_fn) -> float:
-        for batch in batches[:10]:  # warm-up: first-step allocations and lazy set-up are not per-step costs
-            step_fn(batch)
-        started = time.process_time()
-        for batch in batches:
-            step_fn(batch)
-        return (time.process_time() - started) / len(batches) * 1e3
-
     def loss_of(logits, batch):
         return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
 
-    torch.manual_seed(0)
-    model = build_model(model_config, layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    def plain_step():
+        torch.manual_seed(0)
+        model = build_model(model_config, layout)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
 
-    def plain_step(batch):
-        loss = loss_of(model(batch), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        def step(batch):
+            loss = loss_of(model(batch), batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
 
-    costs = {"torch": run(plain_step)}
-    for zero in (0, 2):
+        return step
+
+    def deepspeed_step(zero: int):
         torch.manual_seed(0)
         model = build_model(model_config, layout)
         train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR),
-                                               config=deepspeed_config(train))
+        engine = deepspeed_engine(model, torch.optim.AdamW(model.parameters(), lr=LR), None, train)
 
-        def ds_step(batch):
+        def step(batch):
             engine.backward(loss_of(engine(batch), batch))
             engine.step()
 
-        costs[f"zero{zero}"] = run(ds_step)
+        return step
+
+    variants = {"torch": plain_step(), "zero0": deepspeed_step(0), "zero2": deepspeed_step(2)}
+    for step in variants.values():
+        for batch in batches[:10]:  # warm-up: first-step allocations and lazy set-up are not per-step costs
+            step(batch)
+    # The machine's speed drifts within seconds (other tenants): the variants take turns, `rounds` times
+    # over the same slice of batches each, and each keeps its median.
+    per_round = len(batches) // rounds
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for index in range(rounds):
+        chunk = batches[index * per_round:(index + 1) * per_round]
+        for name, step in variants.items():
+            started = time.process_time()
+            for batch in chunk:
+                step(batch)
+            samples[name].append((time.process_time() - started) / len(chunk) * 1e3)
+    costs = {name: statistics.median(values) for name, values in samples.items()}
     return costs
 
 
@@ -137,8 +148,9 @@ def print_step_costs(args) -> None:
         "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
         f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
         "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, AdamW, "
-        "clip 1.0), 10 warm-up steps, then 150 timed in CPU time (`time.process_time`), so other load does not count; DeepSpeed with "
-        "world size 1 (gloo), config from `pipeline.train.deepspeed_config`, fp32.", "",
+        "clip 1.0), 10 warm-up steps each, then 5 rounds in which the three take turns over the same 30 batches, timed in CPU time "
+        "(`time.process_time`, so other load does not count), median round per variant; DeepSpeed with "
+        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32.", "",
         common.table(rows, ("batch", "plain torch", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
                             "plain samples/s per core")), ""])
     print(report)
@@ -191,7 +203,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4_000_000)
     parser.add_argument("--batch-size", type=int, default=4096, help="train.batch_size (per worker)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--runs", default="1x0,1x2,2x2", help="WORKERSxZERO pipeline runs, comma-separated")
+    parser.add_argument("--runs", default="1x0,1x2,2x2,1x0", help="WORKERSxZERO pipeline runs, comma-separated "
+                        "(1x0 twice: right after ray.init, and later in the same Ray, as a job's students train)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
                         "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024 and 4096, no Ray")
@@ -217,17 +230,20 @@ def main() -> None:
             from ray.data import DataContext
 
             DataContext.get_current().enable_progress_bars = False
-            for run in filter(None, args.runs.split(",")):
+            for index, run in enumerate(filter(None, args.runs.split(","))):
                 workers, zero = (int(x) for x in run.split("x"))
                 spec = _train_spec(workers, zero, args)
                 cpu = sampler.cpu_now()
-                result = pipeline_train(files, spec, model_config, f"w{workers}-zero{zero}", bare["rows"])
+                # A name per run: a trainer with an earlier run's name would resume that run instead.
+                result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}", bare["rows"])
                 result["cpu_seconds"] = sampler.cpu_now() - cpu
                 print(f"(b) {workers} worker(s), ZeRO {zero}: {result}", flush=True)
                 results.append((workers, zero, spec.train.cpus_per_worker, result))
         finally:
             common.stop_ray()
-    report = render(args, bare, beside, results, startup, load_before, os.getloadavg())
+    after = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
+    print(f"(a) bare, after the pipeline runs: {after}", flush=True)
+    report = render(args, bare, after, beside, results, startup, load_before, os.getloadavg())
     print(report)
     if not args.no_append:
         with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
@@ -243,28 +259,34 @@ def _train_spec(workers: int, zero: int, args):
         "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0})
 
 
-def render(args, bare: dict, beside: dict, results: list, startup: float, load_before, load_after) -> str:
-    a = bare["rows"] / bare["seconds"]
+def render(args, bare: dict, after: dict, beside: dict, results: list, startup: float, load_before,
+           load_after) -> str:
+    # The bare loop before and after the pipeline runs: the machine's speed drifts over minutes (other
+    # tenants), and the pipeline runs sit between the two.
+    a = (bare["rows"] + after["rows"]) / (bare["seconds"] + after["seconds"])
     distill = common.demo_yaml()["distill"]
     base_loss = f"soft_loss {distill.get('soft_loss', 'kd')}, alpha {distill['alpha']}"
-    rows = [("(a) bare PyTorch loop, 1 process, 1 thread", f"{bare['seconds']:.1f}", "-", f"{a:,.0f}", "-", "-", "-",
-             "-", "-")]
+    rows = [(f"(a) bare PyTorch loop, 1 process, 1 thread: before / after the (b) runs",
+             f"{bare['seconds']:.1f} / {after['seconds']:.1f}", "-",
+             f"{bare['rows'] / bare['seconds']:,.0f} / {after['rows'] / after['seconds']:,.0f} (both: {a:,.0f})",
+             "-", "-", "-", "-", "-")]
     shared = beside["rows"] / beside["seconds"]
     rows.append(("(a') the same, another process decoding the shards on the other core (1 thread)",
                  f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", f"{shared / a:.2f}", "-", "-", "-", "-"))
     cpu_rate = bare["rows"] / bare["cpu_seconds"]
     ratios, cpu_ratios = [], []
-    waits = ", ".join(f"{w}w/ZeRO {z}: {r['input_wait_seconds']:.1f}" for w, z, _, r in results)
-    loop_cpu = ", ".join(f"{w}w/ZeRO {z}: {r['loop_cpu_seconds']:.1f}" for w, z, _, r in results)
-    for workers, zero, cpus, r in results:
+    names = [f"#{i + 1} {w}w/ZeRO {z}" for i, (w, z, _, _) in enumerate(results)]
+    waits = ", ".join(f"{n}: {r['input_wait_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
+    loop_cpu = ", ".join(f"{n}: {r['loop_cpu_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
+    for name, (workers, zero, cpus, r) in zip(names, results):
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
         with_init = r["rows"] / (r["seconds"] + startup)
-        rows.append((f"(b) train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}", f"{r['seconds']:.1f}",
+        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}", f"{r['seconds']:.1f}",
                      f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{loop / a:.2f}", f"{steady:,.0f}",
                      f"**{steady / a:.2f}**", f"{call / a:.2f}", f"{with_init / a:.2f}"))
-        ratios.append(f"{workers}w/ZeRO {zero}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
-        cpu_ratios.append(f"{workers}w/ZeRO {zero}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
+        ratios.append(f"{name}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
+        cpu_ratios.append(f"{name}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
     lines = [
         f"## Train throughput: Ray Train + DeepSpeed vs bare PyTorch ({bare['rows']:,} rows, 1 epoch)",
@@ -280,7 +302,8 @@ def render(args, bare: dict, beside: dict, results: list, startup: float, load_b
                             "rows/s after first batch", "b/a after first batch", "b/a whole call",
                             "b/a with ray.init")),
         "",
-        f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8).",
+        f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8); a is the bare loop's "
+        "rate over both of its runs.",
         "First batch: seconds the worker waited for its first batch once its model and DeepSpeed were set up "
         f"(Ray Data starts reading the shards during that set-up). Total input wait per run (s): {waits or '-'}.",
         f"(a')/(a) = {shared / a:.2f}: a second busy core alone slows the bare loop by {1 - shared / a:.0%}, with no "
