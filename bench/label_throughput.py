@@ -245,7 +245,8 @@ def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict
         f"`ray.init`, **{b_again / a:.2f}** for the stage run again in the same Ray (what a job's label stage "
         "is: it follows the teacher's training, so Ray Data's own actors and Ray's worker processes are up) "
         "(target >= 0.8).",
-        f"(a')/(a) = {shared / a:.2f}: a second busy core alone slows the bare loop by {1 - shared / a:.0%}, with no "
+        f"(a')/(a) = {shared / a:.2f}: a second busy core alone changes the bare "
+        f"loop's rate by {shared / a - 1:+.0%} (the machine's own drift included), with no "
         "pipeline in it; the label stage reads and writes on the other core while the teacher runs, so this is "
         "about its ceiling here.",
         f"Teacher compute alone (bare loop's teacher seconds): {rows / bare['teacher']:,.0f} rows/s.",

@@ -306,7 +306,8 @@ def render(args, bare: dict, after: dict, beside: dict, results: list, startup: 
         "rate over both of its runs.",
         "First batch: seconds the worker waited for its first batch once its model and DeepSpeed were set up "
         f"(Ray Data starts reading the shards during that set-up). Total input wait per run (s): {waits or '-'}.",
-        f"(a')/(a) = {shared / a:.2f}: a second busy core alone slows the bare loop by {1 - shared / a:.0%}, with no "
+        f"(a')/(a) = {shared / a:.2f}: a second busy core alone changes the bare "
+        f"loop's rate by {shared / a - 1:+.0%} (the machine's own drift included), with no "
         "pipeline in it; every (b) run reads on the other core while it trains, so this is about its ceiling here.",
         f"CPU seconds of the training thread in the loop (rank 0): {loop_cpu or '-'}; the bare loop's process, "
         f"decoding included: {bare['cpu_seconds']:.1f} alone, {beside['cpu_seconds']:.1f} beside the reader.",

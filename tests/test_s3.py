@@ -72,6 +72,14 @@ def _objects(endpoint: str, bucket: str) -> set[str]:
     return {item["Key"] for page in pages for item in page.get("Contents", [])}
 
 
+def _s3_table(uri: str):
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle)
+
+
 def _assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in FAKE_AWS.values():
@@ -193,6 +201,37 @@ def test_label_stage_reads_s3_and_writes_shards_and_manifest_there(ray_cluster, 
     assert {s["path"].removeprefix(f"s3://{bucket}/") for s in manifest["shards"]} <= keys
     for key in day_manifests:
         _assert_no_secret(json.dumps(storage.read_json(f"s3://{bucket}/{key}")))
+
+
+def test_quarantined_rows_are_written_to_s3_by_the_read_tasks(ray_cluster, bucket, moto_endpoint, click_logs):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.label import run_label_stage
+
+    root = _upload_click_logs(click_logs, bucket, rows=300)
+    fs, _ = storage.filesystem(root)
+    (first_file,) = fs.glob(f"{bucket}/clicks/date={DAYS[0].isoformat()}/*.parquet")
+    with fs.open(first_file, "rb") as handle:
+        table = pq.read_table(handle)
+    clicked = table.column("clicked").to_pylist()
+    clicked[5], clicked[7] = 3, None  # two bad labels on the first training day
+    table = table.set_column(table.schema.get_field_index("clicked"), "clicked",
+                             pa.array(clicked, table.schema.field("clicked").type))
+    with fs.open(first_file, "wb") as handle:
+        pq.write_table(table, handle)
+    spec = _s3_spec({"data.source": "parquet", "data.path": root, "data.on_bad_rows": "quarantine",
+                     "label.batch_size": 128})
+    teacher = _save_random_teacher(f"s3://{bucket}/teacher.pt", spec)
+
+    manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards")
+
+    assert manifest["input_rows"] == 600 and manifest["quarantined_rows"] == 2
+    assert manifest["total_rows"] == 598  # every row once: labelled or set aside
+    keys = {k for k in _objects(moto_endpoint, bucket) if k.startswith("runs/quarantine/")}
+    assert keys and all(k.startswith(f"runs/quarantine/date={DAYS[0].isoformat()}/bad-") for k in keys)
+    reasons = pa.concat_tables(_s3_table(f"s3://{bucket}/{k}") for k in keys).column("reason").to_pylist()
+    assert sorted(reasons) == ["clicked: 3 not in {0,1}", "clicked: null"]
 
 
 @pytest.mark.ray
