@@ -184,10 +184,7 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
     storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
     storage.remove_tree(quarantine_dir)
-    fail = spec.data.on_bad_rows == "fail"
-    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns, rules=validate.RowRules.from_spec(spec),
-                                        fail=fail, quarantine_dir=None if fail else quarantine_dir)
-    labelled = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
+    labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir)
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
         try:
@@ -215,6 +212,15 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
                     quarantine_dir)
     shards.write_manifest(day_dir, manifest)
     return manifest
+
+
+def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: dict, quarantine_dir: str):
+    """One day's labelling as a lazy Ray Dataset: the Parquet read with the row checks fused into its tasks
+    (bad rows quarantined, or the stage stopped), then the teacher actor pool."""
+    fail = spec.data.on_bad_rows == "fail"
+    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns, rules=validate.RowRules.from_spec(spec),
+                                        fail=fail, quarantine_dir=None if fail else quarantine_dir)
+    return dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
 
 
 def quarantine_root(day_dir: str) -> str:
@@ -264,6 +270,11 @@ def pool_options(spec, predictor_kwargs: dict) -> dict:
         "batch_format": "pyarrow",
         "num_cpus": spec.label.cpus_per_actor,
         "num_gpus": gpus,
+        # Ray Data's defaults, stated because we rely on them: a dead actor is restarted and its batches
+        # retried. Stated, they also keep the read tasks' row checks out of the actors (Ray Data fuses a
+        # task step into the actor step after it only when their remote arguments are equal).
+        "max_restarts": -1,
+        "max_task_retries": -1,
         "fn_constructor_kwargs": predictor_kwargs | {
             "threads": max(1, int(spec.label.cpus_per_actor)),
             "device": "cuda" if gpus > 0 else "cpu",

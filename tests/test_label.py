@@ -9,7 +9,7 @@ import pytest
 from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.features import FeatureLayout
-from pipeline.label import run_label_stage
+from pipeline.label import label_columns, labelling_dataset, run_label_stage, teacher_identity
 from pipeline.models import build_model, save_model
 from pipeline.spec import parse_spec
 
@@ -130,3 +130,17 @@ def test_shard_files_hold_about_shard_rows(labelled_setup):
     for day in manifest["inputs"]:
         rows = [s["rows"] for s in manifest["shards"] if f"date={day}" in s["path"]]
         assert sum(rows) == 700 and sum(r < 300 for r in rows) <= 1, rows
+
+
+def test_row_checks_run_in_the_read_tasks_not_in_the_teacher_actors(labelled_setup, tmp_path, capsys):
+    """The actors are the stage's bottleneck (GPUs, on a cluster): they should run the model alone."""
+    spec, teacher, _ = labelled_setup
+    identity = teacher_identity(spec, {spec.teacher[0].name: teacher})
+    dataset = labelling_dataset(spec, spec.data.train_days.start, label_columns(spec), identity,
+                                str(tmp_path / "quarantine"))
+
+    dataset.explain()  # prints the plans; nothing runs
+
+    optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "TaskPoolMapOperator[ReadParquet->MapBatches(drop_bad_rows)]" in optimized
+    assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in optimized
