@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from pipeline import evaluate, report, shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import UserError
-from pipeline.label import TeacherPredictor, bad_rows_located, pool_options, run_label_stage
+from pipeline.label import bad_rows_located, map_with_teachers, run_label_stage
 from pipeline.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: dict | 
     keep = [c for c in (spec.features.label, spec.features.group, spec.eval.slice_by, "true_ctr") if c in columns]
     keep = list(dict.fromkeys(keep))
     predictor = {"checkpoints": dict(checkpoints), "keep_columns": keep, "combine": combine}
-    scored = dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor))
+    scored = map_with_teachers(dataset, spec, predictor)
     with bad_rows_located(spec, days, columns):
         table = pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
 

@@ -13,6 +13,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,7 +221,16 @@ def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: dict, qua
     fail = spec.data.on_bad_rows == "fail"
     dataset = clicklogs.read_click_logs(spec.data.location, [day], columns, rules=validate.RowRules.from_spec(spec),
                                         fail=fail, quarantine_dir=None if fail else quarantine_dir)
-    return dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_options(spec, teacher)))
+    return map_with_teachers(dataset, spec, predictor_options(spec, teacher))
+
+
+def map_with_teachers(dataset, spec, predictor_kwargs: dict):
+    """`dataset` mapped by `TeacherPredictor(**predictor_kwargs)` on the spec's bounded actor pool."""
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote arguments such as max_restarts (for 2.64) but has no named
+        # parameter for them yet; the pinned Ray accepts them, and a Ray upgrade runs the plan test.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_kwargs))
 
 
 def quarantine_root(day_dir: str) -> str:
