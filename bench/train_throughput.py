@@ -64,16 +64,14 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
                rounds: int = 5) -> dict:
     """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
     a plain torch step against `pipeline.train.deepspeed_engine` at ZeRO 0 and 2 (world size 1, gloo)."""
-    import importlib
-
     from pipeline.features import FeatureLayout, table_to_inputs
     from pipeline.models import build_model
-    from pipeline.train import deepspeed_engine, loss_terms
+    from pipeline.train import _skip_inference_comm_op, deepspeed_engine, loss_terms
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # as the pipeline does
+    _skip_inference_comm_op()  # as the pipeline's workers do
     torch.set_num_threads(1)
     layout = FeatureLayout.from_spec(spec.features)
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()

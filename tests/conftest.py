@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 # Fake AWS credentials, planted so tests/test_s3.py can check they never leak into outputs, logs or errors.
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDSECRET123", "AWS_SECRET_ACCESS_KEY": "planted-secret-value-xyz"}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on: bound for a moment, closed again on return."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import DataError
 from pipeline.spec import parse_spec
-from tests.conftest import FAKE_AWS, ROOT
+from tests.conftest import FAKE_AWS, ROOT, free_port
 
 DAYS = [dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)]
 
@@ -84,12 +83,6 @@ def _assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in FAKE_AWS.values():
             assert secret not in text
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # closed again when we return: connections are refused
 
 
 def _save_random_teacher(uri: str, spec) -> str:
@@ -162,7 +155,7 @@ def test_unreachable_endpoint_fails_fast(bucket):
     from pipeline.job import run_job
 
     spec = _s3_spec({"data.source": "parquet", "data.path": f"s3://{bucket}/clicks",
-                     "storage.endpoint_url": f"http://127.0.0.1:{_closed_port()}"})
+                     "storage.endpoint_url": f"http://127.0.0.1:{free_port()}"})
     started = time.monotonic()
     with pytest.raises(DataError, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:\d+ for s3://") as err:
         run_job(spec)  # stage 1, before Ray starts

@@ -26,16 +26,10 @@ import yaml
 
 from pipeline import submit
 from pipeline.spec import load_spec, parse_spec
-from tests.conftest import JOBS, ROOT
+from tests.conftest import JOBS, ROOT, free_port
 
 TINY = str(JOBS / "tiny.yaml")
 AUTH_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -121,7 +115,7 @@ def test_what_means_something_else_on_a_cluster_is_warned_about():
 
 @pytest.mark.parametrize("command", [["jobs"], ["status", "some-job"], ["submit", TINY]])
 def test_unreachable_address_fails_fast_and_clearly(command):
-    closed = _free_port()  # nothing listens there
+    closed = free_port()  # nothing listens there
     started = time.monotonic()
     proc = distill(*command, "--address", f"http://127.0.0.1:{closed}", env=_clean_env())
     assert proc.returncode == 2, proc.stderr
@@ -165,7 +159,7 @@ class JobsCluster:
         self.temp_dir = temp_dir
         self.token = secrets.token_hex(32)
         self.marker = f"distill-test-{secrets.token_hex(6)}"  # every process of this cluster inherits it
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: list[subprocess.Popen] = []
         ray = Path(sys.executable).with_name("ray")
@@ -181,13 +175,13 @@ class JobsCluster:
     def start(self) -> None:
         self._start_node("head", "--head", f"--port={self.gcs_port}", "--num-cpus=2", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                         f"--ray-client-server-port={_free_port()}")
+                         f"--ray-client-server-port={free_port()}")
         self._wait_for(lambda nodes: nodes >= 1, "the head node's dashboard")
         self._start_node("worker", f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1")
         self._wait_for(lambda nodes: nodes == 2, "the worker node to join")
 
     def _start_node(self, name: str, *args: str) -> None:
-        ports = [f"--{flag}={_free_port()}" for flag in (  # no defaults: other Rays may run on this machine
+        ports = [f"--{flag}={free_port()}" for flag in (  # no defaults: other Rays may run on this machine
             "node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "runtime-env-agent-port", "metrics-export-port")]
         # One temp dir per node, as on separate machines: each node's runtime-env agent deletes and re-extracts

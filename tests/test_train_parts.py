@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from pipeline import losses
 from pipeline.train import DistillModule, loss_terms, lr_lambda
+from tests.conftest import free_port
 
 SCHEDULE = {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "step_size": 1000, "gamma": 0.5}
 
@@ -107,15 +108,7 @@ def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_pat
     assert dataset.materialize().num_blocks() == 2  # a block per file, not Ray Data's default >= 200
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _deepspeed_against_torch(zero_stage: int, steps: int = 6) -> dict:
+def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict:
     """Trains two copies of a small net on the same batches, one with plain torch (AdamW, clip 1.0) and
     one through `deepspeed_engine` with world size 1; returns what the test compares."""
     import os
@@ -124,7 +117,7 @@ def _deepspeed_against_torch(zero_stage: int, steps: int = 6) -> dict:
 
     from pipeline import train as train_module
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
     train_module._skip_inference_comm_op()
     torch.manual_seed(0)
@@ -159,7 +152,7 @@ def test_one_deepspeed_worker_trains_exactly_like_plain_torch(ray_cluster, zero_
     import ray
 
     # A fresh worker that exits afterwards: the process group and DeepSpeed's globals die with it.
-    result = ray.get(ray.remote(max_calls=1, num_cpus=0.5)(_deepspeed_against_torch).remote(zero_stage))
+    result = ray.get(ray.remote(max_calls=1, num_cpus=0.5)(_deepspeed_against_torch).remote(zero_stage, free_port()))
 
     assert result["allreduce"] is (zero_stage != 0)  # skipped only where DeepSpeed's optimizer does not reduce
     assert result["moved"] > 1e-2  # the steps did train

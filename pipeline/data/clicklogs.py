@@ -80,8 +80,9 @@ def read_named_files(files: list[str], filesystem):
     With Ray Data's V1 Parquet reader: the default V2 reader of Ray 2.60 first lists the files again, in a
     task with a pool of footer readers, which took 5 s before the first row on 2 cores (of an 8 s wait
     for a training epoch's first batch). One read task per file (its output split only at Ray Data's
-    target block size): V1 otherwise splits the reads into >= 200 small blocks, which the label stage wrote out as twice the shard files `label.shard_rows`
-    asks for, and which every training batch stitched together.
+    target block size): V1 otherwise splits the reads into >= 200 small blocks, which the label stage
+    wrote out as twice the shard files `label.shard_rows` asks for, and every training batch stitched
+    together.
     """
     import ray.data
     from ray.data import DataContext
@@ -114,7 +115,8 @@ def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns
     dataset = dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
     if rules is not None:
         # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
-        extra = {"runtime_env": {"env_vars": storage.worker_env()}} if quarantine_dir and storage.worker_env() else {}
+        env = storage.worker_env() if quarantine_dir else {}
+        extra = {"runtime_env": {"env_vars": env}} if env else {}
         dataset = dataset.map_batches(drop_bad_rows, batch_format="pyarrow", zero_copy_batch=True,
                                       fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir},
                                       **extra)
