@@ -1,4 +1,5 @@
-"""The pure parts of the training loop: learning-rate schedules and how the loss terms combine. No Ray."""
+"""The parts of the training loop: learning-rate schedules, how the loss terms combine, how shards are read,
+DeepSpeed with one worker, and how the dataset reaches one worker."""
 
 from __future__ import annotations
 
@@ -157,3 +158,33 @@ def test_one_deepspeed_worker_trains_exactly_like_plain_torch(ray_cluster, zero_
     assert result["allreduce"] is (zero_stage != 0)  # skipped only where DeepSpeed's optimizer does not reduce
     assert result["moved"] > 1e-2  # the steps did train
     assert result["gap"] < 1e-5
+
+
+def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator(ray_cluster, tiny_spec_dict,
+                                                                                  click_logs):
+    """One worker iterates the dataset itself (`data_config`): no coordinator actor, and every row in
+    each epoch, as `streaming_split` would give it."""
+    import json
+    from pathlib import Path
+
+    from ray.util.state import list_actors
+
+    from pipeline.job import ensure_teacher
+    from pipeline.spec import parse_spec
+
+    tiny_spec_dict["data"].update(path=click_logs(days=1, rows=700),
+                                  train_days={"start": "2026-11-01", "end": "2026-11-01"},
+                                  eval_days={"start": "2026-11-02", "end": "2026-11-02"})
+    tiny_spec_dict["teacher"].update(embedding_dim=4, hidden=[8], epochs=2)
+    tiny_spec_dict["train"].update(num_workers=1, cpus_per_worker=1, epochs=2, batch_size=128)
+    spec = parse_spec(tiny_spec_dict)
+
+    def coordinators() -> set[str]:  # alive or finished, of this whole test session
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000)}
+
+    before = coordinators()
+    ensure_teacher(spec)
+
+    record = json.loads(Path(spec.run_dir, "models", "teacher.json").read_text())
+    assert [(e["epoch"], e["rows"]) for e in record["history"]] == [(1, 700), (2, 700)]
+    assert coordinators() == before
