@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import shutil
 import sys
@@ -63,10 +64,11 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
 def step_costs(files: list[str], spec, model_config: dict, batch_size: int, steps: int = 150,
                rounds: int = 5) -> dict:
     """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
-    a plain torch step against `pipeline.train.deepspeed_engine` at ZeRO 0 and 2 (world size 1, gloo)."""
+    a plain torch step against `pipeline.train.deepspeed_engine` at ZeRO 0 and 2, and ZeRO 2 with
+    DeepSpeed's default contiguous gradients (world size 1, gloo); also minor page faults per step."""
     from pipeline.features import FeatureLayout, table_to_inputs
     from pipeline.models import build_model
-    from pipeline.train import _skip_inference_comm_op, deepspeed_engine, loss_terms
+    from pipeline.train import _skip_inference_comm_op, deepspeed_config, deepspeed_engine, loss_terms
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
@@ -101,11 +103,19 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         return step
 
-    def deepspeed_step(zero: int):
+    def deepspeed_step(zero: int, contiguous_gradients: bool = False):
+        import deepspeed
+
         torch.manual_seed(0)
         model = build_model(model_config, layout)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
-        engine = deepspeed_engine(model, torch.optim.AdamW(model.parameters(), lr=LR), None, train)
+        if contiguous_gradients:  # DeepSpeed's default, which the pipeline turns off for one worker
+            config = deepspeed_config(train, 1)
+            config["zero_optimization"]["contiguous_gradients"] = True
+            engine = deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+        else:
+            engine = deepspeed_engine(model, optimizer, None, train)
 
         def step(batch):
             engine.backward(loss_of(engine(batch), batch))
@@ -113,7 +123,8 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         return step
 
-    variants = {"torch": plain_step(), "zero0": deepspeed_step(0), "zero2": deepspeed_step(2)}
+    variants = {"torch": plain_step(), "zero0": deepspeed_step(0), "zero2": deepspeed_step(2),
+                "zero2_contiguous": deepspeed_step(2, contiguous_gradients=True)}
     for step in variants.values():
         for batch in batches[:10]:  # warm-up: first-step allocations and lazy set-up are not per-step costs
             step(batch)
@@ -121,15 +132,17 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     # over the same slice of batches each, and each keeps its median.
     per_round = len(batches) // rounds
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    faults = dict.fromkeys(variants, 0)  # minor page faults: memory the step gets fresh from the OS
     for index in range(rounds):
         chunk = batches[index * per_round:(index + 1) * per_round]
         for name, step in variants.items():
-            started = time.process_time()
+            started, faulted = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for batch in chunk:
                 step(batch)
             samples[name].append((time.process_time() - started) / len(chunk) * 1e3)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
     costs = {name: statistics.median(values) for name, values in samples.items()}
-    return costs
+    return costs | {f"{name}_faults": faults[name] / (per_round * rounds) for name in variants}
 
 
 def print_step_costs(args) -> None:
@@ -141,15 +154,20 @@ def print_step_costs(args) -> None:
         c = step_costs(files, spec, model_config, batch_size)
         rows.append((batch_size, f"{c['torch']:.2f}", f"{c['zero0']:.2f} ({c['zero0'] / c['torch'] - 1:+.0%})",
                      f"{c['zero2']:.2f} ({c['zero2'] / c['torch'] - 1:+.0%})",
+                     f"{c['zero2_contiguous']:.2f} ({c['zero2_contiguous'] / c['torch'] - 1:+.0%})",
+                     " / ".join(f"{c[name + '_faults']:.0f}" for name in ("torch", "zero0", "zero2", "zero2_contiguous")),
                      f"{batch_size / c['torch'] * 1e3:,.0f}"))
     report = "\n".join([
         "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
         f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
         "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, AdamW, "
-        "clip 1.0), 10 warm-up steps each, then 5 rounds in which the three take turns over the same 30 batches, timed in CPU time "
+        "clip 1.0), 10 warm-up steps each, then 5 rounds in which the four take turns over the same 30 batches, timed in CPU time "
         "(`time.process_time`, so other load does not count), median round per variant; DeepSpeed with "
-        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32.", "",
+        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32; the last "
+        "variant is ZeRO 2 with DeepSpeed's default contiguous gradients, which the pipeline turns off for one worker. "
+        "Page faults: minor faults per step, memory a step gets fresh from the OS.", "",
         common.table(rows, ("batch", "plain torch", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
+                            "ZeRO 2, contiguous gradients", "page faults per step (torch / 0 / 2 / 2 contiguous)",
                             "plain samples/s per core")), ""])
     print(report)
     if not args.no_append:
