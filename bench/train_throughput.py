@@ -3,7 +3,8 @@
 Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
 loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
-      timed before and after the (b) runs, which the ratios divide by the rate over both;
+      timed before Ray starts, between every two (b) runs and after Ray stops: each (b) run's ratio
+      divides by the rate of the bare runs right before and right after it;
   (a') the same loop while another process decodes the shards on the other core with one thread;
   (b) pipeline: `pipeline.train.train_model` (TorchTrainer, DeepSpeed, iter_torch_batches, checkpoint)
       with 1 worker at ZeRO 0 and ZeRO 2, and 2 workers at ZeRO 2, in one local Ray this script starts.
@@ -234,8 +235,12 @@ def main() -> None:
     shutil.rmtree(common.DATA / "train-runs", ignore_errors=True)
     base = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
 
-    bare = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
-    print(f"(a) bare: {bare}", flush=True)
+    def timed_bare(when: str) -> dict:
+        result = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
+        print(f"(a) bare, {when}: {result}", flush=True)
+        return result
+
+    bares = [timed_bare("before Ray starts")]
     with common.reader_beside(files):
         beside = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
     print(f"(a') bare beside a reader: {beside}", flush=True)
@@ -247,19 +252,21 @@ def main() -> None:
 
             DataContext.get_current().enable_progress_bars = False
             for index, run in enumerate(filter(None, args.runs.split(","))):
+                if index:  # every (b) run gets a bare run right before and right after it
+                    bares.append(timed_bare(f"between (b) runs {index} and {index + 1}"))
                 workers, zero = (int(x) for x in run.split("x"))
                 spec = _train_spec(workers, zero, args)
                 cpu = sampler.cpu_now()
                 # A name per run: a trainer with an earlier run's name would resume that run instead.
-                result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}", bare["rows"])
+                result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}",
+                                        bares[0]["rows"])
                 result["cpu_seconds"] = sampler.cpu_now() - cpu
                 print(f"(b) {workers} worker(s), ZeRO {zero}: {result}", flush=True)
                 results.append((workers, zero, spec.train.cpus_per_worker, result))
         finally:
             common.stop_ray()
-    after = bare_train(files, base, model_config, batch_size=args.batch_size, threads=1)
-    print(f"(a) bare, after the pipeline runs: {after}", flush=True)
-    report = render(args, bare, after, beside, results, startup, load_before, os.getloadavg())
+    bares.append(timed_bare("after Ray stops"))
+    report = render(args, bares, beside, results, startup, load_before, os.getloadavg())
     print(report)
     if not args.no_append:
         with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
@@ -275,32 +282,37 @@ def _train_spec(workers: int, zero: int, args):
         "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0})
 
 
-def render(args, bare: dict, after: dict, beside: dict, results: list, startup: float, load_before,
+def render(args, bares: list[dict], beside: dict, results: list, startup: float, load_before,
            load_after) -> str:
-    # The bare loop before and after the pipeline runs: the machine's speed drifts over minutes (other
-    # tenants), and the pipeline runs sit between the two.
-    a = (bare["rows"] + after["rows"]) / (bare["seconds"] + after["seconds"])
+    # The machine's speed drifts by tens of percent within minutes (other tenants): each (b) run is
+    # compared with the bare runs timed right before and right after it (`bares[i]` and `bares[i + 1]`).
+    def rate(*runs: dict) -> float:
+        return sum(r["rows"] for r in runs) / sum(r["seconds"] for r in runs)
+
+    bare, everything = bares[0], rate(*bares)
     distill = common.demo_yaml()["distill"]
     base_loss = f"soft_loss {distill.get('soft_loss', 'kd')}, alpha {distill['alpha']}"
-    rows = [(f"(a) bare PyTorch loop, 1 process, 1 thread: before / after the (b) runs",
-             f"{bare['seconds']:.1f} / {after['seconds']:.1f}", "-",
-             f"{bare['rows'] / bare['seconds']:,.0f} / {after['rows'] / after['seconds']:,.0f} (both: {a:,.0f})",
-             "-", "-", "-", "-", "-")]
-    shared = beside["rows"] / beside["seconds"]
+    rows = [("(a) bare PyTorch loop, 1 process, 1 thread: before Ray, between the (b) runs, after Ray",
+             " / ".join(f"{r['seconds']:.1f}" for r in bares), "-",
+             " / ".join(f"{rate(r):,.0f}" for r in bares) + f" (all: {everything:,.0f})", "-", "-", "-", "-", "-", "-")]
+    shared = rate(beside)
     rows.append(("(a') the same, another process decoding the shards on the other core (1 thread)",
-                 f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", f"{shared / a:.2f}", "-", "-", "-", "-"))
-    cpu_rate = bare["rows"] / bare["cpu_seconds"]
-    ratios, cpu_ratios = [], []
+                 f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", "-", f"{shared / rate(bare):.2f}", "-", "-", "-",
+                 "-"))
+    ratios, cpu_ratios, in_loop = [], [], {}
     names = [f"#{i + 1} {w}w/ZeRO {z}" for i, (w, z, _, _) in enumerate(results)]
     waits = ", ".join(f"{n}: {r['input_wait_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
     loop_cpu = ", ".join(f"{n}: {r['loop_cpu_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
-    for name, (workers, zero, cpus, r) in zip(names, results):
+    for index, (name, (workers, zero, cpus, r)) in enumerate(zip(names, results)):
+        a = rate(bares[index], bares[index + 1])
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
         with_init = r["rows"] / (r["seconds"] + startup)
-        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}", f"{r['seconds']:.1f}",
-                     f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{loop / a:.2f}", f"{steady:,.0f}",
-                     f"**{steady / a:.2f}**", f"{call / a:.2f}", f"{with_init / a:.2f}"))
+        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}",
+                     f"{r['seconds']:.1f}", f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{a:,.0f}",
+                     f"**{loop / a:.2f}**", f"{steady / a:.2f}", f"{call / a:.2f}", f"{with_init / a:.2f}",
+                     f"{loop / everything:.2f}"))
+        in_loop.setdefault(f"{workers}w/ZeRO {zero}", []).append(loop / a)
         ratios.append(f"{name}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
         cpu_ratios.append(f"{name}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
@@ -314,23 +326,24 @@ def render(args, bare: dict, after: dict, beside: dict, results: list, startup: 
         f"the demo's distillation loss ({base_loss}); shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
         f"ray.init {startup:.1f} s.",
         "",
-        common.table(rows, ("run", "seconds (call)", "first batch s", "rows/s in loop", "b/a in loop",
-                            "rows/s after first batch", "b/a after first batch", "b/a whole call",
-                            "b/a with ray.init")),
+        common.table(rows, ("run", "seconds (call)", "first batch s", "rows/s in loop",
+                            "bare rows/s right before + after", "b/a in loop", "b/a after first batch",
+                            "b/a whole call", "b/a with ray.init", "b/a in loop, vs all bare runs")),
         "",
-        f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8); a is the bare loop's "
-        "rate over both of its runs.",
+        f"Ratio b/a inside the training loop: {', '.join(ratios) or '-'} (target >= 0.8); a is the rate of the "
+        "two bare runs timed right before and right after each (b) run (the bare runs between (b) runs share "
+        "the machine with an idle Ray). Per configuration: "
+        + "; ".join(f"{k} {', '.join(f'{v:.2f}' for v in vs)}" for k, vs in in_loop.items()) + ".",
         "First batch: seconds the worker waited for its first batch once its model and DeepSpeed were set up "
         f"(Ray Data starts reading the shards during that set-up). Total input wait per run (s): {waits or '-'}.",
-        f"(a')/(a) = {shared / a:.2f}: a second busy core alone changes the bare "
-        f"loop's rate by {shared / a - 1:+.0%} (the machine's own drift included), with no "
+        f"(a')/(a) = {shared / rate(bare):.2f} (against the first bare run): a second busy core alone changes the "
+        f"bare loop's rate by {shared / rate(bare) - 1:+.0%} (the machine's own drift included), with no "
         "pipeline in it; every (b) run reads on the other core while it trains, so this is about its ceiling here.",
         f"CPU seconds of the training thread in the loop (rank 0): {loop_cpu or '-'}; the bare loop's process, "
-        f"decoding included: {bare['cpu_seconds']:.1f} alone, {beside['cpu_seconds']:.1f} beside the reader.",
-        f"Bare loop's CPU time (`time.process_time`, all threads; other load does not count): "
-        f"{bare['cpu_seconds']:.1f} s, i.e. {cpu_rate:,.0f} samples/s per busy core.",
+        "decoding included: " + " / ".join(f"{r['cpu_seconds']:.1f}" for r in bares)
+        + f", {beside['cpu_seconds']:.1f} beside the reader.",
         f"CPU seconds per million samples, every process of the whole train_model call: bare "
-        f"{bare['cpu_seconds'] * 1e6 / bare['rows']:.1f}; {', '.join(cpu_ratios) or '-'}.",
+        f"{bare['cpu_seconds'] * 1e6 / bare['rows']:.1f} (first run); {', '.join(cpu_ratios) or '-'}.",
         "",
     ]
     return "\n".join(lines)

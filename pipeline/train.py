@@ -289,8 +289,8 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
         progress = _progress(directory)
         start_epoch = len(progress["history"])
-        # Ray Data's first batch takes seconds (its split coordinator and read tasks start in new worker
-        # processes): ask for it now, so that the wait overlaps building the model and DeepSpeed.
+        # Ray Data's first batch takes seconds (read tasks, and with several workers a split coordinator,
+        # start in new worker processes): ask for it now, so the wait overlaps building model and DeepSpeed.
         batches = _asked_early(epoch_batches(start_epoch)) if start_epoch < train["epochs"] else None
         model = build_model(config["model"], layout)
         if config.get("init_model") and checkpoint is None:  # a resumed run has newer weights
