@@ -18,6 +18,7 @@ the whole `train_model` call (worker start-up, DeepSpeed init, checkpoint), and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import resource
 import statistics
@@ -36,7 +37,7 @@ LR = 0.003
 
 def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, threads: int) -> dict:
     """(a) One process, no Ray: the same student, loss, optimizer and clipping as the pipeline's loop."""
-    from pipeline.features import FeatureLayout, table_to_inputs
+    from pipeline.features import FeatureLayout
     from pipeline.models import build_model
     from pipeline.train import loss_terms
 
@@ -45,20 +46,16 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
     layout = FeatureLayout.from_spec(spec.features)
     model = build_model(model_config, layout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=spec.train.weight_decay)
-    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     rows, started, cpu = 0, time.perf_counter(), time.process_time()
     model.train()
-    for batch in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
-        inputs = table_to_inputs(batch, layout)
-        inputs["label"] = torch.from_numpy(batch.column(spec.features.label).to_numpy().astype("float32"))
-        inputs["teacher_logit"] = torch.from_numpy(batch.column("teacher_logit").to_numpy().astype("float32"))
+    for inputs in _shard_batches(files, spec, layout, batch_size):
         logits = model(inputs).float()  # (B,)
         loss = loss_terms(logits, None, inputs, spec.distill.model_dump(), "binary")["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        rows += batch.num_rows
+        rows += len(logits)
     return {"rows": rows, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
 
 
@@ -67,7 +64,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
     a plain torch step against `pipeline.train.deepspeed_engine` at ZeRO 0 and 2, and ZeRO 2 with
     DeepSpeed's default contiguous gradients (world size 1, gloo); also minor page faults per step."""
-    from pipeline.features import FeatureLayout, table_to_inputs
+    from pipeline.features import FeatureLayout
     from pipeline.models import build_model
     from pipeline.train import _skip_inference_comm_op, deepspeed_config, deepspeed_engine, loss_terms
 
@@ -77,15 +74,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     _skip_inference_comm_op()  # as the pipeline's workers do
     torch.set_num_threads(1)
     layout = FeatureLayout.from_spec(spec.features)
-    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
-    batches = []
-    for table in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
-        inputs = table_to_inputs(table, layout)
-        inputs["label"] = torch.from_numpy(table.column(spec.features.label).to_numpy().astype("float32"))
-        inputs["teacher_logit"] = torch.from_numpy(table.column("teacher_logit").to_numpy().astype("float32"))
-        batches.append(inputs)
-        if len(batches) == steps:
-            break
+    batches = list(itertools.islice(_shard_batches(files, spec, layout, batch_size), steps))
 
     def loss_of(logits, batch):
         return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
@@ -174,6 +163,19 @@ def print_step_costs(args) -> None:
     if not args.no_append:
         with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
             handle.write("\n" + report)
+
+
+def _shard_batches(files: list[str], spec, layout, batch_size: int):
+    """The shards as a user's loop reads them: pyarrow dataset batches of `batch_size` rows -> model inputs,
+    plus the label and the teacher's logit."""
+    from pipeline.features import table_to_inputs
+
+    columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
+    for table in _rebatched(pads.dataset(files, format="parquet").to_batches(columns=columns), batch_size):
+        inputs = table_to_inputs(table, layout)
+        inputs["label"] = torch.from_numpy(table.column(spec.features.label).to_numpy().astype("float32"))
+        inputs["teacher_logit"] = torch.from_numpy(table.column("teacher_logit").to_numpy().astype("float32"))
+        yield inputs
 
 
 def _rebatched(batches, size: int):

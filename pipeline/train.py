@@ -165,7 +165,7 @@ def deepspeed_engine(module: torch.nn.Module, optimizer, scheduler, train: dict)
     world_size = torch.distributed.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, world_size))
-    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
         # One worker has nothing to average, but DeepSpeed would still flatten every gradient, all-reduce
         # it with itself and copy it back after each backward (about 5% of a CPU step in a profile).
         engine.enable_backward_allreduce = False

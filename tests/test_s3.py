@@ -205,8 +205,7 @@ def test_quarantined_rows_are_written_to_s3_by_the_read_tasks(ray_cluster, bucke
     root = _upload_click_logs(click_logs, bucket, rows=300)
     fs, _ = storage.filesystem(root)
     (first_file,) = fs.glob(f"{bucket}/clicks/date={DAYS[0].isoformat()}/*.parquet")
-    with fs.open(first_file, "rb") as handle:
-        table = pq.read_table(handle)
+    table = _s3_table(f"s3://{first_file}")
     clicked = table.column("clicked").to_pylist()
     clicked[5], clicked[7] = 3, None  # two bad labels on the first training day
     table = table.set_column(table.schema.get_field_index("clicked"), "clicked",
