@@ -223,7 +223,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096, help="train.batch_size (per worker)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--runs", default="1x0,1x2,2x2,1x0", help="WORKERSxZERO pipeline runs, comma-separated "
-                        "(1x0 twice: right after ray.init, and later in the same Ray, as a job's students train)")
+                        "(1x0 twice: right after ray.init, and later in the same Ray, as a job's students train); "
+                        "WORKERSxZEROpN sets train.prefetch_batches N for that run")
+    parser.add_argument("--prefetch-batches", type=int, default=None,
+                        help="train.prefetch_batches of the (b) runs (default: the spec's default)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
                         "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024 and 4096, no Ray")
@@ -256,15 +259,16 @@ def main() -> None:
             for index, run in enumerate(filter(None, args.runs.split(","))):
                 if index:  # every (b) run gets a bare run right before and right after it
                     bares.append(timed_bare(f"between (b) runs {index} and {index + 1}"))
-                workers, zero = (int(x) for x in run.split("x"))
-                spec = _train_spec(workers, zero, args)
+                shape, _, prefetch = run.partition("p")  # e.g. 1x0, or 1x0p2 with train.prefetch_batches 2
+                workers, zero = (int(x) for x in shape.split("x"))
+                spec = _train_spec(workers, zero, int(prefetch) if prefetch else args.prefetch_batches, args)
                 cpu = sampler.cpu_now()
                 # A name per run: a trainer with an earlier run's name would resume that run instead.
                 result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}",
                                         bares[0]["rows"])
                 result["cpu_seconds"] = sampler.cpu_now() - cpu
                 print(f"(b) {workers} worker(s), ZeRO {zero}: {result}", flush=True)
-                results.append((workers, zero, spec.train.cpus_per_worker, result))
+                results.append((workers, zero, spec.train.cpus_per_worker, spec.train.prefetch_batches, result))
         finally:
             common.stop_ray()
     bares.append(timed_bare("after Ray stops"))
@@ -275,13 +279,14 @@ def main() -> None:
             handle.write("\n" + report)
 
 
-def _train_spec(workers: int, zero: int, args):
+def _train_spec(workers: int, zero: int, prefetch_batches: int | None, args):
     # One worker takes one CPU (one torch thread), leaving the other core to Ray Data's readers; two
     # workers take half a CPU each (still one thread each), as jobs/demo.yaml does on 2 cores.
     cpus = 1.0 if workers == 1 else max(0.5, (args.num_cpus - 1) / workers)
+    prefetch = {} if prefetch_batches is None else {"prefetch_batches": prefetch_batches}
     return common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs", train={
         "num_workers": workers, "cpus_per_worker": cpus, "zero_stage": zero, "batch_size": args.batch_size,
-        "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0})
+        "epochs": 1, "lr": LR, "precision": "fp32", "shuffle_buffer_rows": 0} | prefetch)
 
 
 def render(args, bares: list[dict], beside: dict, results: list, startup: float, load_before,
@@ -302,19 +307,20 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
                  f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", "-", f"{shared / rate(bare):.2f}", "-", "-", "-",
                  "-"))
     ratios, cpu_ratios, in_loop = [], [], {}
-    names = [f"#{i + 1} {w}w/ZeRO {z}" for i, (w, z, _, _) in enumerate(results)]
-    waits = ", ".join(f"{n}: {r['input_wait_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
-    loop_cpu = ", ".join(f"{n}: {r['loop_cpu_seconds']:.1f}" for n, (_, _, _, r) in zip(names, results))
-    for index, (name, (workers, zero, cpus, r)) in enumerate(zip(names, results)):
+    names = [f"#{i + 1} {w}w/ZeRO {z}/prefetch {p}" for i, (w, z, _, p, _) in enumerate(results)]
+    waits = ", ".join(f"{n}: {r['input_wait_seconds']:.1f}" for n, (*_, r) in zip(names, results))
+    loop_cpu = ", ".join(f"{n}: {r['loop_cpu_seconds']:.1f}" for n, (*_, r) in zip(names, results))
+    for index, (name, (workers, zero, cpus, prefetch, r)) in enumerate(zip(names, results)):
         a = rate(bares[index], bares[index + 1])
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
         with_init = r["rows"] / (r["seconds"] + startup)
-        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}",
+        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}, "
+                     f"prefetch_batches {prefetch}",
                      f"{r['seconds']:.1f}", f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{a:,.0f}",
                      f"**{loop / a:.2f}**", f"{steady / a:.2f}", f"{call / a:.2f}", f"{with_init / a:.2f}",
                      f"{loop / everything:.2f}"))
-        in_loop.setdefault(f"{workers}w/ZeRO {zero}", []).append(loop / a)
+        in_loop.setdefault(f"{workers}w/ZeRO {zero}/prefetch {prefetch}", []).append(loop / a)
         ratios.append(f"{name}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
         cpu_ratios.append(f"{name}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")

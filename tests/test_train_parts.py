@@ -178,7 +178,8 @@ def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator
                                   train_days={"start": "2026-11-01", "end": "2026-11-01"},
                                   eval_days={"start": "2026-11-02", "end": "2026-11-02"})
     tiny_spec_dict["teacher"].update(embedding_dim=4, hidden=[8], epochs=2)
-    tiny_spec_dict["train"].update(num_workers=1, cpus_per_worker=1, epochs=2, batch_size=128)
+    # Prefetching (a thread and a format pool beyond the default's one batch ahead) must not change the rows.
+    tiny_spec_dict["train"].update(num_workers=1, cpus_per_worker=1, epochs=2, batch_size=128, prefetch_batches=2)
     spec = parse_spec(tiny_spec_dict)
 
     def coordinators() -> set[str]:  # alive or finished, of this whole test session
