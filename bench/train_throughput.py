@@ -224,9 +224,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--runs", default="1x0,1x2,2x2,1x0", help="WORKERSxZERO pipeline runs, comma-separated "
                         "(1x0 twice: right after ray.init, and later in the same Ray, as a job's students train); "
-                        "WORKERSxZEROpN sets train.prefetch_batches N for that run")
-    parser.add_argument("--prefetch-batches", type=int, default=None,
-                        help="train.prefetch_batches of the (b) runs (default: the spec's default)")
+                        "WORKERSxZEROpN sets train.prefetch_batches N for that run (default: the spec's)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
                         "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024 and 4096, no Ray")
@@ -261,7 +259,7 @@ def main() -> None:
                     bares.append(timed_bare(f"between (b) runs {index} and {index + 1}"))
                 shape, _, prefetch = run.partition("p")  # e.g. 1x0, or 1x0p2 with train.prefetch_batches 2
                 workers, zero = (int(x) for x in shape.split("x"))
-                spec = _train_spec(workers, zero, int(prefetch) if prefetch else args.prefetch_batches, args)
+                spec = _train_spec(workers, zero, int(prefetch) if prefetch else None, args)
                 cpu = sampler.cpu_now()
                 # A name per run: a trainer with an earlier run's name would resume that run instead.
                 result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}",
