@@ -140,7 +140,7 @@ def print_step_costs(args) -> None:
     model_config = common.model_config(common.demo_yaml()["student"])
     spec = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
     rows = []
-    for batch_size in (1024, 4096):
+    for batch_size in (1024, 4096, 16384):
         c = step_costs(files, spec, model_config, batch_size)
         rows.append((batch_size, f"{c['torch']:.2f}", f"{c['zero0']:.2f} ({c['zero0'] / c['torch'] - 1:+.0%})",
                      f"{c['zero2']:.2f} ({c['zero2'] / c['torch'] - 1:+.0%})",
@@ -227,7 +227,7 @@ def main() -> None:
                         "WORKERSxZEROpN sets train.prefetch_batches N for that run (default: the spec's)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
-                        "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024 and 4096, no Ray")
+                        "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024, 4096 and 16384, no Ray")
     args = parser.parse_args()
     if args.step_costs:
         return print_step_costs(args)
