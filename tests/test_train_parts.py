@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
-from pipeline.train import DistillModule, loss_terms, lr_lambda
+from pipeline.train import DistillModule, loss_terms, lr_lambda, zero_stage_warning
 from tests.conftest import free_port
 
 SCHEDULE = {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "step_size": 1000, "gamma": 0.5}
@@ -160,6 +160,14 @@ def test_one_deepspeed_worker_trains_exactly_like_plain_torch(ray_cluster, zero_
     assert result["contiguous"] is (False if zero_stage == 2 else None)  # ZeRO 2's optimizer, no bucket copy
     assert result["moved"] > 1e-2  # the steps did train
     assert result["gap"] < 1e-5
+
+
+def test_zero_stages_above_0_with_one_worker_are_flagged_as_cost_without_saving():
+    for stage in (1, 2, 3):
+        warning = zero_stage_warning(1, stage)
+        assert warning.startswith(f"train.zero_stage {stage} with one worker") and "use zero_stage 0" in warning
+    assert zero_stage_warning(1, 0) is None
+    assert [zero_stage_warning(2, stage) for stage in range(4)] == [None] * 4  # several workers share the state
 
 
 def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator(ray_cluster, tiny_spec_dict,
