@@ -305,20 +305,22 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
                  f"{beside['seconds']:.1f}", "-", f"{shared:,.0f}", "-", f"{shared / rate(bare):.2f}", "-", "-", "-",
                  "-"))
     ratios, cpu_ratios, in_loop = [], [], {}
-    names = [f"#{i + 1} {w}w/ZeRO {z}/prefetch {p}" for i, (w, z, _, p, _) in enumerate(results)]
+    configurations = [f"{w}w/ZeRO {z}/prefetch {p}" for w, z, _, p, _ in results]
+    names = [f"#{i + 1} {configuration}" for i, configuration in enumerate(configurations)]
     waits = ", ".join(f"{n}: {r['input_wait_seconds']:.1f}" for n, (*_, r) in zip(names, results))
     loop_cpu = ", ".join(f"{n}: {r['loop_cpu_seconds']:.1f}" for n, (*_, r) in zip(names, results))
-    for index, (name, (workers, zero, cpus, prefetch, r)) in enumerate(zip(names, results)):
+    for index, (name, configuration, result) in enumerate(zip(names, configurations, results)):
+        workers, zero, cpus, prefetch, r = result
         a = rate(bares[index], bares[index + 1])
         loop, call = r["rows"] / r["loop_seconds"], r["rows"] / r["seconds"]
         steady = r["rows"] / (r["loop_seconds"] - r["first_batch_seconds"])
         with_init = r["rows"] / (r["seconds"] + startup)
-        rows.append((f"(b) {name.split()[0]} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}, "
+        rows.append((f"(b) #{index + 1} train_model, {workers} worker(s) x {cpus:g} CPU, ZeRO {zero}, "
                      f"prefetch_batches {prefetch}",
                      f"{r['seconds']:.1f}", f"{r['first_batch_seconds']:.1f}", f"{loop:,.0f}", f"{a:,.0f}",
                      f"**{loop / a:.2f}**", f"{steady / a:.2f}", f"{call / a:.2f}", f"{with_init / a:.2f}",
                      f"{loop / everything:.2f}"))
-        in_loop.setdefault(f"{workers}w/ZeRO {zero}/prefetch {prefetch}", []).append(loop / a)
+        in_loop.setdefault(configuration, []).append(loop / a)
         ratios.append(f"{name}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
         cpu_ratios.append(f"{name}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
