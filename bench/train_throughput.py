@@ -1,6 +1,6 @@
 """Student-training throughput: Ray Train + DeepSpeed against a bare PyTorch loop over the same shards.
 
-Same student (the demo's MLP), same soft-label shards, batch size, optimizer (AdamW, gradient clipping 1.0),
+Same student (the demo's MLP), same soft-label shards, batch size, optimizer (`pipeline.train.adamw`, fused; clipping 1.0),
 loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
       timed before Ray starts, between every two (b) runs and after Ray stops: each (b) run's ratio
@@ -39,13 +39,13 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
     """(a) One process, no Ray: the same student, loss, optimizer and clipping as the pipeline's loop."""
     from pipeline.features import FeatureLayout
     from pipeline.models import build_model
-    from pipeline.train import loss_terms
+    from pipeline.train import adamw, loss_terms
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     layout = FeatureLayout.from_spec(spec.features)
     model = build_model(model_config, layout)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=spec.train.weight_decay)
+    optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
     rows, started, cpu = 0, time.perf_counter(), time.process_time()
     model.train()
     for inputs in _shard_batches(files, spec, layout, batch_size):
@@ -66,7 +66,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     DeepSpeed's default contiguous gradients (world size 1, gloo); also minor page faults per step."""
     from pipeline.features import FeatureLayout
     from pipeline.models import build_model
-    from pipeline.train import _skip_inference_comm_op, deepspeed_config, deepspeed_engine, loss_terms
+    from pipeline.train import _skip_inference_comm_op, adamw, deepspeed_config, deepspeed_engine, loss_terms
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
@@ -82,7 +82,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     def plain_step():
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
 
         def step(batch):
             loss = loss_of(model(batch), batch)
@@ -98,7 +98,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
         train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
         if contiguous_gradients:  # DeepSpeed's default, which the pipeline turns off for one worker
             config = deepspeed_config(train, 1)
@@ -150,7 +150,7 @@ def print_step_costs(args) -> None:
     report = "\n".join([
         "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
         f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
-        "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, AdamW, "
+        "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, fused AdamW, "
         "clip 1.0), 10 warm-up steps each, then 5 rounds in which the four take turns over the same 30 batches, timed in CPU time "
         "(`time.process_time`, so other load does not count), median round per variant; DeepSpeed with "
         "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32; the last "
@@ -330,7 +330,7 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
         f"Command: `{common.command()}`",
         f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
         "(1-minute; other agents shared the machine, so not guaranteed idle).",
-        f"Student: demo MLP; batch {args.batch_size} per worker, fp32, no shuffle buffer, AdamW + clip 1.0, "
+        f"Student: demo MLP; batch {args.batch_size} per worker, fp32, no shuffle buffer, fused AdamW + clip 1.0, "
         f"the demo's distillation loss ({base_loss}); shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
         f"ray.init {startup:.1f} s.",
         "",

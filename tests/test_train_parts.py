@@ -110,8 +110,8 @@ def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_pat
 
 
 def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict:
-    """Trains two copies of a small net on the same batches, one with plain torch (AdamW, clip 1.0) and
-    one through `deepspeed_engine` with world size 1; returns what the test compares."""
+    """Trains two copies of a small net on the same batches, one with plain torch (the pipeline's fused AdamW,
+    clip 1.0) and one through `deepspeed_engine` with world size 1; returns what the test compares."""
     import os
 
     import torch.distributed as dist
@@ -126,10 +126,9 @@ def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict
     wrapped = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     wrapped.load_state_dict(plain.state_dict())
     initial = [p.detach().clone() for p in plain.parameters()]
-    plain_optimizer = torch.optim.AdamW(plain.parameters(), lr=0.05, weight_decay=0.01)
-    config = {"batch_size": 32, "zero_stage": zero_stage, "precision": "fp32"}
-    engine = train_module.deepspeed_engine(
-        wrapped, torch.optim.AdamW(wrapped.parameters(), lr=0.05, weight_decay=0.01), None, config)
+    config = {"batch_size": 32, "zero_stage": zero_stage, "precision": "fp32", "lr": 0.05, "weight_decay": 0.01}
+    plain_optimizer = train_module.adamw(plain.parameters(), config)
+    engine = train_module.deepspeed_engine(wrapped, train_module.adamw(wrapped.parameters(), config), None, config)
     for _ in range(steps):
         x, y = torch.randn(32, 8), torch.randn(32, 1) * 10  # large targets: clipping at 1.0 is active
         loss = F.mse_loss(plain(x), y)
@@ -142,7 +141,8 @@ def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict
     gap = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), engine.module.parameters()))
     moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), initial))
     result = {"gap": gap, "moved": moved, "allreduce": engine.enable_backward_allreduce,
-              "contiguous": getattr(engine.optimizer, "contiguous_gradients", None)}
+              "contiguous": getattr(engine.optimizer, "contiguous_gradients", None),
+              "fused": engine.basic_optimizer.defaults["fused"]}
     dist.destroy_process_group()
     return result
 
@@ -158,6 +158,7 @@ def test_one_deepspeed_worker_trains_exactly_like_plain_torch(ray_cluster, zero_
 
     assert result["allreduce"] is (zero_stage != 0)  # skipped only where DeepSpeed's optimizer does not reduce
     assert result["contiguous"] is (False if zero_stage == 2 else None)  # ZeRO 2's optimizer, no bucket copy
+    assert result["fused"] is True  # DeepSpeed steps the fused AdamW it was given, not a copy of its own
     assert result["moved"] > 1e-2  # the steps did train
     assert result["gap"] < 1e-5
 
