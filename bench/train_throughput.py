@@ -79,10 +79,12 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     def loss_of(logits, batch):
         return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
 
-    def plain_step():
+    def plain_step(fused: bool = True):
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
+        hyper = {"lr": LR, "weight_decay": spec.train.weight_decay}
+        # Unfused: torch's default AdamW, which the pipeline used before 2026-11-30.
+        optimizer = adamw(model.parameters(), hyper) if fused else torch.optim.AdamW(model.parameters(), **hyper)
 
         def step(batch):
             loss = loss_of(model(batch), batch)
@@ -113,7 +115,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         return step
 
-    variants = {"torch": plain_step(), "zero0": deepspeed_step(0), "zero2": deepspeed_step(2),
+    variants = {"torch": plain_step(), "torch_unfused": plain_step(fused=False), "zero0": deepspeed_step(0), "zero2": deepspeed_step(2),
                 "zero2_contiguous": deepspeed_step(2, contiguous_gradients=True)}
     for step in variants.values():
         for batch in batches[:10]:  # warm-up: first-step allocations and lazy set-up are not per-step costs
@@ -142,7 +144,8 @@ def print_step_costs(args) -> None:
     rows = []
     for batch_size in (1024, 4096, 16384):
         c = step_costs(files, spec, model_config, batch_size)
-        rows.append((batch_size, f"{c['torch']:.2f}", f"{c['zero0']:.2f} ({c['zero0'] / c['torch'] - 1:+.0%})",
+        rows.append((batch_size, f"{c['torch']:.2f}", f"{c['torch_unfused']:.2f} ({c['torch_unfused'] / c['torch'] - 1:+.0%})",
+                     f"{c['zero0']:.2f} ({c['zero0'] / c['torch'] - 1:+.0%})",
                      f"{c['zero2']:.2f} ({c['zero2'] / c['torch'] - 1:+.0%})",
                      f"{c['zero2_contiguous']:.2f} ({c['zero2_contiguous'] / c['torch'] - 1:+.0%})",
                      " / ".join(f"{c[name + '_faults']:.0f}" for name in ("torch", "zero0", "zero2", "zero2_contiguous")),
@@ -151,12 +154,12 @@ def print_step_costs(args) -> None:
         "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
         f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
         "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, fused AdamW, "
-        "clip 1.0), 10 warm-up steps each, then 5 rounds in which the four take turns over the same 30 batches, timed in CPU time "
+        "clip 1.0), 10 warm-up steps each, then 5 rounds in which the five take turns over the same 30 batches, timed in CPU time "
         "(`time.process_time`, so other load does not count), median round per variant; DeepSpeed with "
-        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32; the last "
-        "variant is ZeRO 2 with DeepSpeed's default contiguous gradients, which the pipeline turns off for one worker. "
+        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32; the second "
+        "variant is plain torch with torch's default (unfused) AdamW, the last is ZeRO 2 with DeepSpeed's default contiguous gradients, which the pipeline turns off for one worker. "
         "Page faults: minor faults per step, memory a step gets fresh from the OS.", "",
-        common.table(rows, ("batch", "plain torch", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
+        common.table(rows, ("batch", "plain torch", "plain torch, unfused AdamW", "DeepSpeed ZeRO 0", "DeepSpeed ZeRO 2",
                             "ZeRO 2, contiguous gradients", "page faults per step (torch / 0 / 2 / 2 contiguous)",
                             "plain samples/s per core")), ""])
     print(report)
