@@ -105,8 +105,8 @@ def zero_stage_warning(num_workers: int, zero_stage: int) -> str | None:
         return None
     return (f"train.zero_stage {zero_stage} with one worker: ZeRO splits optimizer state, gradients and "
             "(at stage 3) weights across workers, so one worker saves nothing and pays the bookkeeping "
-            "(about 3 ms of CPU per step for the demo student on 2 cores, bench/RESULTS.md); use zero_stage 0 "
-            "unless train.num_workers grows")
+            "(1.4-3 ms of CPU per step for the demo student at batch 4096 on 2 cores, bench/RESULTS.md); "
+            "use zero_stage 0 unless train.num_workers grows")
 
 
 def data_config(num_workers: int):
@@ -172,8 +172,8 @@ def adamw(params, train: dict) -> torch.optim.AdamW:
     """The optimizer every model trains with: AdamW with the spec's `train.lr` and `train.weight_decay`.
 
     Fused: one kernel per parameter per step, where the default runs about ten element-wise passes over it.
-    For the demo student on 2 CPU cores that took 11% off a plain step at batch 4096 and 25% at 1024
-    (bench/RESULTS.md, 2026-11-30). Torch has the fused kernel for CPU and CUDA alike.
+    For the demo student on 2 CPU cores that took 8-19% off a plain step at batch 4096, and 10-16% at 1024
+    (`bench/train_throughput.py --step-costs`, bench/RESULTS.md). Torch has the fused kernel for CPU and CUDA.
     """
     return torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"], fused=True)
 
