@@ -80,10 +80,11 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
     def loss_of(logits, batch):
         return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
 
+    hyper = {"lr": LR, "weight_decay": spec.train.weight_decay}  # every variant's optimizer settings
+
     def plain_step(fused: bool = True):
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        hyper = {"lr": LR, "weight_decay": spec.train.weight_decay}
         # Unfused: torch's default AdamW, which the pipeline used before 2026-11-30.
         optimizer = adamw(model.parameters(), hyper) if fused else torch.optim.AdamW(model.parameters(), **hyper)
 
@@ -101,7 +102,7 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
+        optimizer = adamw(model.parameters(), hyper)
         train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
         if contiguous_gradients:  # DeepSpeed's default, which the pipeline turns off for one worker
             config = deepspeed_config(train, 1)
