@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
-from pipeline.train import DistillModule, loss_terms, lr_lambda, zero_stage_warning
+from pipeline.train import (HEALTH_CHECK_ENV, DistillModule, loss_terms, lr_lambda, quick_health_checks,
+                            zero_stage_warning)
 from tests.conftest import free_port
 
 SCHEDULE = {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "step_size": 1000, "gamma": 0.5}
@@ -169,6 +170,17 @@ def test_zero_stages_above_0_with_one_worker_are_flagged_as_cost_without_saving(
         assert warning.startswith(f"train.zero_stage {stage} with one worker") and "use zero_stage 0" in warning
     assert zero_stage_warning(1, 0) is None
     assert [zero_stage_warning(2, stage) for stage in range(4)] == [None] * 4  # several workers share the state
+
+
+def test_ray_train_checks_its_workers_every_half_second_unless_the_user_chose(monkeypatch):
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv(HEALTH_CHECK_ENV, raising=False)
+    quick_health_checks()
+    assert get_env_vars_to_propagate()[HEALTH_CHECK_ENV] == "0.5"  # what Ray hands the controller
+    monkeypatch.setenv(HEALTH_CHECK_ENV, "3")
+    quick_health_checks()
+    assert get_env_vars_to_propagate()[HEALTH_CHECK_ENV] == "3"
 
 
 def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator(ray_cluster, tiny_spec_dict,
