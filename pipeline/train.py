@@ -118,7 +118,7 @@ def zero_stage_warning(num_workers: int, zero_stage: int) -> str | None:
         return None
     return (f"train.zero_stage {zero_stage} with one worker: ZeRO splits optimizer state, gradients and "
             "(at stage 3) weights across workers, so one worker saves nothing and pays the bookkeeping "
-            "(1.4-3 ms of CPU per step for the demo student at batch 4096 on 2 cores, bench/RESULTS.md); "
+            "(1-3 ms of CPU per step for the demo student at batch 4096 on 2 cores, bench/RESULTS.md); "
             "use zero_stage 0 unless train.num_workers grows")
 
 
