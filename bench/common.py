@@ -1,5 +1,5 @@
 """Shared pieces of the benchmarks: inputs (click logs, teacher, soft-label shards), the job spec they run,
-a local Ray they start and stop, a resident-memory sampler, and the machine line for RESULTS.md.
+a local Ray they start and stop, a resident-memory sampler, and the machine line a run records.
 
 Benchmarks build their inputs under /tmp/bench-data and reuse them; nothing here runs at import time.
 """
@@ -90,10 +90,13 @@ def demo_yaml() -> dict:
     return yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
 
 
-def model_config(section: dict) -> dict:
-    """`build_model`'s plain dict from a demo.yaml model section (out_dim: 1, a binary CTR logit)."""
-    keys = ("model", "embedding_dim", "hash_buckets", "hidden", "cross_layers", "sequence_pooling")
-    return {k: section[k] for k in keys if k in section} | {"out_dim": 1}
+def model_config(role: str):
+    """The `ModelConfig` of demo.yaml's `teacher` or `student` section, as the pipeline builds it."""
+    from pipeline.models import ModelConfig
+    from pipeline.spec import StudentSpec, TeacherSpec
+
+    section = (TeacherSpec if role == "teacher" else StudentSpec).model_validate(demo_yaml()[role])
+    return ModelConfig.from_section(section)  # out_dim 1: a binary CTR logit
 
 
 def ensure_teacher(role: str = "teacher") -> str:
@@ -104,8 +107,8 @@ def ensure_teacher(role: str = "teacher") -> str:
     from pipeline.spec import FeaturesSpec
 
     raw = demo_yaml()
-    config = model_config(raw[role])
-    path = DATA / f"labeller-demo-{role}-{config['model']}.pt"
+    config = model_config(role)
+    path = DATA / f"labeller-demo-{role}-{config.model}.pt"
     if not path.exists():
         import torch
 
@@ -134,21 +137,16 @@ def bench_spec(data_path: Path, days: list[dt.date], run_root: Path, **sections)
 def start_ray(num_cpus: int, object_store_mb: int | None = None, data_memory_limit_mb: int | None = None) -> float:
     """Starts this benchmark's own local Ray (no dashboard); returns the seconds `ray.init` took.
 
-    Applies Ray Data's object-store cap the way the pipeline's `ray_session` is meant to
-    (`DataContext.execution_options.resource_limits`), so the benchmark does not depend on that wiring.
+    Applies Ray Data's object-store cap as the pipeline's `ray_session` does (`runtime.limit_data_memory`).
     """
-    from ray.data import DataContext
-
-    from pipeline.job import start_local_ray  # retried when a busy machine delays the node's start
+    from pipeline.runtime import limit_data_memory, start_local_ray  # retried when a busy machine delays the node
 
     os.environ.pop("RAY_ADDRESS", None)  # never join another agent's cluster
     started = time.perf_counter()
     start_local_ray(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
                     object_store_memory=object_store_mb * 2**20 if object_store_mb else None)
     seconds = time.perf_counter() - started
-    if data_memory_limit_mb:
-        options = DataContext.get_current().execution_options
-        options.resource_limits = options.resource_limits.copy(object_store_memory=data_memory_limit_mb * 2**20)
+    limit_data_memory(data_memory_limit_mb)
     return seconds
 
 
@@ -242,7 +240,7 @@ def _process_kind(proc: psutil.Process) -> str:
 
 
 def machine() -> str:
-    """Cores, memory, load, versions: the machine line of a RESULTS.md entry."""
+    """Cores, memory, load, versions: a run's machine (`bench/results.py` records its date apart)."""
     import pyarrow
     import ray
     import torch
@@ -252,7 +250,7 @@ def machine() -> str:
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, GPU: "
             f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
             f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}, "
-            f"pyarrow {pyarrow.__version__}; {dt.datetime.now().isoformat(timespec='minutes')}")
+            f"pyarrow {pyarrow.__version__}")
 
 
 def table(rows: list, header, left: int = 1) -> str:
@@ -298,7 +296,7 @@ def soft_label_shards(rows: int, shard_rows: int = 250_000) -> list[str]:
 
 
 def command() -> str:
-    """The command line that ran this benchmark, for RESULTS.md."""
+    """The command line that ran this benchmark, as its run records it."""
     import sys
 
     return " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])

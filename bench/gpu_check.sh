@@ -57,8 +57,11 @@ try:
     import ray.data
     import torch
 
-    from pipeline import train
-    from pipeline.label import label_days
+    import dataclasses
+
+    from pipeline.stages.label import label_days
+    from pipeline.stages.students import DISTILLED, student_run
+    from pipeline.train import TrainRequest, train_model
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"gpu_check: torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -69,25 +72,19 @@ try:
     started = time.perf_counter()
     labelled = label_days(spec, common.ensure_teacher(), str(common.DATA / "gpu-check" / "shards"), days)
     seconds = time.perf_counter() - started
-    total = labelled.manifest["total_rows"]
+    total = labelled.shard_set.total_rows
     print(f"gpu_check: label stage: {total:,} rows in {seconds:.1f} s = {total / seconds:,.0f} rows/s "
           f"(gpus_per_actor {spec.label.gpus_per_actor}, precision {spec.label.precision})", flush=True)
 
     # 2) DeepSpeed bf16 training on the new soft labels (at least one optimizer step)
-    files = [s["path"] for s in labelled.manifest["shards"]]
+    files = [s.path for s in labelled.shard_set.shards]
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     dataset = ray.data.read_parquet(files).select_columns(columns).limit(train_rows)
-    import inspect
-
-    extra = {"rows": train_rows, "targets": train.soft_label_targets(spec) if hasattr(train, "soft_label_targets")
-             else None}
-    accepted = inspect.signature(train.train_model).parameters
+    run = student_run(spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1, "lr": 0.003})}),
+                      DISTILLED, train_rows)
     started = time.perf_counter()
-    result = train.train_model(
-        role="gpu-check", spec=spec, model_config=common.model_config(common.demo_yaml()["student"]),
-        dataset=dataset, distill=spec.distill.model_dump(), epochs=1, lr=0.003,
-        model_path=str(common.DATA / "gpu-check" / "student.pt"),
-        **{k: v for k, v in extra.items() if k in accepted and v is not None})
+    result = train_model(TrainRequest(run=dataclasses.replace(run, role="gpu-check"), dataset=dataset,
+                                      model_path=str(common.DATA / "gpu-check" / "student.pt"), run_dir=spec.run_dir))
     call = time.perf_counter() - started
     epoch = result.history[-1]
     print(f"gpu_check: DeepSpeed {spec.train.precision} training: {epoch['rows']:,} samples, "

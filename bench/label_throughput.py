@@ -4,11 +4,11 @@ Same teacher (the demo's DCN-v2, untrained), same log, same batch size and torch
   (a) bare: pyarrow dataset batches -> table_to_inputs -> teacher -> pyarrow Parquet writer, one process;
       timed before and after the (b) runs, which the ratios divide by the rate over both;
   (a') the same loop while another process decodes the log on the other core with one thread;
-  (b) pipeline: `pipeline.label.label_days` (Ray Data read + row checks -> TeacherPredictor actor pool ->
+  (b) pipeline: `pipeline.stages.label.label_days` (Ray Data read + row checks -> TeacherPredictor actor pool ->
       write_parquet -> manifests) inside a local Ray this script starts; Ray's start-up is timed separately,
       and the stage runs twice: right after `ray.init`, then again in the same Ray (as in a job).
 
-    .venv/bin/python bench/label_throughput.py                  # 5M rows (one day, 5 files of 1M rows), appends to RESULTS.md
+    .venv/bin/python bench/label_throughput.py                  # 5M rows (one day, 5 files of 1M rows), recorded (bench/results.py)
     .venv/bin/python bench/label_throughput.py --rows 200000 --no-append   # smoke check
 """
 
@@ -26,6 +26,10 @@ import pyarrow.parquet as pq
 import torch
 
 import common
+import results as bench_results
+
+TARGET = "pipeline rows/s over the bare loop's (b/a) >= 0.8, after `ray.init`"
+COSTS_TARGET = "none, a diagnostic: the per-core CPU costs `docs/SCALING.md` sizes a cluster with"
 
 
 def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, batch_size: int, threads: int,
@@ -109,7 +113,7 @@ def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> list[
     """(b) The pipeline's own label stage, twice in a local Ray this function starts and stops: first right
     after `ray.init` (Ray Data's own actors and worker processes start with it), then again into a new
     directory, as in a job, where the label stage follows the teacher's training in the same Ray."""
-    from pipeline.label import label_days
+    from pipeline.stages.label import label_days
 
     runs = []
     with common.RssSampler(interval=0.5, pss_every=10**9) as sampler:  # here for the CPU time of every process
@@ -120,8 +124,8 @@ def pipeline_label(spec, teacher: str, shard_root, days, num_cpus: int) -> list[
                 cpu, started = sampler.cpu_now(), time.perf_counter()
                 labelled = label_days(spec, teacher, str(shard_root / name), days)
                 seconds, cpu = time.perf_counter() - started, sampler.cpu_now() - cpu
-                runs.append({"rows": labelled.manifest["total_rows"], "seconds": seconds, "startup": startup,
-                             "cpu": cpu, "shards": len(labelled.manifest["shards"])})
+                runs.append({"rows": labelled.shard_set.total_rows, "seconds": seconds, "startup": startup,
+                             "cpu": cpu, "shards": len(labelled.shard_set.shards)})
         finally:
             common.stop_ray()
     return runs
@@ -143,7 +147,7 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--logit-dtype", default="float32")
     parser.add_argument("--shard-rows", type=int, default=250_000)
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     parser.add_argument("--costs", action="store_true", help="only the per-step CPU cost (1 thread, first "
                         "1M rows): decode, teacher, write, in CPU seconds per million rows")
     args = parser.parse_args()
@@ -173,11 +177,8 @@ def main() -> None:
                        threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
     print(f"(a) bare, after the pipeline runs: {after}", flush=True)
     assert bare["rows"] == piped["rows"] == again["rows"], (bare["rows"], piped["rows"], again["rows"])
-    report = render(args, bare, after, beside, piped, again, load_before, os.getloadavg())
-    print(report)
-    if not args.no_append:
-        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write("\n" + report)
+    bench_results.publish(render(args, bare, after, beside, piped, again, load_before, os.getloadavg()),
+                          dry_run=args.no_append)
 
 
 def print_costs(args) -> None:
@@ -186,28 +187,26 @@ def print_costs(args) -> None:
     columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
     out = common.DATA / "label-costs"
     shutil.rmtree(out, ignore_errors=True)
-    lines = [f"## Label step costs, one thread (CPU seconds per million rows)", "",
-             f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
-             "Each step alone over the same rows, timed in this process's CPU time (`time.process_time`, all its "
+    lines = ["Each step alone over the same rows, timed in this process's CPU time (`time.process_time`, all its "
              "threads), so other load on the machine does not count; "
              f"first {min(args.rows, 1_000_000):,} rows of the log, batch {args.batch_size}; pyarrow decode "
              "defaults, torch 1 thread, writer pyarrow defaults (snappy).", ""]
-    rows = []
+    rows, figures = [], {}
     for role in ("teacher", "student"):
-        costs = stage_costs(data_root, common.ensure_teacher(role), columns, out / role,
-                            batch_size=args.batch_size, rows=min(args.rows, 1_000_000))
+        costs = figures[role] = stage_costs(data_root, common.ensure_teacher(role), columns, out / role,
+                                            batch_size=args.batch_size, rows=min(args.rows, 1_000_000))
         rows.append((f"demo {role} as labeller", f"{costs['decode']:.2f}", f"{costs['teacher']:.2f}",
                      f"{costs['write']:.2f}", f"{1e6 / sum(costs[k] for k in ('decode', 'teacher', 'write')):,.0f}"))
     lines += [common.table(rows, ("model", "Parquet decode", "tensors + forward", "Parquet write",
-                                  "rows/s per core, all three")), ""]
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_append:
-        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write("\n" + report)
+                                  "rows/s per core, all three"))]
+    bench_results.publish({
+        "benchmark": "label_step_costs", "title": "Label step costs, one thread (CPU seconds per million rows)",
+        "command": common.command(), "machine": common.machine(), "target": COSTS_TARGET,
+        "figures": {"cpu_seconds_per_million_rows": figures}, "table_md": "\n".join(lines)}, dry_run=args.no_append)
 
 
-def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict, load_before, load_after) -> str:
+def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict, load_before, load_after) -> dict:
+    """The run as `bench_results.record`'s arguments: its figures, and its settings, table and ratios in Markdown."""
     rows = bare["rows"]
     # The bare loop before and after the pipeline runs: the machine's speed drifts over minutes (other
     # tenants), and the pipeline runs sit between the two.
@@ -215,12 +214,9 @@ def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict
     b_steady, b_total = rows / piped["seconds"], rows / (piped["seconds"] + piped["startup"])
     b_again = rows / again["seconds"]
     shared = rows / beside["seconds"]
+    machine = (f"{common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+               "(1-minute; other agents shared the machine, so not guaranteed idle)")
     lines = [
-        f"## Label throughput: pipeline vs bare loop ({rows:,} rows)",
-        "",
-        f"Command: `{common.command()}`",
-        f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-        "(1-minute; other agents shared the machine, so not guaranteed idle).",
         f"Log: {rows:,} rows in {args.days} date= partition(s), files of up to 1M rows (synthetic, demo "
         f"world); teacher: demo DCN-v2 (untrained); "
         f"batch {args.batch_size}, torch threads {args.threads}, actors {args.actors}, Ray num_cpus "
@@ -254,9 +250,13 @@ def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict
         f"pipeline {piped['cpu'] * 1e6 / rows:.1f} (driver, raylet, gcs, agents, read/write tasks, actor), "
         f"{again['cpu'] * 1e6 / rows:.1f} run again; CPU-cost ratio a/b **{bare['cpu'] / piped['cpu']:.2f}**, "
         f"{bare['cpu'] / again['cpu']:.2f} run again.",
-        "",
     ]
-    return "\n".join(lines)
+    figures = {"rows": rows, "bare": bare, "bare_after": after, "bare_beside_reader": beside, "pipeline": piped,
+               "pipeline_again": again, "ratio_first_stage_after_ray_init": b_steady / a,
+               "ratio_with_ray_init": b_total / a, "ratio_again_in_same_ray": b_again / a}
+    return {"benchmark": "label_throughput", "title": f"Label throughput: pipeline vs bare loop ({rows:,} rows)",
+            "command": common.command(), "machine": machine, "target": TARGET, "figures": figures,
+            "table_md": "\n".join(lines)}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Peak memory of the label stage as the log grows: streaming must keep it flat.
 
 For each log size, one `date=` partition of that many rows (one Ray Data execution) is labelled by
-`pipeline.label.label_days` with the demo teacher, in a fresh local Ray whose object store is
+`pipeline.stages.label.label_days` with the demo teacher, in a fresh local Ray whose object store is
 `ray.object_store_memory_mb` and whose Ray Data budget is `ray.data_memory_limit_mb`. A thread samples
 the resident memory of the driver and every process under it (gcs_server, raylet, workers, the actor)
 every 0.2 s; the peak sum is reported, with the proportional set size (shared pages split) beside it.
 
-    .venv/bin/python bench/memory.py                                   # 5M and 20M rows, appends to RESULTS.md
+    .venv/bin/python bench/memory.py                                   # 5M and 20M rows, recorded (bench/results.py)
     .venv/bin/python bench/memory.py --sizes 200000,400000 --no-append # smoke check
 """
 
@@ -18,15 +18,17 @@ import shutil
 import time
 
 import common
+import results as bench_results
 
 MIB = 2**20
+TARGET = "flat: peak memory does not grow with the log (4x the rows, 10x to 41x the object store)"
 
 
 def label_with_sampling(rows: int, args) -> dict:
     """Labels a one-day log of `rows` rows; returns time, rows, peak memory and Ray's spill statistics."""
     import ray
 
-    from pipeline.label import label_days
+    from pipeline.stages.label import label_days
 
     data_root, days = common.click_log(rows, 1)
     spec = common.bench_spec(data_root, days, common.DATA / "runs", ray={
@@ -53,7 +55,7 @@ def label_with_sampling(rows: int, args) -> dict:
             spill = _spill_lines(ray)
         finally:
             common.stop_ray()
-    return {"rows": labelled.manifest["total_rows"], "log_mib": log_bytes / MIB, "seconds": seconds,
+    return {"rows": labelled.shard_set.total_rows, "log_mib": log_bytes / MIB, "seconds": seconds,
             "startup": startup, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "idle_rss": idle_rss,
             "by_name": sampler.peak_by_name, "samples": sampler.samples, "spill": spill, "wiring": wiring,
             "block_mib": block_mib}
@@ -76,17 +78,12 @@ def _pipeline_wiring(spec) -> str:
     `common.start_ray` has already applied the limit, so the stage runs capped either way."""
     from ray.data import DataContext
 
-    try:
-        from pipeline.job import limit_data_memory
-    except ImportError:
-        return "pipeline.job has no limit_data_memory: the benchmark set the limit itself"
+    from pipeline.runtime import limit_data_memory
+
     before = DataContext.get_current().execution_options.resource_limits
-    try:
-        limit_data_memory(spec)
-    except Exception as exc:  # noqa: BLE001 - reported, not hidden: the benchmark's own setting stays
-        return f"pipeline.job.limit_data_memory failed ({type(exc).__name__}: {exc}); the benchmark set the limit itself"
+    limit_data_memory(spec.ray.data_memory_limit_mb)
     after = DataContext.get_current().execution_options.resource_limits
-    return f"pipeline.job.limit_data_memory ran; Ray Data limits {before} -> {after}"
+    return f"pipeline.runtime.limit_data_memory ran; Ray Data limits {before} -> {after}"
 
 
 def _spill_lines(ray) -> str:
@@ -110,7 +107,7 @@ def main() -> None:
                         help="the labelling model: the demo teacher, or the demo student's architecture (a "
                              "fast labeller, so Parquet reads and writes, not the model, set the pace)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -119,14 +116,11 @@ def main() -> None:
         result = label_with_sampling(rows, args)
         print(f"{rows:,} rows: {result}", flush=True)
         results.append(result)
-    report = render(args, results, load_before, os.getloadavg())
-    print(report)
-    if not args.no_append:
-        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write("\n" + report)
+    bench_results.publish(render(args, results, load_before, os.getloadavg()), dry_run=args.no_append)
 
 
-def render(args, results: list[dict], load_before, load_after) -> str:
+def render(args, results: list[dict], load_before, load_after) -> dict:
+    """The run as `bench_results.record`'s arguments: its figures, and its settings and table in Markdown."""
     rows = []
     for r in results:
         top = sorted(r["by_name"].items(), key=lambda kv: -kv[1])[:4]
@@ -134,12 +128,9 @@ def render(args, results: list[dict], load_before, load_after) -> str:
                      f"{r['seconds']:.0f}", f"{r['rows'] / r['seconds']:,.0f}", f"{r['idle_rss'] / MIB:,.0f}",
                      f"**{r['peak_rss'] / MIB:,.0f}**", f"{r['peak_pss'] / MIB:,.0f}",
                      ", ".join(f"{k} {v / MIB:,.0f}" for k, v in top)))
+    machine = (f"{common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+               "(1-minute; other agents shared the machine, so not guaranteed idle)")
     lines = [
-        "## Label-stage peak memory vs log size",
-        "",
-        f"Command: `{common.command()}`",
-        f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-        "(1-minute; other agents shared the machine, so not guaranteed idle).",
         f"Settings: ray.object_store_memory_mb {args.object_store_mb}, ray.data_memory_limit_mb "
         f"{args.data_memory_limit_mb}, target_max_block_size in effect {results[0]['block_mib']:g} MiB; label batch "
         f"{args.batch_size}, labelling model: demo {args.teacher} (untrained), 1 actor x 1 CPU, Ray num_cpus {args.num_cpus}; each log is one date= partition "
@@ -151,9 +142,9 @@ def render(args, results: list[dict], load_before, load_after) -> str:
                             "RSS after ray.init MiB", "peak RSS MiB", "peak PSS MiB", "largest at peak (RSS MiB)")),
         "",
         *[f"- {r['rows']:,} rows, object store: {r['spill']}" for r in results],
-        "",
     ]
-    return "\n".join(lines)
+    return {"benchmark": "memory", "title": "Label-stage peak memory vs log size", "command": common.command(),
+            "machine": machine, "target": TARGET, "figures": {"runs": results}, "table_md": "\n".join(lines)}
 
 
 if __name__ == "__main__":

@@ -5,20 +5,19 @@ trained, soft labels, distilled and hard-label student of the same architecture 
 the synthetic log (`jobs/demo.yaml`), on the Criteo sample (`jobs/criteo-sample.yaml`) and on the Criteo sample
 with a stronger teacher (see DATASETS). On the same soft-label shards it then trains hard-label students of the
 other student families (`fm`, a small `dcn_v2`), so the teacher is checked against every family, and a distilled
-student with other distillation settings (VARIANT, or `--variant`). Replaces its section of `bench/RESULTS.md`
-and writes the raw per-seed metrics to `bench/quality.json`.
+student with other distillation settings (VARIANT, or `--variant`). Records the run with `bench/results.py`: the
+per-seed metrics go to `bench/results/quality-<date>.json`, and RESULTS.md's quality section is rebuilt from it.
 
     .venv/bin/python bench/quality.py                    # 3 seeds x 3 datasets (~1.5 h on a loaded 2-core machine)
     .venv/bin/python bench/quality.py --quick            # smoke check: 1 seed, small log, 1 epoch; prints only
     .venv/bin/python bench/quality.py --datasets criteo --variant distill.temperature=4 --no-append
-    .venv/bin/python bench/quality.py --from-records /tmp/bench-quality/records-synthetic-criteo.json  # re-render
+    .venv/bin/python bench/quality.py --from-records /tmp/bench-quality/records-synthetic-criteo.json  # re-render, record
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import json
 import os
 import platform
@@ -30,10 +29,14 @@ import numpy as np
 import yaml
 
 import common
+import results as bench_results
 
 from pipeline import shards, storage
-from pipeline.job import evaluate_models, ray_session, run_job, train_student
-from pipeline.spec import JobSpec, parse_spec
+from pipeline.job import run_job
+from pipeline.runtime import ray_session
+from pipeline.spec import JobSpec, apply_override, parse_spec
+from pipeline.stages.scoring import evaluate_models
+from pipeline.stages.students import train_student
 
 ROOT = Path(__file__).resolve().parents[1]
 # name: (shipped spec, this benchmark's overrides of it).
@@ -62,7 +65,10 @@ QUICK = {"jobs/demo.yaml": ["data.synthetic.rows_per_day=20000", "train.epochs=1
 # gap where the shipped KD at T 1 recovered little: with a 3.6% click rate, BCE against sigmoid(t) gives the
 # student tiny gradients between teacher scores of 0.02 and 0.05, while (s - t)^2 weighs them like any other.
 VARIANT = ["distill.soft_loss=mse", "distill.alpha=0.3"]
-HEADING = "## Quality: teacher vs distilled vs hard-label student (`bench/quality.py`)"
+TITLE = "Quality: teacher vs distilled vs hard-label student (`bench/quality.py`)"
+TARGET = ("gap recovery >= 50%; batch-1 latency >= 10x lower; >= 4x fewer parameters; distilled >= hard-label + 0.001 "
+          "AUC; the teacher beats every hard-label family on every seed; stretch: distilled within 0.001 AUC of the "
+          "teacher (a verdict table per dataset)")
 
 
 def bench_raw(dataset: str, seed: int, scratch: Path, overrides: list[str]) -> dict:
@@ -72,7 +78,7 @@ def bench_raw(dataset: str, seed: int, scratch: Path, overrides: list[str]) -> d
     raw.setdefault("train", {})["seed"] = seed
     raw.setdefault("ray", {})["num_cpus"] = 2
     for override in overrides:
-        set_key(raw, override)
+        apply_override(raw, override)
     if raw["data"].get("partitions"):  # the shipped paths are relative to the repository root
         raw["data"]["partitions"] = {day: os.path.normpath(ROOT / path) for day, path in raw["data"]["partitions"].items()}
     else:  # one generated log shared by every seed; its size names it, so a resized log is generated anew
@@ -80,20 +86,10 @@ def bench_raw(dataset: str, seed: int, scratch: Path, overrides: list[str]) -> d
     return raw
 
 
-def set_key(raw: dict, override: str) -> None:
-    """Applies `key.path=value` (a YAML value) to a raw spec, like `distill run --set`."""
-    key, _, value = override.partition("=")
-    *sections, last = key.split(".")
-    node = raw
-    for section in sections:
-        node = node.setdefault(section, {})
-    node[last] = yaml.safe_load(value)
-
-
-def combined_manifest(spec: JobSpec) -> dict:
-    """The main run's soft-label shards, as training reads them (every day's manifest combined)."""
+def shard_set(spec: JobSpec) -> shards.ShardSet:
+    """The main run's soft-label shards, as training reads them (every day's manifest)."""
     days = [storage.join(spec.run_dir, "shards", f"date={d.isoformat()}") for d in spec.data.train_days.days()]
-    return shards.combine([shards.read_manifest(day) for day in days])
+    return shards.ShardSet(tuple(shards.read_manifest(day) for day in days))
 
 
 def extra_students(raw: dict, variant: list[str]) -> dict[str, tuple[JobSpec, str]]:
@@ -109,7 +105,7 @@ def extra_students(raw: dict, variant: list[str]) -> dict[str, tuple[JobSpec, st
     if variant:
         spec_raw = copy.deepcopy(raw)
         for override in variant:
-            set_key(spec_raw, override)
+            apply_override(spec_raw, override)
         spec_raw["output"]["run_name"] = f"{raw['name']}-variant"
         extras["distilled_variant"] = (parse_spec(spec_raw), "student_distilled")
     return extras
@@ -121,10 +117,10 @@ def run_seed(dataset: str, seed: int, scratch: Path, overrides: list[str], varia
     spec = parse_spec(raw, source=DATASETS[dataset][0])
     started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     metrics = run_job(spec)
-    manifest = combined_manifest(spec)
+    labelled = shard_set(spec)
     extras = extra_students(raw, variant)
     with ray_session(spec):
-        paths = {name: train_student(extra, manifest, role) for name, (extra, role) in extras.items()}
+        paths = {name: train_student(extra, labelled, role) for name, (extra, role) in extras.items()}
         roles = {"teacher": "teacher"} | {name: role.removeprefix("student_") for name, (_, role) in extras.items()}
         scored = evaluate_models(spec, {"teacher": metrics["models"]["teacher"]["checkpoint"]} | paths, roles=roles)
     models = metrics["models"] | {name: scored["models"][name] for name in paths}
@@ -143,7 +139,7 @@ def batch1_latency(spec: JobSpec, checkpoints: dict[str, str], repeats: int = 5,
     loaded machine one p50 (what the job reports) moves with the other processes; the best of several
     is the model's own cost. Same `measure_latency` (1 thread, warm-up, inference mode) as the job."""
     from pipeline.data import clicklogs
-    from pipeline.evaluate import measure_latency
+    from pipeline.metrics import measure_latency
     from pipeline.features import table_to_inputs
     from pipeline.models import load_model
 
@@ -310,11 +306,10 @@ def machine_line(records: list[dict]) -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}")
 
 
-def render(records: list[dict], argv: list[str]) -> str:
+def render(records: list[dict], argv: list[str]) -> dict:
+    """The run as `bench_results.record`'s arguments: the per-seed records, and a section per dataset in Markdown."""
     minutes = sum(r["seconds"] for r in records) / 60
-    lines = [HEADING, "", f"Command: `{' '.join(['.venv/bin/python', 'bench/quality.py', *argv])}`",
-             f"Machine: {machine_line(records)}. Date: {dt.date.today()}. "
-             f"Time: {minutes:.0f} min, summed over the seeds' runs.", "",
+    lines = [f"Time: {minutes:.0f} min, summed over the seeds' runs. "
              "Each seed sets `train.seed` (model init and shuffling; the data are the same) and runs the whole job: "
              "teacher trained, soft labels, distilled and hard-label student (same architecture, epochs and "
              "batch), then hard-label `fm` and `dcn_v2` students on the same shards. AUC and log-loss on the "
@@ -325,19 +320,9 @@ def render(records: list[dict], argv: list[str]) -> str:
         chosen = [r for r in records if r["dataset"] == dataset]
         if chosen:
             lines += dataset_section(dataset, chosen)
-    return "\n".join(lines)
-
-
-def replace_section(path: Path, section: str) -> None:
-    """Replaces this benchmark's section of RESULTS.md (from its heading to the next `## `), or appends it."""
-    text = path.read_text()
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
-    path.write_text(text)
+    return {"benchmark": "quality", "title": TITLE, "command": " ".join([".venv/bin/python", "bench/quality.py", *argv]),
+            "machine": machine_line(records), "target": TARGET, "figures": {"records": records},
+            "table_md": "\n".join(lines)}
 
 
 def reproducing_args(argv: list[str]) -> list[str]:
@@ -362,15 +347,17 @@ def main() -> None:
     parser.add_argument("--no-variant", action="store_true", help="train no extra distilled student")
     parser.add_argument("--quick", action="store_true", help="1 seed, small log, 1 epoch; prints only")
     parser.add_argument("--scratch", default="/tmp/bench-quality")
-    parser.add_argument("--from-records", help="records-*.json of earlier runs (comma-separated): render and write only")
-    parser.add_argument("--no-append", action="store_true", help="print only; do not touch bench/RESULTS.md")
+    parser.add_argument("--from-records", help="records-*.json of earlier runs, or their bench/results/quality-*.json "
+                        "(comma-separated): render and record only")
+    parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     args = parser.parse_args()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     scratch = Path(args.scratch + ("-quick" if args.quick else ""))
     variant = [] if args.no_variant else args.variant or VARIANT
     records = []
     if args.from_records:  # re-render a finished (or interrupted) run without training anything
-        records = [r for path in args.from_records.split(",") for r in json.loads(Path(path).read_text())]
+        loaded = [json.loads(Path(path).read_text()) for path in args.from_records.split(",")]
+        records = [r for run in loaded for r in (run["figures"]["records"] if isinstance(run, dict) else run)]
     for seed in [] if args.from_records else seeds:  # seed-major: an interrupted run still covers every dataset
         for dataset in args.datasets.split(","):
             shipped, own = DATASETS[dataset]
@@ -378,11 +365,7 @@ def main() -> None:
             records.append(run_seed(dataset, seed, scratch, overrides, variant))
             progress = scratch / f"records-{args.datasets.replace(',', '-')}.json"  # one per process
             progress.write_text(json.dumps(records, indent=1, default=str))
-    section = render(records, reproducing_args(sys.argv[1:]))
-    print("\n" + section)
-    if not (args.quick or args.no_append):
-        (ROOT / "bench" / "quality.json").write_text(json.dumps(records, indent=1, default=str) + "\n")
-        replace_section(ROOT / "bench" / "RESULTS.md", section)
+    bench_results.publish(render(records, reproducing_args(sys.argv[1:])), dry_run=args.quick or args.no_append)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Student-training throughput: Ray Train + DeepSpeed against a bare PyTorch loop over the same shards.
 
-Same student (the demo's MLP), same soft-label shards, batch size, optimizer (`pipeline.train.adamw`, clip 1.0),
-loss (`pipeline.train.loss_terms` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
+Same student (the demo's MLP), same soft-label shards, batch size, optimizer (`pipeline.train.engine.adamw`, clip 1.0),
+loss (`pipeline.losses.distillation_loss` with the demo's distill section) and torch threads (1 per worker, what `cpus_per_worker` 1 or 0.5 gives):
   (a) bare: pyarrow dataset batches -> table_to_inputs -> forward/backward/step, one process, no Ray;
       timed before Ray starts, between every two (b) runs and after Ray stops: each (b) run's ratio
       divides by the rate of the bare runs right before and right after it;
@@ -11,7 +11,7 @@ loss (`pipeline.train.loss_terms` with the demo's distill section) and torch thr
 Rows/s of (b) are given three ways: inside the training loop (the loop's own timer, all workers' rows),
 the whole `train_model` call (worker start-up, DeepSpeed init, checkpoint), and with `ray.init` added.
 
-    .venv/bin/python bench/train_throughput.py                 # 4M rows, batch 4096, appends to RESULTS.md
+    .venv/bin/python bench/train_throughput.py                 # 4M rows, batch 4096, recorded (bench/results.py)
     .venv/bin/python bench/train_throughput.py --rows 200000 --no-append   # smoke check
 """
 
@@ -31,26 +31,30 @@ import pyarrow.dataset as pads
 import torch
 
 import common
+import results as bench_results
 
 LR = 0.003
+TARGET = "pipeline samples/s over the bare loop's (b/a) >= 0.8, inside the training loop"
+STEP_COSTS_TARGET = "none, a diagnostic: DeepSpeed's CPU per step over plain torch's, which other load does not inflate"
 
 
-def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, threads: int) -> dict:
+def bare_train(files: list[str], spec, model_config, *, batch_size: int, threads: int) -> dict:
     """(a) One process, no Ray: the same student, loss, optimizer and clipping as the pipeline's loop."""
     from pipeline.features import FeatureLayout
+    from pipeline.losses import distillation_loss
     from pipeline.models import build_model
-    from pipeline.train import adamw, loss_terms
+    from pipeline.train.engine import adamw
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     layout = FeatureLayout.from_spec(spec.features)
     model = build_model(model_config, layout)
-    optimizer = adamw(model.parameters(), {"lr": LR, "weight_decay": spec.train.weight_decay})
+    optimizer = adamw(model.parameters(), spec.train.model_copy(update={"lr": LR}))
     rows, started, cpu = 0, time.perf_counter(), time.process_time()
     model.train()
     for inputs in _shard_batches(files, spec, layout, batch_size):
         logits = model(inputs).float()  # (B,)
-        loss = loss_terms(logits, None, inputs, spec.distill.model_dump(), "binary")["loss"]
+        loss = distillation_loss(logits, inputs, spec.distill, "binary")["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -59,34 +63,37 @@ def bare_train(files: list[str], spec, model_config: dict, *, batch_size: int, t
     return {"rows": rows, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}
 
 
-def step_costs(files: list[str], spec, model_config: dict, batch_size: int, steps: int = 150,
+def step_costs(files: list[str], spec, model_config, batch_size: int, steps: int = 150,
                rounds: int = 5) -> dict:
     """CPU milliseconds per optimizer step on pre-made batches, one process, no Ray, 1 torch thread:
     a plain torch step (the pipeline's fused AdamW, and torch's default one) against
-    `pipeline.train.deepspeed_engine` at ZeRO 0 and 2, and ZeRO 2 with
+    `pipeline.train.engine.deepspeed_engine` at ZeRO 0 and 2, and ZeRO 2 with
     DeepSpeed's default contiguous gradients (world size 1, gloo); also minor page faults per step."""
     from pipeline.features import FeatureLayout
     from pipeline.models import build_model
-    from pipeline.train import _skip_inference_comm_op, adamw, deepspeed_config, deepspeed_engine, loss_terms
+    from pipeline.losses import distillation_loss
+    from pipeline.runtime import skip_deepspeed_inference_op
+    from pipeline.train.engine import adamw, deepspeed_config, deepspeed_engine
 
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "LOCAL_RANK": "0",
                        "WORLD_SIZE": "1"}.items():
         os.environ.setdefault(key, value)
-    _skip_inference_comm_op()  # as the pipeline's workers do
+    skip_deepspeed_inference_op()  # as the pipeline's workers do
     torch.set_num_threads(1)
     layout = FeatureLayout.from_spec(spec.features)
     batches = list(itertools.islice(_shard_batches(files, spec, layout, batch_size), steps))
 
     def loss_of(logits, batch):
-        return loss_terms(logits.float(), None, batch, spec.distill.model_dump(), "binary")["loss"]
+        return distillation_loss(logits.float(), batch, spec.distill, "binary")["loss"]
 
     hyper = {"lr": LR, "weight_decay": spec.train.weight_decay}  # every variant's optimizer settings
+    optimizer_spec = spec.train.model_copy(update=hyper)
 
     def plain_step(fused: bool = True):
         torch.manual_seed(0)
         model = build_model(model_config, layout)
         # Unfused: torch's default AdamW, which the pipeline used before 2026-11-30.
-        optimizer = adamw(model.parameters(), hyper) if fused else torch.optim.AdamW(model.parameters(), **hyper)
+        optimizer = adamw(model.parameters(), optimizer_spec) if fused else torch.optim.AdamW(model.parameters(), **hyper)
 
         def step(batch):
             loss = loss_of(model(batch), batch)
@@ -102,8 +109,8 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
         torch.manual_seed(0)
         model = build_model(model_config, layout)
-        optimizer = adamw(model.parameters(), hyper)
-        train = spec.train.model_dump() | {"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"}
+        optimizer = adamw(model.parameters(), optimizer_spec)
+        train = optimizer_spec.model_copy(update={"batch_size": batch_size, "zero_stage": zero, "precision": "fp32"})
         if contiguous_gradients:  # DeepSpeed's default, which the pipeline turns off for one worker
             config = deepspeed_config(train, 1)
             config["zero_optimization"]["contiguous_gradients"] = True
@@ -141,33 +148,31 @@ def step_costs(files: list[str], spec, model_config: dict, batch_size: int, step
 
 def print_step_costs(args) -> None:
     files = common.soft_label_shards(args.rows)
-    model_config = common.model_config(common.demo_yaml()["student"])
+    model_config = common.model_config("student")
     spec = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
-    rows = []
+    rows, figures = [], {}
     for batch_size in (1024, 4096, 16384):
-        c = step_costs(files, spec, model_config, batch_size)
+        c = figures[batch_size] = step_costs(files, spec, model_config, batch_size)
         rows.append((batch_size, f"{c['torch']:.2f}",
                      *(f"{c[name]:.2f} ({c[name] / c['torch'] - 1:+.0%})"  # against the plain torch step
                        for name in ("torch_unfused", "zero0", "zero2", "zero2_contiguous")),
                      " / ".join(f"{c[name + '_faults']:.0f}" for name in ("torch", "zero0", "zero2", "zero2_contiguous")),
                      f"{batch_size / c['torch'] * 1e3:,.0f}"))
-    report = "\n".join([
-        "## Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)", "",
-        f"Command: `{common.command()}`", f"Machine: {common.machine()}.",
+    table_md = "\n".join([
         "One process, no Ray, 1 torch thread, the same pre-made batches (demo MLP student, the demo's distillation loss, fused AdamW, "
         "clip 1.0), 10 warm-up steps each, then 5 rounds in which the five take turns over the same 30 batches, timed in CPU time "
         "(`time.process_time`, so other load does not count), median round per variant; DeepSpeed with "
-        "world size 1 (gloo), built by `pipeline.train.deepspeed_engine` as the workers build it, fp32; the "
+        "world size 1 (gloo), built by `pipeline.train.engine.deepspeed_engine` as the workers build it, fp32; the "
         "second variant is plain torch with torch's default (unfused) AdamW, the last is ZeRO 2 with DeepSpeed's "
         "default contiguous gradients, which the pipeline turns off for one worker. "
         "Page faults: minor faults per step, memory a step gets fresh from the OS.", "",
         common.table(rows, ("batch", "plain torch", "plain torch, unfused AdamW", "DeepSpeed ZeRO 0",
                             "DeepSpeed ZeRO 2", "ZeRO 2, contiguous gradients",
-                            "page faults per step (torch / 0 / 2 / 2 contiguous)", "plain samples/s per core")), ""])
-    print(report)
-    if not args.no_append:
-        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write("\n" + report)
+                            "page faults per step (torch / 0 / 2 / 2 contiguous)", "plain samples/s per core"))])
+    bench_results.publish({
+        "benchmark": "train_step_costs", "title": "Train step costs: plain torch vs DeepSpeed (CPU ms per optimizer step)",
+        "command": common.command(), "machine": common.machine(), "target": STEP_COSTS_TARGET,
+        "figures": {"ms_per_step_by_batch": figures}, "table_md": table_md}, dry_run=args.no_append)
 
 
 def _shard_batches(files: list[str], spec, layout, batch_size: int):
@@ -199,23 +204,21 @@ def _rebatched(batches, size: int):
         yield pa.Table.from_batches(pending)
 
 
-def pipeline_train(files: list[str], spec, model_config: dict, name: str, rows: int) -> dict:
+def pipeline_train(files: list[str], spec, name: str, rows: int) -> dict:
     """(b) The pipeline's training stage on a Ray Dataset over the shards (Ray is already started)."""
-    import inspect
+    import dataclasses
 
-    from pipeline import train
+    from pipeline.data.clicklogs import read_named_files
+    from pipeline.stages.students import DISTILLED, student_run
+    from pipeline.train import TrainRequest, train_model
 
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
-    dataset = train.read_shards(files, None, columns)  # how the pipeline reads its shards
-    extra = {"rows": rows}  # keyword arguments newer versions of train_model take
-    if hasattr(train, "soft_label_targets"):
-        extra["targets"] = train.soft_label_targets(spec)
-    accepted = inspect.signature(train.train_model).parameters
+    dataset = read_named_files(files, None).select_columns(columns)  # how the pipeline reads its shards
+    spec = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1, "lr": LR})})
+    run = dataclasses.replace(student_run(spec, DISTILLED, rows), role=name)
     started = time.perf_counter()
-    result = train.train_model(
-        role=name, spec=spec, model_config=model_config, dataset=dataset, distill=spec.distill.model_dump(),
-        epochs=1, lr=LR, model_path=str(common.DATA / "train-runs" / f"{name}.pt"),
-        **{k: v for k, v in extra.items() if k in accepted})
+    result = train_model(TrainRequest(run=run, dataset=dataset, run_dir=spec.run_dir,
+                                      model_path=str(common.DATA / "train-runs" / f"{name}.pt")))
     seconds = time.perf_counter() - started
     epoch = result.history[-1]
     return {"rows": epoch["rows"], "seconds": seconds, "loop_seconds": epoch["seconds"],
@@ -230,7 +233,7 @@ def main() -> None:
     parser.add_argument("--runs", default="1x0,1x2,2x2,1x0", help="WORKERSxZERO pipeline runs, comma-separated "
                         "(1x0 twice: right after ray.init, and later in the same Ray, as a job's students train); "
                         "WORKERSxZEROpN sets train.prefetch_batches N for that run (default: the spec's)")
-    parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     parser.add_argument("--step-costs", action="store_true", help="only the CPU cost of one optimizer step: "
                         "plain torch vs DeepSpeed ZeRO 0 and 2, batch 1024, 4096 and 16384, no Ray")
     args = parser.parse_args()
@@ -239,7 +242,7 @@ def main() -> None:
 
     load_before = os.getloadavg()
     files = common.soft_label_shards(args.rows)
-    model_config = common.model_config(common.demo_yaml()["student"])
+    model_config = common.model_config("student")
     shutil.rmtree(common.DATA / "train-runs", ignore_errors=True)
     base = common.bench_spec(common.DATA / "unused", [common.FIRST_DAY], common.DATA / "train-runs")
 
@@ -267,7 +270,7 @@ def main() -> None:
                 spec = _train_spec(workers, zero, int(prefetch) if prefetch else None, args)
                 cpu = sampler.cpu_now()
                 # A name per run: a trainer with an earlier run's name would resume that run instead.
-                result = pipeline_train(files, spec, model_config, f"{index}-w{workers}-zero{zero}",
+                result = pipeline_train(files, spec, f"{index}-w{workers}-zero{zero}",
                                         bares[0]["rows"])
                 result["cpu_seconds"] = sampler.cpu_now() - cpu
                 print(f"(b) {workers} worker(s), ZeRO {zero}: {result}", flush=True)
@@ -275,11 +278,8 @@ def main() -> None:
         finally:
             common.stop_ray()
     bares.append(timed_bare("after Ray stops"))
-    report = render(args, bares, beside, results, startup, load_before, os.getloadavg())
-    print(report)
-    if not args.no_append:
-        with open(common.ROOT / "bench" / "RESULTS.md", "a") as handle:
-            handle.write("\n" + report)
+    bench_results.publish(render(args, bares, beside, results, startup, load_before, os.getloadavg()),
+                          dry_run=args.no_append)
 
 
 def _train_spec(workers: int, zero: int, prefetch_batches: int | None, args):
@@ -293,7 +293,8 @@ def _train_spec(workers: int, zero: int, prefetch_batches: int | None, args):
 
 
 def render(args, bares: list[dict], beside: dict, results: list, startup: float, load_before,
-           load_after) -> str:
+           load_after) -> dict:
+    """The run as `bench_results.record`'s arguments: its figures, and its settings, table and ratios in Markdown."""
     # The machine's speed drifts by tens of percent within minutes (other tenants): each (b) run is
     # compared with the bare runs timed right before and right after it (`bares[i]` and `bares[i + 1]`).
     def rate(*runs: dict) -> float:
@@ -329,12 +330,9 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
         ratios.append(f"{name}: {loop / a:.2f} ({steady / a:.2f} after the first batch)")
         cpu_ratios.append(f"{name}: {r['cpu_seconds'] * 1e6 / r['rows']:.1f} "
                           f"(a/b {bare['cpu_seconds'] / r['cpu_seconds']:.2f})")
+    machine = (f"{common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
+               "(1-minute; other agents shared the machine, so not guaranteed idle)")
     lines = [
-        f"## Train throughput: Ray Train + DeepSpeed vs bare PyTorch ({bare['rows']:,} rows, 1 epoch)",
-        "",
-        f"Command: `{common.command()}`",
-        f"Machine: {common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f} "
-        "(1-minute; other agents shared the machine, so not guaranteed idle).",
         f"Student: demo MLP; batch {args.batch_size} per worker, fp32, no shuffle buffer, fused AdamW + clip 1.0, "
         f"the demo's distillation loss ({base_loss}); shards of 250k rows (seeded teacher_logit); Ray num_cpus {args.num_cpus}, "
         f"ray.init {startup:.1f} s.",
@@ -357,9 +355,15 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
         + f", {beside['cpu_seconds']:.1f} beside the reader.",
         f"CPU seconds per million samples, every process of the whole train_model call: bare "
         f"{bare['cpu_seconds'] * 1e6 / bare['rows']:.1f} (first run); {', '.join(cpu_ratios) or '-'}.",
-        "",
     ]
-    return "\n".join(lines)
+    figures = {"rows": bare["rows"], "batch_size": args.batch_size, "ray_init_seconds": startup, "bare": bares,
+               "bare_beside_reader": beside, "ratio_in_loop": in_loop,
+               "runs": [{"workers": w, "zero_stage": z, "cpus_per_worker": c, "prefetch_batches": p, **r}
+                        for w, z, c, p, r in results]}
+    return {"benchmark": "train_throughput",
+            "title": f"Train throughput: Ray Train + DeepSpeed vs bare PyTorch ({bare['rows']:,} rows, 1 epoch)",
+            "command": common.command(), "machine": machine, "target": TARGET, "figures": figures,
+            "table_md": "\n".join(lines)}
 
 
 if __name__ == "__main__":

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
 import logging
 import sys
 import time
+import zoneinfo
 
+from pipeline import registry, storage, submit
 from pipeline.errors import UserError
+from pipeline.report import render_table, write_report
+from pipeline.schedule import data_date
+from pipeline.spec import load_spec
+from pipeline.stages.click_logs import generate
 
 EXIT_USER_ERROR = 2
 
@@ -70,9 +78,7 @@ def _nightly_commands(command) -> None:
     registry.add_argument("version", nargs="?", help="the version id (show, promote)")
 
 
-def _date(text: str):
-    import datetime as dt
-
+def _date(text: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
     except ValueError:
@@ -100,13 +106,11 @@ def _cluster_commands(command) -> None:
 
 
 def _load(args):
-    from pipeline.spec import load_spec
-
     return load_spec(args.spec, args.overrides)
 
 
 def _run(args) -> int:
-    from pipeline.report import render_table
+    # Lazy: pipeline.job imports the stages, hence torch (seconds), which the other commands never need.
     from pipeline.job import run_job
 
     spec = _load(args)
@@ -123,8 +127,6 @@ def _validate(args) -> int:
 
 
 def _generate(args) -> int:
-    from pipeline.job import generate
-
     spec = _load(args)
     if spec.data.source != "synthetic":
         raise UserError(f"data.source is {spec.data.source!r}; `distill generate` needs data.source: synthetic")
@@ -133,9 +135,6 @@ def _generate(args) -> int:
 
 
 def _report(args) -> int:
-    from pipeline import storage
-    from pipeline.report import write_report
-
     path = storage.join(args.run_dir, "metrics.json")
     if not storage.exists(path):
         raise UserError(f"{path} not found: either the run is unfinished (metrics.json is written when the run "
@@ -151,8 +150,6 @@ def _report(args) -> int:
 
 
 def _submit(args) -> int:
-    from pipeline import submit
-
     spec = _load(args)  # validated here: a bad spec never reaches the cluster
     for warning in submit.submit_warnings(spec):
         print(f"warning: {warning}", file=sys.stderr)
@@ -182,8 +179,6 @@ def _final_status(job_id: str, info) -> int:
 
 
 def _status(args) -> int:
-    from pipeline import submit
-
     info = submit.job_info(submit.connect(args.address, args.timeout), args.job_id)
     print(f"job {args.job_id}: {info.status}\n  message: {info.message}\n  started: {_when(info.start_time)}"
           f"  ended: {_when(info.end_time)}\n  entrypoint: {info.entrypoint}")
@@ -193,8 +188,6 @@ def _status(args) -> int:
 
 
 def _logs(args) -> int:
-    from pipeline import submit
-
     client = submit.connect(args.address, args.timeout)
     if args.follow:
         return _final_status(args.job_id, submit.follow(client, args.job_id))
@@ -203,8 +196,6 @@ def _logs(args) -> int:
 
 
 def _stop(args) -> int:
-    from pipeline import submit
-
     client = submit.connect(args.address, args.timeout)
     if submit.stop(client, args.job_id):
         print(f"stopping job {args.job_id}; `distill status {args.job_id}` shows when it has stopped")
@@ -214,8 +205,6 @@ def _stop(args) -> int:
 
 
 def _jobs(args) -> int:
-    from pipeline import submit
-
     jobs = submit.list_jobs(submit.connect(args.address, args.timeout))
     print(f"{'JOB':<44} {'STATUS':<10} {'STARTED':<19} SPEC")
     for job in jobs:
@@ -229,11 +218,6 @@ def _when(epoch_ms: int | None) -> str:
 
 
 def _nightly(args) -> int:
-    import datetime as dt
-    import zoneinfo
-
-    from pipeline.schedule import data_date
-
     spec = _load(args)
     if spec.schedule is None:
         raise UserError(f"{args.spec} has no schedule section; `distill nightly` needs one (see jobs/nightly.yaml)")
@@ -243,6 +227,7 @@ def _nightly(args) -> int:
 
 
 def _schedule(args) -> int:
+    # Lazy (here and in _cycle_runner): pipeline.nightly imports the stages, hence torch.
     from pipeline import nightly
 
     spec = _load(args)
@@ -251,9 +236,9 @@ def _schedule(args) -> int:
             raise UserError("--dry-run needs --from YYYY-MM-DD and --to YYYY-MM-DD")
         done = set(nightly.finished_days(spec))
         for fire, day in nightly.plan(spec, args.start, args.end):
+            window = nightly.cycle_spec(spec, day).data.train_days
             state = "done" if day in done else "would run"
-            print(f"{fire.isoformat()}  evaluate {day}  train {nightly.cycle_spec(spec, day).data.train_days.start}.."
-                  f"{nightly.cycle_spec(spec, day).data.train_days.end}  {state}")
+            print(f"{fire.isoformat()}  evaluate {day}  train {window.start}..{window.end}  {state}")
         return 0
     nightly.run_scheduler(spec, _cycle_runner(args, spec))
     return 0
@@ -267,8 +252,6 @@ def _cycle_runner(args, spec):
         return lambda day: run_cycle(spec, day)
 
     def submit_cycle(day) -> None:
-        from pipeline import submit
-
         client = submit.connect(args.address)
         job_id = submit.submit(client, spec, command=f"nightly --date {day.isoformat()}")
         info = submit.follow(client, job_id)
@@ -279,14 +262,10 @@ def _cycle_runner(args, spec):
 
 
 def _registry(args) -> int:
-    import json
-
-    from pipeline import registry
-
     spec = _load(args)
     if spec.schedule is None:
         raise UserError(f"{args.spec} has no schedule section, so no registry; add schedule.registry")
-    root, model = spec.schedule.registry, spec.schedule.model_name or spec.name
+    root, model = spec.schedule.registry, spec.registry_model_name
     if args.action == "list":
         champion = registry.current(root, model)
         for version in registry.list_versions(root, model):

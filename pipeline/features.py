@@ -7,6 +7,7 @@ Ids are hashed into buckets inside the model, so this module never needs a vocab
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,14 @@ class FeatureLayout:
             sequence_length=seq.length if seq else 0,
             sequence_field=features.categorical.index(seq.embedding_of) if seq else -1,
         )
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> FeatureLayout:
+        """From `to_dict()`'s form (a checkpoint's, or one that crossed a process boundary)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
     @property
     def columns(self) -> list[str]:

@@ -1,37 +1,27 @@
-"""Distillation losses: pure torch functions, each with its formula. No Ray."""
+"""Distillation losses: pure torch functions, each with its formula, and `distillation_loss`, the one
+function training calls to combine them per batch (and the one the golden tests check). No Ray."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from pipeline import shards
 
-def binary_kd_loss(
-    student_logit: torch.Tensor,
-    teacher_logit: torch.Tensor,
-    label: torch.Tensor,
-    alpha: float,
-    temperature: float,
-) -> dict[str, torch.Tensor]:
-    """Binary CTR distillation (Hinton et al., 2015, for a Bernoulli output).
-
-        loss = alpha * BCE(sigmoid(s), y) + (1 - alpha) * T^2 * BCE(sigmoid(s / T), sigmoid(t / T))
-
-    where BCE(p, q) = -(q log p + (1 - q) log(1 - p)) averaged over the batch. The T^2 factor keeps the
-    soft term's gradient scale independent of T. alpha = 1 is plain BCE on the click labels.
-
-    Returns:
-        dict with `loss` (what to minimise), `hard` and `soft` (the two unweighted terms, for logging).
-    """
-    label = label.to(student_logit.dtype)
-    hard = F.binary_cross_entropy_with_logits(student_logit, label)
-    soft = binary_soft_loss(student_logit, teacher_logit, temperature)
-    loss = alpha * hard + (1.0 - alpha) * soft
-    return {"loss": loss, "hard": hard.detach(), "soft": (soft / temperature**2).detach()}
+if TYPE_CHECKING:
+    from pipeline.spec import DistillSpec
 
 
 def binary_soft_loss(student_logit: torch.Tensor, teacher_logit: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The soft term of binary KD, scaled: T^2 * BCE(sigmoid(s / T), sigmoid(t / T))."""
+    """The soft term of binary CTR distillation (Hinton et al., 2015, for a Bernoulli output):
+
+        soft = T^2 * BCE(sigmoid(s / T), sigmoid(t / T))
+
+    where BCE(p, q) = -(q log p + (1 - q) log(1 - p)) averaged over the batch. The T^2 factor keeps the
+    term's gradient scale independent of T.
+    """
     soft_target = torch.sigmoid(teacher_logit.to(student_logit.dtype) / temperature)
     return temperature**2 * F.binary_cross_entropy_with_logits(student_logit / temperature, soft_target)
 
@@ -81,14 +71,15 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_indices: torch.Tensor, topk_
     return multiclass_kd_loss(gathered, topk_logits, temperature)
 
 
-def hint_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection: torch.nn.Module) -> torch.Tensor:
-    """FitNets hint loss (Romero et al., 2015): loss = mean((W h_s + b - h_t)^2), with W, b learned.
+def hint_loss(projected_student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """FitNets hint loss (Romero et al., 2015): loss = mean((W h_s + b - h_t)^2).
 
     Args:
-        student_hidden: (B, d_s); teacher_hidden: (B, d_t) stored in the shards;
-        projection: maps d_s -> d_t (e.g. `torch.nn.Linear(d_s, d_t)`), trained with the student.
+        projected_student_hidden: (B, d_t), the student's hidden layer through its learned projection
+            (W, b: `DistillModule.projection`, trained with the student);
+        teacher_hidden: (B, d_t) stored in the shards.
     """
-    return F.mse_loss(projection(student_hidden), teacher_hidden.to(student_hidden.dtype))
+    return F.mse_loss(projected_student_hidden, teacher_hidden.to(projected_student_hidden.dtype))
 
 
 def listwise_kd_loss(student_logit: torch.Tensor, teacher_logit: torch.Tensor, group: torch.Tensor,
@@ -123,3 +114,50 @@ def _segment_logsumexp(values: torch.Tensor, index: torch.Tensor, segments: int)
     sums = torch.zeros(segments, dtype=values.dtype, device=values.device)
     sums = sums.index_add(0, index, (values - maxima[index]).exp())
     return maxima + sums.log()
+
+
+def distillation_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], distill: DistillSpec | None,
+                      task: str, hint_pred: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every loss term of one batch and their weighted sum `loss`: the terms logged are the terms summed.
+
+        loss = alpha * hard + (1 - alpha) * soft + hint_weight * hint + listwise_weight * listwise
+
+    hard: BCE (binary) or cross-entropy (multiclass) on the labels; soft: `binary_soft_loss` or
+    `multiclass_kd_loss` / `topk_kd_loss` (`soft_loss: kd`), or `logit_mse_loss` (`mse`); hint:
+    `hint_loss`; listwise: `listwise_kd_loss` over `batch["group"]` (binary). Without `distill` (a
+    hard-label model) the loss is the hard term alone.
+
+    Args:
+        logits: (B,) or (B, C); batch: the collated shard batch (`shards.ShardCollate`);
+        hint_pred: the projected student hidden layer (B, d_t) when the hint loss is on.
+    """
+    label = batch["label"]
+    if task == "multiclass":
+        hard = F.cross_entropy(logits, label)
+    else:
+        hard = F.binary_cross_entropy_with_logits(logits, label.to(logits.dtype))
+    terms = {"hard_loss": hard}
+    if distill is None:
+        return terms | {"loss": hard}
+    terms["soft_loss"] = _soft_term(logits, batch, distill, task)
+    loss = distill.alpha * hard + (1.0 - distill.alpha) * terms["soft_loss"]
+    if hint_pred is not None:
+        terms["hint_loss"] = hint_loss(hint_pred, batch[shards.TEACHER_HIDDEN])
+        loss = loss + distill.hint_weight * terms["hint_loss"]
+    if distill.listwise_weight > 0 and task == "binary":
+        terms["listwise_loss"] = listwise_kd_loss(logits, batch[shards.TEACHER_LOGIT], batch["group"],
+                                                  distill.temperature)
+        loss = loss + distill.listwise_weight * terms["listwise_loss"]
+    return terms | {"loss": loss}
+
+
+def _soft_term(logits: torch.Tensor, batch: dict[str, torch.Tensor], distill: DistillSpec, task: str) -> torch.Tensor:
+    """The soft term for the task and `distill.soft_loss`; top-k soft labels always use tempered KD."""
+    if shards.TOPK_INDICES in batch:
+        return topk_kd_loss(logits, batch[shards.TOPK_INDICES], batch[shards.TOPK_VALUES], distill.temperature)
+    teacher = batch[shards.target_column(task)]
+    if distill.soft_loss == "mse":
+        return logit_mse_loss(logits, teacher)
+    if task == "multiclass":
+        return multiclass_kd_loss(logits, teacher, distill.temperature)
+    return binary_soft_loss(logits, teacher, distill.temperature)

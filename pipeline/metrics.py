@@ -1,7 +1,7 @@
 """Evaluation metrics of one run: quality, calibration, agreement with the teacher, slices, latency.
 
 Pure numpy on per-row (label, logit[, group, slice]) arrays collected on held-out days; torch is
-imported inside `measure_latency` only. The markdown report and plots live in `pipeline/report.py`.
+imported inside `measure_latency` only (the pure commands need no torch). The report lives in `pipeline/report.py`.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def summarize(models: dict[str, dict]) -> dict:
     the teacher does not beat the hard-label student; compression and latency are teacher / student.
     Models are found by name ("teacher", "student_distilled", "student_hard") or else by "role".
     """
-    teacher, distilled, hard = (_find(models, name, role) for name, role in
+    teacher, distilled, hard = (find_model(models, name, role) for name, role in
                                 (("teacher", "teacher"), ("student_distilled", "distilled"), ("student_hard", "hard")))
     metric = "accuracy" if any("accuracy" in m and "auc" not in m for m in (teacher, distilled, hard)) else "auc"
     t, d, h = (_number(m.get(metric)) for m in (teacher, distilled, hard))
@@ -223,7 +223,8 @@ def summarize(models: dict[str, dict]) -> dict:
     }
 
 
-def _find(models: dict[str, dict], name: str, role: str) -> dict:
+def find_model(models: dict[str, dict], name: str, role: str) -> dict:
+    """The model called `name`, else the first with that `role`, else {}."""
     if name in models:
         return models[name]
     return next((m for m in models.values() if m.get("role") == role), {})
@@ -241,16 +242,3 @@ def _ratio(numerator, denominator) -> float | None:
     numerator, denominator = _number(numerator), _number(denominator)
     return numerator / denominator if numerator is not None and denominator else None
 
-
-def render_table(models: dict[str, dict], ceiling_auc: float | None = None) -> str:
-    """The report's main table (kept here for old imports; see `pipeline.report.render_table`)."""
-    from pipeline.report import render_table as render
-
-    return render(models, ceiling_auc)
-
-
-def render_report(metrics: dict) -> str:
-    """`report.md`'s text (kept here for old imports; see `pipeline.report.render_report`)."""
-    from pipeline.report import render_report as render
-
-    return render(metrics)

@@ -12,23 +12,26 @@ import datetime as dt
 import logging
 import time
 
-from pipeline import registry, storage
+from pipeline import registry, runtime, storage
 from pipeline.errors import UserError
+from pipeline.models import ModelConfig, load_model
+from pipeline.schedule import CycleLock, data_date, due_dates, fire_times
 from pipeline.spec import JobSpec
+from pipeline.stages.click_logs import ensure_click_logs
+from pipeline.stages.label import label_days
+from pipeline.stages.scoring import evaluate_models
+from pipeline.stages.students import DISTILLED, train_student
+from pipeline.stages.teacher import ensure_teacher
 
 log = logging.getLogger(__name__)
 
 
-def nightly_root(spec: JobSpec) -> str:
-    return storage.join(spec.output.root, spec.output.run_name or spec.name, "nightly")
-
-
 def cycle_path(spec: JobSpec, day: dt.date) -> str:
-    return storage.join(nightly_root(spec), "cycles", f"{day.isoformat()}.json")
+    return storage.join(spec.nightly_dir, "cycles", f"{day.isoformat()}.json")
 
 
 def finished_days(spec: JobSpec) -> list[dt.date]:
-    names = storage.list_dir(storage.join(nightly_root(spec), "cycles"))
+    names = storage.list_dir(storage.join(spec.nightly_dir, "cycles"))
     return sorted(dt.date.fromisoformat(n.removesuffix(".json")) for n in names if n.endswith(".json"))
 
 
@@ -40,26 +43,24 @@ def cycle_spec(spec: JobSpec, day: dt.date) -> JobSpec:
         "train_days": spec.data.train_days.model_validate(window),
         "eval_days": spec.data.eval_days.model_validate({"start": day, "end": day}),
     })
-    output = spec.output.model_copy(update={"root": storage.join(nightly_root(spec), "runs"),
+    output = spec.output.model_copy(update={"root": storage.join(spec.nightly_dir, "runs"),
                                             "run_name": day.isoformat()})
     return spec.model_copy(update={"data": data, "output": output})
 
 
 def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     """Runs (or returns the record of) the cycle that evaluates on `day`."""
-    from pipeline.job import ensure_click_logs, ray_session
-
     record_path = cycle_path(spec, day)
     if storage.exists(record_path):
         print(f"nightly {day}: already done, nothing to do ({record_path})", flush=True)
         return storage.read_json(record_path) | {"rerun": True}
     started = time.perf_counter()
     cycle = cycle_spec(spec, day)
-    storage.configure(**spec.storage.model_dump())
-    storage.check_writable(nightly_root(spec))  # fail before any work, not after training
+    runtime.configure_storage(**spec.storage.model_dump())
+    storage.check_writable(spec.nightly_dir)  # fail before any work, not after training
     storage.check_writable(spec.schedule.registry, "schedule.registry")
     ensure_click_logs(cycle)
-    with ray_session(cycle):
+    with runtime.ray_session(cycle):
         record = _cycle(spec, cycle, day)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     _apply_retention(spec, day)
@@ -69,30 +70,29 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
 
 
 def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
-    from pipeline.job import evaluate_models, train_student
-    from pipeline.label import label_days
-
     schedule = _schedule(spec)
     teacher = _teacher(spec, cycle)
-    labelled = label_days(cycle, teacher, storage.join(nightly_root(spec), "shards"), cycle.data.train_days.days())
-    model, root = schedule.model_name or spec.name, schedule.registry
+    labelled = label_days(cycle, teacher, storage.join(spec.nightly_dir, "shards"), cycle.data.train_days.days())
+    model, root = spec.registry_model_name, schedule.registry
     champion = registry.current(root, model)
     champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt") if champion else None
     warm = champion_path if schedule.warm_start and _same_architecture(champion_path, spec) else None
-    challenger = train_student(cycle, labelled.manifest, "student_distilled", init_model=warm)
+    challenger = train_student(cycle, labelled.shard_set, DISTILLED, init_model=warm)
     checkpoints = {"challenger": challenger, **({"champion": champion_path} if champion_path else {})}
     metrics = evaluate_models(cycle, checkpoints)
     decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression)
-    version = f"{day.isoformat()}-{labelled.manifest['teacher']['checkpoint_sha256'][:8]}"
-    lineage = {"teacher": labelled.manifest["teacher"], "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
-               "eval_day": day.isoformat(), "shards": labelled.manifest["inputs"], "warm_start_from": champion if warm else None}
+    teacher_sha = labelled.shard_set.teacher.checkpoint_sha256
+    version = f"{day.isoformat()}-{teacher_sha[:8]}"
+    lineage = {"teacher": labelled.shard_set.teacher.to_dict(), "eval_day": day.isoformat(),
+               "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
+               "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None}
     registry.publish(root, model, version, {"model.pt": storage.read_bytes(challenger),
                                             "spec.json": _spec_bytes(cycle)},
                      {"metrics": metrics["models"]["challenger"], "lineage": lineage})
     if decision != "rejected":
         registry.promote(root, model, version, reason)
     return {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
-            "teacher_sha256": labelled.manifest["teacher"]["checkpoint_sha256"], "version": version,
+            "teacher_sha256": teacher_sha, "version": version,
             "champion_before": champion, "champion_after": registry.current(root, model),
             "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
             "decision": decision, "reason": reason}
@@ -100,11 +100,9 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
 
 def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
     """The spec's teacher, or one trained on the first cycle's window and kept for every later night."""
-    from pipeline.job import ensure_teacher
-
     if spec.teacher[0].checkpoint:
         return ensure_teacher(spec)
-    kept = storage.join(nightly_root(spec), "teacher.pt")
+    kept = storage.join(spec.nightly_dir, "teacher.pt")
     if not storage.exists(kept):
         storage.atomic_write_bytes(kept, storage.read_bytes(ensure_teacher(cycle)))
     return kept
@@ -112,12 +110,9 @@ def _teacher(spec: JobSpec, cycle: JobSpec) -> str:
 
 def _same_architecture(model_path: str | None, spec: JobSpec) -> bool:
     """Warm start only from a champion whose architecture the spec's student still has."""
-    from pipeline.job import model_config
-    from pipeline.models import complete_config, load_model
-
     if model_path is None:
         return False
-    same = complete_config(load_model(model_path)[1]) == complete_config(model_config(spec.student, spec))
+    same = load_model(model_path)[1] == ModelConfig.from_section(spec.student, spec.features.out_dim)
     if not same:
         log.warning("nightly: the champion's architecture differs from student in the spec: training from scratch")
     return same
@@ -139,13 +134,13 @@ def gate(metrics: dict, metric: str, max_regression: float) -> tuple[str, str]:
 def _apply_retention(spec: JobSpec, day: dt.date) -> None:
     """Drops registry versions beyond `keep_versions` (never CURRENT) and shard days older than `keep_shard_days`."""
     schedule = _schedule(spec)
-    model, root = schedule.model_name or spec.name, schedule.registry
+    model, root = spec.registry_model_name, schedule.registry
     keep = set(registry.list_versions(root, model)[-schedule.keep_versions:]) | {registry.current(root, model)}
     for version in registry.list_versions(root, model):
         if version not in keep:
             storage.remove_tree(registry.version_dir(root, model, version))
     oldest = day - dt.timedelta(days=schedule.keep_shard_days)
-    shard_root = storage.join(nightly_root(spec), "shards")
+    shard_root = storage.join(spec.nightly_dir, "shards")
     for name in storage.list_dir(shard_root):
         if name.startswith("date=") and dt.date.fromisoformat(name[5:]) < oldest:
             storage.remove_tree(storage.join(shard_root, name))
@@ -173,11 +168,9 @@ def run_scheduler(spec: JobSpec, run_one, *, clock=None, sleep=time.sleep, once:
     Returns:
         The dates run (when `once`).
     """
-    from pipeline.schedule import CycleLock, due_dates, fire_times
-
     schedule = _schedule(spec)
     clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
-    lock = CycleLock(storage.join(nightly_root(spec), "LOCK"), dt.timedelta(minutes=schedule.lock_ttl_minutes), clock)
+    lock = CycleLock(storage.join(spec.nightly_dir, "LOCK"), dt.timedelta(minutes=schedule.lock_ttl_minutes), clock)
     ran = []
     while True:
         done = finished_days(spec)
@@ -201,8 +194,6 @@ def run_scheduler(spec: JobSpec, run_one, *, clock=None, sleep=time.sleep, once:
 
 def plan(spec: JobSpec, start: dt.date, end: dt.date) -> list[tuple[dt.datetime, dt.date]]:
     """What a scheduler running from `start` to `end` would fire: (fire time, date evaluated)."""
-    from pipeline.schedule import data_date, fire_times
-
     schedule = _schedule(spec)
     tz = dt.timezone.utc
     begin = dt.datetime.combine(start, dt.time(), tzinfo=tz) - dt.timedelta(seconds=1)

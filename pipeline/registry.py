@@ -1,7 +1,7 @@
 """Model registry on a local path or `s3://`: immutable versions plus an atomically replaced CURRENT.
 
 Layout:
-    <root>/<model>/versions/<id>/model.pt, spec.yaml, metrics.json, lineage.json, _COMPLETE
+    <root>/<model>/versions/<id>/model.pt, spec.json, metrics.json, lineage.json, _COMPLETE
     <root>/<model>/CURRENT          the champion's version id (one small file, replaced atomically)
     <root>/<model>/HISTORY.json     every promotion and rollback, newest last
 

@@ -1,8 +1,7 @@
 """`report.md` and its plots from a run's metrics.json: what the numbers mean for shipping the student.
 
-Every section but the title and the main table is optional, so metrics.json files of earlier runs
-(no task, bytes, latency, calibration, training or summary) still render. matplotlib is imported
-only when plots are drawn.
+Sections and columns follow what the run measured: accuracy instead of AUC for a multiclass task,
+calibration and a ceiling for a binary one, agreement for students, slices with `eval.slice_by`.
 """
 
 from __future__ import annotations
@@ -10,8 +9,11 @@ from __future__ import annotations
 import io
 import math
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
 from pipeline import storage
-from pipeline.evaluate import summarize
+from pipeline.metrics import find_model, summarize
 
 PLOTS_DIR = "plots"
 _AGREEMENT_NAMES = {"pearson": "Pearson (logits)", "spearman": "Spearman", "mean_abs_prob_diff": "mean abs prob diff",
@@ -28,63 +30,49 @@ def write_report(run_dir: str, metrics: dict) -> str:
 
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:
     """The markdown report; `plots` are the image paths relative to the report (default: those metrics allow)."""
-    task, models = task_of(metrics), metrics["models"]
+    task, models = metrics["task"], metrics["models"]
     sections = [
         _header(metrics),
-        [render_table(models, metrics.get("eval", {}).get("ceiling_auc"), task), *_ceiling(metrics)],
+        [render_table(models, metrics["eval"]["ceiling_auc"], task), *_ceiling(metrics)],
         _summary(metrics, task),
         _agreement(models),
         _slices(metrics, task),
-        _training(metrics.get("training") or {}),
+        _training(metrics["training"]),
         _plot_links(plots if plots is not None else [f"{PLOTS_DIR}/{name}" for name in plot_names(metrics)]),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
-def task_of(metrics: dict) -> str:
-    """"binary" or "multiclass": the recorded task, else guessed from the models' metrics (old runs are binary)."""
-    if metrics.get("task"):
-        return metrics["task"]
-    multiclass = any("accuracy" in m and "auc" not in m for m in metrics.get("models", {}).values())
-    return "multiclass" if multiclass else "binary"
-
-
-def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task: str | None = None) -> str:
+def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task: str = "binary") -> str:
     """Markdown table: one row per model (size, quality, latency), the ceiling (true-CTR AUC) last when known."""
-    task = task or task_of({"models": models})
     quality = ["accuracy", "top-5", "log-loss"] if task == "multiclass" else ["AUC", "GAUC", "log-loss", "ECE"]
     header = ["model", "family", "params", "embedding", "dense", "size", *quality, "p50 ms", "p99 ms", "rows/s"]
     rows = [header, ["---"] * 2 + ["---:"] * (len(header) - 2)]
     for name, m in models.items():
-        params, latency = m.get("params") or {}, m.get("latency") or {}
+        params, latency = m["params"], m["latency"]
         if task == "multiclass":
             scores = [_num(m.get("accuracy")), _num(m.get("top5_accuracy")), _num(m.get("log_loss"))]
-        else:
-            scores = [_num(m.get("auc")), _num(m.get("gauc")), _num(m.get("log_loss")),
-                      _num((m.get("calibration") or {}).get("ece"))]
-        rows.append([name, m.get("family", "-"), _count(params.get("total")), _count(params.get("embedding")),
-                     _count(params.get("dense")), _size(m.get("bytes")), *scores, _num(latency.get("batch1_p50_ms"), 3),
-                     _num(latency.get("batch1_p99_ms"), 3), _count(latency.get("batched_rows_per_s"))])
+        else:  # gauc needs features.group
+            scores = [_num(m.get("auc")), _num(m.get("gauc")), _num(m.get("log_loss")), _num(m["calibration"]["ece"])]
+        rows.append([name, m["family"], _count(params["total"]), _count(params["embedding"]),
+                     _count(params["dense"]), _size(m["bytes"]), *scores, _num(latency["batch1_p50_ms"], 3),
+                     _num(latency["batch1_p99_ms"], 3), _count(latency["batched_rows_per_s"])])
     if ceiling_auc is not None and task == "binary":
         rows.append(["ceiling (true CTR)", *["-"] * 5, _num(ceiling_auc), *["-"] * (len(header) - 7)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
 def _header(metrics: dict) -> list[str]:
-    evaluation, train_days = metrics.get("eval", {}), metrics.get("train", {}).get("days", [])
-    rate = evaluation.get("click_rate")
-    rate_text = f", click rate {rate:.2%}" if rate is not None and task_of(metrics) == "binary" else ""
-    lines = [f"# Distillation report: {metrics.get('job', '?')}", "",
-             f"Evaluated on {_count(evaluation.get('rows'))} rows from {', '.join(evaluation.get('days', [])) or '-'}"
-             f"{rate_text} (held out from training on {', '.join(train_days) or '-'})."]
-    if metrics.get("spec_hash"):
-        lines[-1] += f" Spec {metrics['spec_hash']}."
-    return lines
+    evaluation = metrics["eval"]
+    rate_text = f", click rate {evaluation['click_rate']:.2%}" if metrics["task"] == "binary" else ""
+    return [f"# Distillation report: {metrics['job']}", "",
+            f"Evaluated on {_count(evaluation['rows'])} rows from {', '.join(evaluation['days'])}{rate_text} "
+            f"(held out from training on {', '.join(metrics['train']['days'])}). Spec {metrics['spec_hash']}."]
 
 
 def _ceiling(metrics: dict) -> list[str]:
-    ceiling = metrics.get("eval", {}).get("ceiling_auc")
-    teacher = _model(metrics["models"], "teacher", "teacher").get("auc")
+    ceiling = metrics["eval"]["ceiling_auc"]
+    teacher = find_model(metrics["models"], "teacher", "teacher").get("auc")
     if ceiling is None:
         return []
     line = f"Ceiling: the true click probability scores AUC {ceiling:.4f} on these rows"
@@ -93,40 +81,34 @@ def _ceiling(metrics: dict) -> list[str]:
 
 def _summary(metrics: dict, task: str) -> list[str]:
     models = metrics["models"]
-    summary = metrics.get("summary") or summarize(models)
+    summary = summarize(models)
     metric = "accuracy" if task == "multiclass" else "AUC"
-    teacher, student = _model(models, "teacher", "teacher"), _model(models, "student_distilled", "distilled")
+    teacher, student = find_model(models, "teacher", "teacher"), find_model(models, "student_distilled", "distilled")
     lines = []
-    if summary.get("distilled_minus_hard") is not None:
+    if summary["distilled_minus_hard"] is not None:
         lines.append(f"- Distilled student vs hard-label student: {summary['distilled_minus_hard']:+.4f} {metric}.")
-    if summary.get("gap_recovery") is not None:
+    if summary["gap_recovery"] is not None:
         lines.append(f"- Gap recovery (distilled - hard) / (teacher - hard): {summary['gap_recovery']:.1%}.")
-    elif teacher and _model(models, "student_hard", "hard"):
+    elif teacher and find_model(models, "student_hard", "hard"):
         lines.append("- The teacher does not beat the hard-label student here: gap recovery is undefined.")
-    if summary.get("compression_params") is not None:
+    if summary["compression_params"] is not None:
         line = f"- Compression: the student has {summary['compression_params']:.1f}x fewer parameters than the teacher"
-        if summary.get("compression_bytes") is not None:
+        if summary["compression_bytes"] is not None:
             line += (f" and is {summary['compression_bytes']:.1f}x smaller on disk "
-                     f"({_size(student.get('bytes'))} vs {_size(teacher.get('bytes'))})")
+                     f"({_size(student['bytes'])} vs {_size(teacher['bytes'])})")
         lines.append(line + ".")
-    if summary.get("latency_speedup") is not None:
+    if summary["latency_speedup"] is not None:
         lines.append(f"- Latency: batch-1 p50 {student['latency']['batch1_p50_ms']:.3f} ms for the student vs "
                      f"{teacher['latency']['batch1_p50_ms']:.3f} ms for the teacher "
                      f"({summary['latency_speedup']:.1f}x speed-up).")
-    if metrics.get("label"):
-        lines.append(_label_line(metrics["label"]))
-    return lines
+    return [*lines, _label_line(metrics["label"])]
 
 
 def _label_line(label: dict) -> str:
-    line = f"- Soft labels: {_count(label.get('total_rows'))} rows"
-    if label.get("shards") is not None:
-        line += f" in {label['shards']} shards"
-    line += f" ({label.get('status', '-')})"
-    if label.get("relabelled_days"):
+    line = f"- Soft labels: {_count(label['total_rows'])} rows in {label['shards']} shards ({label['status']})"
+    if label["relabelled_days"]:
         line += f", labelled now: {', '.join(label['relabelled_days'])}"
-    if label.get("teacher_sha256"):
-        line += f", teacher sha256 {label['teacher_sha256'][:12]}"
+    line += f", teacher sha256 {label['teacher_sha256'][:12]}"
     known = {"total_rows", "shards", "status", "relabelled_days", "teacher_sha256"}
     extra = [f"{k} {v}" for k, v in label.items() if k not in known and isinstance(v, (str, int, float, bool))]
     return line + "".join(f", {item}" for item in extra) + "."
@@ -148,7 +130,7 @@ def _slices(metrics: dict, task: str) -> list[str]:
     sliced = {name: {s["value"]: s for s in m["slices"]} for name, m in metrics["models"].items() if m.get("slices")}
     if not sliced:
         return []
-    column = metrics.get("eval", {}).get("slice_by") or "slice"
+    column = metrics["eval"]["slice_by"]
     metric, label = ("accuracy", "accuracy") if task == "multiclass" else ("auc", "AUC")
     first = next(iter(sliced.values()))
     head = [column, "rows", *([] if task == "multiclass" else ["click rate"]), *(f"{n} {label}" for n in sliced)]
@@ -185,12 +167,6 @@ def _plot_links(paths: list[str]) -> list[str]:
     return ["## Plots", "", "\n\n".join(links)]
 
 
-def _model(models: dict[str, dict], name: str, role: str) -> dict:
-    if name in models:
-        return models[name]
-    return next((m for m in models.values() if m.get("role") == role), {})
-
-
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -217,12 +193,12 @@ def _size(n_bytes) -> str:
 
 def plot_names(metrics: dict) -> list[str]:
     """The PNG files `write_plots` draws for these metrics (each needs its part of metrics.json)."""
-    training, models = (metrics.get("training") or {}).values(), metrics["models"].values()
-    quality = "accuracy" if task_of(metrics) == "multiclass" else "auc"
+    training, models = metrics["training"].values(), metrics["models"].values()
+    quality = "accuracy" if metrics["task"] == "multiclass" else "auc"
     wanted = {
         "loss_curves.png": any(t.get("steps") or t.get("history") for t in training),
         "lr_schedule.png": any("lr" in step for t in training for step in t.get("steps") or []),
-        "calibration.png": any((m.get("calibration") or {}).get("bins") for m in models),
+        "calibration.png": any(m.get("calibration", {}).get("bins") for m in models),  # binary only
         f"{quality}_bars.png": any(not _missing(m.get(quality)) for m in models),
     }
     return [name for name, needed in wanted.items() if needed]
@@ -241,9 +217,6 @@ def write_plots(metrics: dict, out_dir: str) -> list[str]:
 
 
 def _png(draw, metrics: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     figure = Figure(figsize=(6, 4), layout="constrained")  # no pyplot: no global state, no GUI backend
     FigureCanvasAgg(figure)
     draw(figure, metrics)
@@ -278,7 +251,7 @@ def _draw_lr(figure, metrics: dict) -> None:
 def _draw_calibration(figure, metrics: dict) -> None:
     ax, top = figure.subplots(), 0.0
     for name, m in metrics["models"].items():
-        calibration = m.get("calibration") or {}
+        calibration = m.get("calibration", {})  # binary only
         if calibration.get("bins"):
             pred, observed = [b["mean_pred"] for b in calibration["bins"]], [b["observed"] for b in calibration["bins"]]
             ax.plot(pred, observed, marker="o", label=f"{name} (ECE {calibration['ece']:.4f})")
@@ -291,13 +264,13 @@ def _draw_calibration(figure, metrics: dict) -> None:
 
 
 def _draw_quality(figure, metrics: dict) -> None:
-    key = "accuracy" if task_of(metrics) == "multiclass" else "auc"
+    key = "accuracy" if metrics["task"] == "multiclass" else "auc"
     scores = {name: m[key] for name, m in metrics["models"].items() if not _missing(m.get(key))}
     figure.set_size_inches(max(6, 1.2 * len(scores)), 4)
     ax = figure.subplots()
     bars = ax.bar(list(scores), list(scores.values()), color="tab:blue")
     ax.bar_label(bars, fmt="%.4f", fontsize="small")
-    ceiling = metrics.get("eval", {}).get("ceiling_auc") if key == "auc" else None
+    ceiling = metrics["eval"]["ceiling_auc"] if key == "auc" else None
     if ceiling is not None:
         ax.axhline(ceiling, linestyle="--", color="tab:red", label=f"ceiling (true CTR) {ceiling:.4f}")
         ax.legend(fontsize="small")

@@ -5,7 +5,7 @@ Locally that is write-to-temp then `os.replace`; on S3 a single PUT is already a
 that fails for a reason the user must fix (disk full, read-only or not permitted) raises a `UserError`
 naming the path, and leaves neither the destination half-written nor the temporary file behind.
 
-S3 goes through s3fs, configured in one place (`configure`, from the spec's `storage` section).
+S3 goes through s3fs, configured in one place (`runtime.configure_storage`, from the spec's `storage` section).
 The settings live in environment variables, not module globals, because Ray workers are other
 processes: `worker_env()` is what a Ray job hands them. Credentials are never settings here: they
 come from the standard AWS environment (`AWS_ACCESS_KEY_ID`, a profile, an IAM role), so they
@@ -15,38 +15,25 @@ appear in no spec, manifest, Ray task argument or message.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import tempfile
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
+from botocore import exceptions as boto
 
 from pipeline.errors import DataError, UserError
+from pipeline.write_errors import local_write_errors, write_error  # noqa: F401 (storage.write_error too)
 
 # Spec field -> environment variable that carries it to every process (driver and Ray workers).
 SETTINGS_ENV = {"endpoint_url": "DISTILL_S3_ENDPOINT_URL", "region": "DISTILL_S3_REGION", "profile": "AWS_PROFILE"}
 # A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
 _BOTO_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
-# Local write failures that are the disk's or the permissions' fault, not the code's, and what to do about them.
-_FULL, _DENIED_HERE = "free space on that disk", "fix the directory's permissions"
-_WRITE_FIXES = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: "remount it read-write",
-                errno.EACCES: _DENIED_HERE, errno.EPERM: _DENIED_HERE}
 # Error codes S3 answers when the credentials are missing, wrong or not allowed.
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
            "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-
-
-def configure(endpoint_url: str | None = None, region: str | None = None, profile: str | None = None) -> None:
-    """Sets the S3 endpoint, region and profile for this process and the Ray workers it starts.
-
-    Unset arguments keep what the environment already says, so `export DISTILL_S3_ENDPOINT_URL=...`
-    (or `AWS_PROFILE`) works without a spec field.
-    """
-    for name, value in {"endpoint_url": endpoint_url, "region": region, "profile": profile}.items():
-        if value:
-            os.environ[SETTINGS_ENV[name]] = value
 
 
 def worker_env() -> dict[str, str]:
@@ -89,8 +76,6 @@ def arrow_filesystem(uri: str):
     """
     if not is_remote(uri):
         return None
-    import pyarrow.fs as pafs
-
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)[0]))
 
 
@@ -121,8 +106,6 @@ def s3_errors(uri: str):
 
 
 def _explain(exc: BaseException, uri: str) -> str | None:
-    from botocore import exceptions as boto
-
     code = _error_code(exc)
     bucket = _bucket(uri)
     if code == "NoSuchBucket":
@@ -221,31 +204,6 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # never leave a partial temp file next to the destination
             raise
-
-
-@contextlib.contextmanager
-def local_write_errors(uri: str):
-    """Turns a local write failing for lack of space or permission into a `UserError` naming `uri`."""
-    try:
-        yield
-    except OSError as exc:
-        error = write_error(exc, uri)
-        if error is None:
-            raise
-        raise error from exc
-
-
-def write_error(exc: BaseException, uri: str) -> UserError | None:
-    """A `UserError` naming `uri` when `exc`, or an error it wraps (a Ray task's `cause`, a chained
-    exception), is a disk-full or permission failure; None for any other error."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _WRITE_FIXES:
-            return UserError(f"cannot write {uri}: {os.strerror(exc.errno).lower()}; {_WRITE_FIXES[exc.errno]}, "
-                             "or write somewhere else (output.root, schedule.registry)")
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
-    return None
 
 
 def check_writable(uri: str, setting: str = "output.root") -> None:

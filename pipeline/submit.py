@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+import pipeline
 from pipeline.errors import UserError
 from pipeline.spec import JobSpec
 
@@ -91,7 +92,7 @@ def connect(address: str | None = None, timeout_s: float = 10.0):
     Raises:
         ClusterError: no answer within `timeout_s`, not a Ray dashboard, or the token is missing or wrong.
     """
-    import requests
+    import requests  # lazy, with Ray's client below: only the cluster commands need them
     from ray.job_submission import JobSubmissionClient
 
     url, source = resolve_address(address)
@@ -145,7 +146,7 @@ def _without_env(*names: str):
 @contextlib.contextmanager
 def _cluster_call(url: str, job_id: str | None = None):
     """Turns the SDK's errors (RuntimeError with the HTTP status, ConnectionError) into user errors."""
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError  # lazy: importing Ray takes seconds
 
     try:
         yield
@@ -160,8 +161,6 @@ def _cluster_call(url: str, job_id: str | None = None):
 
 def stage_working_dir(spec: JobSpec, dest: Path, source: str = "") -> Path:
     """Copies the project's code to `dest` and writes the resolved spec there as `job-spec.yaml`."""
-    import pipeline
-
     package = Path(pipeline.__file__).resolve().parent
     root = package.parent
     if (root / "pyproject.toml").is_file():  # a checkout: ship it minus data, runs and environments

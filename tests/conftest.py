@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray per test session, and builders for click logs and specs."""
+"""Shared fixtures: one local Ray per test session, and builders for click logs and specs.
+
+Every test that uses Ray carries the `ray` (or `e2e`) marker, so that `pytest -m "not ray"` starts no
+Ray: a test that asks for `ray_cluster`, or leaves Ray running, without one fails and says so.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import copy
 import datetime as dt
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,37 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 # Fake AWS credentials, planted so tests/test_s3.py can check they never leak into outputs, logs or errors.
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "AKIAPLANTEDSECRET123", "AWS_SECRET_ACCESS_KEY": "planted-secret-value-xyz"}
+
+
+RAY_MARKERS = {"ray", "e2e"}
+
+
+def _marked_for_ray(item) -> bool:
+    return bool(RAY_MARKERS & {mark.name for mark in item.iter_markers()})
+
+
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")  # never imported here: a test that needs no Ray pays nothing for it
+    return ray is not None and ray.is_initialized()
+
+
+def pytest_runtest_setup(item):
+    if "ray_cluster" in getattr(item, "fixturenames", ()) and not _marked_for_ray(item):
+        pytest.fail(f"{item.nodeid} uses the ray_cluster fixture without the `ray` or `e2e` marker; add "
+                    "@pytest.mark.ray so that `pytest -m 'not ray'` leaves it out", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_ray(request):
+    if _marked_for_ray(request.node):
+        yield
+        return
+    was_up = _ray_is_up()
+    yield
+    if not was_up and _ray_is_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail(f"{request.node.nodeid} started Ray without the `ray` or `e2e` marker; add "
+                    "@pytest.mark.ray (or e2e) to it", pytrace=False)
 
 
 def free_port() -> int:
@@ -40,7 +76,7 @@ def ray_cluster():
             env.delenv(name, raising=False)
         # Workers import `model: custom` factories by module path, like a user's package on their image.
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
-        from pipeline.job import start_local_ray  # retries when a busy machine delays the node's start
+        from pipeline.runtime import start_local_ray  # retries when a busy machine delays the node's start
 
         start_local_ray(num_cpus=2, dashboard_host="127.0.0.1", include_dashboard=True, logging_level="WARNING")
     DataContext.get_current().enable_progress_bars = False

@@ -77,7 +77,7 @@ CRITEO = ROOT.parent / "shared" / "data" / "criteo"
 @pytest.mark.skipif(not CRITEO.is_dir(), reason="the shared Criteo sample is not next to this checkout")
 def test_criteo_sample_job_reads_the_real_files(monkeypatch):
     """jobs/criteo-sample.yaml maps two flat files to two days; its inputs pass every footer check."""
-    from pipeline.job import check_inputs
+    from pipeline.stages.click_logs import check_inputs
     from pipeline.spec import load_spec
 
     monkeypatch.chdir(ROOT)  # the spec's paths are relative to the project root

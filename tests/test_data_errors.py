@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import storage
+from pipeline import runtime, storage
 from pipeline.data import clicklogs, validate
 from pipeline.data.validate import RowRules
 from pipeline.errors import DataError
@@ -299,7 +299,7 @@ def bucket(moto_endpoint, monkeypatch) -> str:
         monkeypatch.setenv(name, value)
     for name in (*storage.SETTINGS_ENV.values(), "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
-    storage.configure(endpoint_url=moto_endpoint, region="us-east-1")
+    runtime.configure_storage(endpoint_url=moto_endpoint, region="us-east-1")
     name = f"distill-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name

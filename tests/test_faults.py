@@ -33,7 +33,7 @@ import yaml
 from pipeline import shards, storage
 from pipeline.errors import UserError
 from pipeline.features import FeatureLayout
-from pipeline.models import build_model, save_model
+from pipeline.models import ModelConfig, build_model, save_model
 from pipeline.spec import parse_spec
 from tests.conftest import ROOT
 
@@ -70,10 +70,17 @@ def _alive_actors(class_part: str) -> list:
     return [a for a in _actors(("state", "=", "ALIVE")) if class_part in a.class_name and a.pid]
 
 
+def _big_manifest() -> shards.Manifest:
+    teacher = shards.TeacherMember("teacher", "dcn_v2", "teacher.pt", "ab" * 32)
+    return shards.Manifest(teacher=shards.TeacherIdentity("teacher", "dcn_v2", "teacher.pt", "ab" * 32, (teacher,)),
+                           label_fingerprint="f", spec_hash="s", inputs={}, columns=(),
+                           shards=tuple(shards.FileRows("x" * 100, 1) for _ in range(1_000)))
+
+
 def _save_teacher(spec, path: Path, embedding_dim: int = 4, hidden: tuple = (8,)) -> str:
     layout = FeatureLayout.from_spec(spec.features)
-    config = {"model": "dcn_v2", "embedding_dim": embedding_dim, "hash_buckets": 2000, "hidden": list(hidden),
-              "cross_layers": 2, "sequence_pooling": "attention"}
+    config = ModelConfig(model="dcn_v2", embedding_dim=embedding_dim, hash_buckets=2000, hidden=hidden,
+                         cross_layers=2, sequence_pooling="attention")
     save_model(str(path), build_model(config, layout), config, layout)
     return str(path)
 
@@ -96,7 +103,7 @@ def _one_day(raw: dict, day: dt.date = DAY) -> dict:
 # --- 1. a teacher actor killed mid-stage --------------------------------------------------------------------
 
 def test_teacher_actor_killed_mid_day_loses_and_repeats_no_row(ray_cluster, tiny_spec_dict, click_logs, tmp_path):
-    from pipeline.label import label_days
+    from pipeline.stages.label import label_days
 
     rows = 80_000  # with the teacher below, about 3 s of actor CPU: the kill lands mid-task
     clicks = click_logs(days=1, rows=rows)
@@ -122,10 +129,10 @@ def test_teacher_actor_killed_mid_day_loses_and_repeats_no_row(ray_cluster, tiny
         labelled = labelling.result(timeout=300)
 
     manifest = shards.read_manifest(str(day_dir))
-    assert manifest["input_rows"] == manifest["total_rows"] == rows
+    assert manifest.input_rows == manifest.total_rows == rows
     assert labelled.relabelled == [DAY.isoformat()]
     on_disk = sorted(str(p) for p in (day_dir / "data").rglob("*.parquet"))
-    assert on_disk == sorted(s["path"] for s in manifest["shards"])  # no stray file from the killed attempt
+    assert on_disk == sorted(s.path for s in manifest.shards)  # no stray file from the killed attempt
     ids = _event_ids(on_disk)
     assert len(ids) == len(set(ids)) == rows  # none repeated, none lost
     assert set(ids) == _input_ids(clicks, [DAY])
@@ -246,9 +253,9 @@ def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tin
     all_shards = []
     for day in days:
         manifest = shards.read_manifest(str(shard_root / f"date={day}"))
-        assert manifest["input_rows"] == manifest["total_rows"] == rows, day
+        assert manifest.input_rows == manifest.total_rows == rows, day
         on_disk = sorted(str(p) for p in (shard_root / f"date={day}" / "data").rglob("*.parquet"))
-        assert on_disk == sorted(s["path"] for s in manifest["shards"]), day  # the killed attempt left nothing
+        assert on_disk == sorted(s.path for s in manifest.shards), day  # the killed attempt left nothing
         all_shards += on_disk
     ids = _event_ids(all_shards)
     assert len(ids) == len(set(ids)) == rows * len(days)
@@ -273,7 +280,7 @@ def _committed_epochs(train_root: Path) -> int:
 
 
 def test_training_worker_killed_mid_run_resumes_from_last_epoch(ray_cluster, tiny_spec_dict, click_logs):
-    from pipeline.job import ensure_teacher
+    from pipeline.stages.teacher import ensure_teacher
 
     rows = 40_000  # several seconds per epoch with 2 workers on 2 cores: the kill lands inside epoch 2
     tiny_spec_dict["data"]["path"] = click_logs(days=1, rows=rows)
@@ -401,7 +408,7 @@ def test_disk_full_write_fails_clearly_and_leaves_old_file_or_nothing(how, mount
     if how == "tmpfs":
         storage.atomic_write_text(str(directory / "models" / "small.json"), "{}")  # room for a small file
     with pytest.raises(UserError, match="no space left on device"):
-        shards.write_manifest(str(manifest), {"shards": ["x" * 100] * 1_000})  # ~100 KiB of JSON
+        shards.write_manifest(str(manifest), _big_manifest())  # ~100 KiB of JSON
     assert list(manifest.iterdir()) == []  # a day without a manifest is redone, never half-read
 
     if how == "tmpfs":  # an existing file survives a failed overwrite untouched
@@ -418,7 +425,7 @@ def _label_onto_full_disk(spec, teacher: str, disk: Path) -> tuple[type, str]:
     kept alive, it would starve the next stage on this 2-CPU cluster. So neither this function nor pytest's
     log capture (Ray Data logs the error with its traceback) may keep it.
     """
-    from pipeline.label import label_days
+    from pipeline.stages.label import label_days
 
     failure = None
     try:
@@ -448,7 +455,7 @@ def full_disk_label(ray_cluster, tiny_spec_dict, click_logs, tmp_path, mount_tmp
 
 
 def test_disk_full_mid_label_writes_no_manifest_and_rerun_completes(full_disk_label):
-    from pipeline.label import label_days
+    from pipeline.stages.label import label_days
 
     spec, teacher, disk = full_disk_label
     day_dir = disk / f"date={DAY}"
@@ -460,9 +467,9 @@ def test_disk_full_mid_label_writes_no_manifest_and_rerun_completes(full_disk_la
     labelled = label_days(spec, teacher, str(disk), [DAY])
     assert labelled.relabelled == [DAY.isoformat()]
     manifest = shards.read_manifest(str(day_dir))
-    assert manifest["input_rows"] == manifest["total_rows"] == 8_000
+    assert manifest.input_rows == manifest.total_rows == 8_000
     on_disk = sorted(str(p) for p in (day_dir / "data").rglob("*.parquet"))
-    assert on_disk == sorted(s["path"] for s in manifest["shards"])  # the failed attempt's files are gone
+    assert on_disk == sorted(s.path for s in manifest.shards)  # the failed attempt's files are gone
     ids = _event_ids(on_disk)
     assert len(ids) == len(set(ids)) == 8_000
 

@@ -31,10 +31,11 @@ def finished_run(ray_cluster, tmp_path_factory):
 def test_rows_in_equal_soft_labels_out(finished_run):
     spec, metrics = finished_run
     days = [d.isoformat() for d in spec.data.train_days.days()]
-    manifest = shards.combine([shards.read_manifest(storage.join(spec.run_dir, "shards", f"date={d}")) for d in days])
-    assert manifest["input_rows"] == manifest["total_rows"] == 2 * spec.data.synthetic.rows_per_day
-    assert metrics["label"]["total_rows"] == manifest["total_rows"]
-    assert manifest["teacher"]["checkpoint_sha256"] == shards.file_sha256(metrics["models"]["teacher"]["checkpoint"])
+    manifest = shards.ShardSet(tuple(shards.read_manifest(storage.join(spec.run_dir, "shards", f"date={d}"))
+                                     for d in days))
+    assert manifest.input_rows == manifest.total_rows == 2 * spec.data.synthetic.rows_per_day
+    assert metrics["label"]["total_rows"] == manifest.total_rows
+    assert manifest.teacher.checkpoint_sha256 == shards.file_sha256(metrics["models"]["teacher"]["checkpoint"])
 
 
 @pytest.mark.e2e
@@ -120,12 +121,12 @@ def test_generate_is_deterministic_through_the_cli(tmp_path, tiny_spec_dict):
 def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict):
     from pipeline.errors import UserError
     from pipeline.features import FeatureLayout
-    from pipeline.job import ensure_teacher
-    from pipeline.models import build_model, save_model
+    from pipeline.stages.teacher import ensure_teacher
+    from pipeline.models import ModelConfig, build_model, save_model
 
     spec = parse_spec(tiny_spec_dict)
     layout = FeatureLayout.from_spec(spec.features)
-    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 1}
+    config = ModelConfig(model="dcn_v2", embedding_dim=4, hash_buckets=64, hidden=(8,), cross_layers=1)
     path = str(tmp_path / "teacher.pt")
     save_model(path, build_model(config, layout), config, layout)
     tiny_spec_dict["teacher"]["checkpoint"] = path
@@ -139,13 +140,13 @@ def test_given_teacher_checkpoint_is_used_not_retrained(tmp_path, tiny_spec_dict
 def test_data_memory_limit_caps_ray_data_and_its_blocks(tiny_spec_dict):
     from ray.data import DataContext
 
-    from pipeline.job import limit_data_memory
+    from pipeline.runtime import limit_data_memory
 
     context = DataContext.get_current()
     saved = (context.execution_options.resource_limits, context.target_max_block_size)
     tiny_spec_dict["ray"] = {"data_memory_limit_mb": 64}
     try:
-        limit_data_memory(parse_spec(tiny_spec_dict))
+        limit_data_memory(parse_spec(tiny_spec_dict).ray.data_memory_limit_mb)
         assert context.execution_options.resource_limits.object_store_memory == 64 * 2**20
         assert context.target_max_block_size == 8 * 2**20
     finally:

@@ -9,8 +9,8 @@ import pytest
 from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.features import FeatureLayout
-from pipeline.label import label_columns, labelling_dataset, run_label_stage, teacher_identity
-from pipeline.models import build_model, save_model
+from pipeline.stages.label import label_columns, labelling_dataset, run_label_stage, teacher_identity
+from pipeline.models import ModelConfig, build_model, save_model
 from pipeline.spec import parse_spec
 
 pytestmark = pytest.mark.ray
@@ -23,36 +23,36 @@ def labelled_setup(ray_cluster, tiny_spec_dict, click_logs, tmp_path):
     tiny_spec_dict["label"].update(batch_size=256, shard_rows=500)
     spec = parse_spec(tiny_spec_dict)
     layout = FeatureLayout.from_spec(spec.features)
-    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 1,
-              "sequence_pooling": "attention"}
+    config = ModelConfig(model="dcn_v2", embedding_dim=4, hash_buckets=64, hidden=(8,), cross_layers=1,
+                         sequence_pooling="attention")
     teacher = str(tmp_path / "teacher.pt")
     save_model(teacher, build_model(config, layout), config, layout)
     return spec, teacher, str(tmp_path / "shards")
 
 
-def _shard_table(manifest: dict):
-    return pads.dataset([s["path"] for s in manifest["shards"]], format="parquet").to_table()
+def _shard_table(manifest: shards.ShardSet):
+    return pads.dataset([s.path for s in manifest.shards], format="parquet").to_table()
 
 
 def test_every_input_row_is_labelled_exactly_once(labelled_setup):
     spec, teacher, shard_dir = labelled_setup
-    manifest = run_label_stage(spec, teacher, shard_dir)
+    manifest = run_label_stage(spec, teacher, shard_dir).shard_set
 
-    assert manifest["input_rows"] == manifest["total_rows"] == 1400  # 2 train days x 700
+    assert manifest.input_rows == manifest.total_rows == 1400  # 2 train days x 700
     table = _shard_table(manifest)
     ids = table.column("event_id").to_numpy()
     assert len(ids) == len(set(ids)) == 1400  # no duplicates, none lost
     assert table.column("teacher_logit").null_count == 0
     assert {"clicked", "teacher_logit", "hist_item_ids"} <= set(table.column_names)
     assert "true_ctr" not in table.column_names  # never a feature, never in shards
-    assert sum(s["rows"] for s in manifest["shards"]) == 1400
-    assert all(pq.ParquetFile(s["path"]).metadata.num_rows == s["rows"] for s in manifest["shards"])
+    assert sum(s.rows for s in manifest.shards) == 1400
+    assert all(pq.ParquetFile(s.path).metadata.num_rows == s.rows for s in manifest.shards)
 
 
 def test_each_day_has_a_manifest_recording_teacher_inputs_and_settings(labelled_setup):
     spec, teacher, shard_dir = labelled_setup
-    manifest = run_label_stage(spec, teacher, shard_dir)
-    assert sorted(manifest["inputs"]) == ["2026-11-01", "2026-11-02"]
+    manifest = run_label_stage(spec, teacher, shard_dir).shard_set
+    assert sorted(manifest.inputs) == ["2026-11-01", "2026-11-02"]
     for day in ("2026-11-01", "2026-11-02"):
         on_disk = storage.read_json(storage.join(shard_dir, f"date={day}", shards.MANIFEST))
         assert on_disk["teacher"]["checkpoint_sha256"] == shards.file_sha256(teacher)
@@ -67,10 +67,10 @@ def test_each_day_has_a_manifest_recording_teacher_inputs_and_settings(labelled_
 def test_rerun_reuses_finished_shards(labelled_setup):
     spec, teacher, shard_dir = labelled_setup
     first = run_label_stage(spec, teacher, shard_dir)
-    mtimes = {s["path"]: storage.filesystem(s["path"])[0].modified(s["path"]) for s in first["shards"]}
+    mtimes = {s.path: storage.filesystem(s.path)[0].modified(s.path) for s in first.shard_set.shards}
     second = run_label_stage(spec, teacher, shard_dir)
-    assert second.get("reused") is True
-    assert {s["path"]: storage.filesystem(s["path"])[0].modified(s["path"]) for s in second["shards"]} == mtimes
+    assert second.relabelled == [] and second.reused == ["2026-11-01", "2026-11-02"]
+    assert {s.path: storage.filesystem(s.path)[0].modified(s.path) for s in second.shard_set.shards} == mtimes
 
 
 def test_a_day_without_manifest_is_redone_and_only_it(labelled_setup):
@@ -79,8 +79,8 @@ def test_a_day_without_manifest_is_redone_and_only_it(labelled_setup):
     day_dir = storage.join(shard_dir, "date=2026-11-02")
     storage.filesystem(day_dir)[0].rm(storage.join(day_dir, shards.MANIFEST))  # as if the driver died
     redone = run_label_stage(spec, teacher, shard_dir)
-    assert redone["relabelled"] == ["2026-11-02"] and redone["reused_days"] == ["2026-11-01"]
-    assert len(_shard_table(redone)) == 1400  # the stale files were replaced, not added to
+    assert redone.relabelled == ["2026-11-02"] and redone.reused == ["2026-11-01"]
+    assert len(_shard_table(redone.shard_set)) == 1400  # the stale files were replaced, not added to
 
 
 def test_a_changed_partition_is_relabelled(labelled_setup):
@@ -91,14 +91,14 @@ def test_a_changed_partition_is_relabelled(labelled_setup):
     part = storage.list_files(storage.join(spec.data.path, "date=2026-11-01"))[0]
     os.utime(part, (os.path.getatime(part), os.path.getmtime(part) + 5))
     again = run_label_stage(spec, teacher, shard_dir)
-    assert again["relabelled"] == ["2026-11-01"] and again["reused_days"] == ["2026-11-02"]
+    assert again.relabelled == ["2026-11-01"] and again.reused == ["2026-11-02"]
 
 
 def test_float16_logits_round_trip_within_tolerance(labelled_setup, tiny_spec_dict):
     spec, teacher, shard_dir = labelled_setup
-    exact = _shard_table(run_label_stage(spec, teacher, shard_dir)).sort_by("event_id")
+    exact = _shard_table(run_label_stage(spec, teacher, shard_dir).shard_set).sort_by("event_id")
     spec16 = spec.model_copy(update={"label": spec.label.model_copy(update={"logit_dtype": "float16"})})
-    half = _shard_table(run_label_stage(spec16, teacher, shard_dir + "16")).sort_by("event_id")
+    half = _shard_table(run_label_stage(spec16, teacher, shard_dir + "16").shard_set).sort_by("event_id")
     assert str(half.schema.field("teacher_logit").type) == "halffloat"
     a, b = exact.column("teacher_logit").to_numpy(), half.column("teacher_logit").to_numpy().astype("float32")
     assert abs(a - b).max() < 1e-2
@@ -117,18 +117,18 @@ def test_missing_columns_fail_before_any_work(labelled_setup):
 def test_rows_in_equal_rows_out_at_any_batch_size_and_pool(labelled_setup, batch_size, actors, cpus_per_actor):
     spec, teacher, shard_dir = labelled_setup
     label = spec.label.model_copy(update={"batch_size": batch_size, "actors": actors, "cpus_per_actor": cpus_per_actor})
-    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir)
+    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir).shard_set
     ids = _shard_table(manifest).column("event_id").to_numpy()
-    assert manifest["total_rows"] == len(ids) == len(set(ids)) == 1400
+    assert manifest.total_rows == len(ids) == len(set(ids)) == 1400
 
 
 def test_shard_files_hold_about_shard_rows(labelled_setup):
     """No explosion of small files: each day's shards hold >= shard_rows rows, except a day's last one."""
     spec, teacher, shard_dir = labelled_setup
     label = spec.label.model_copy(update={"batch_size": 100, "shard_rows": 300})
-    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir)
-    for day in manifest["inputs"]:
-        rows = [s["rows"] for s in manifest["shards"] if f"date={day}" in s["path"]]
+    manifest = run_label_stage(spec.model_copy(update={"label": label}), teacher, shard_dir).shard_set
+    for day in manifest.inputs:
+        rows = [s.rows for s in manifest.shards if f"date={day}" in s.path]
         assert sum(rows) == 700 and sum(r < 300 for r in rows) <= 1, rows
 
 

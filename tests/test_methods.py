@@ -20,10 +20,11 @@ import yaml
 from pipeline import shards, storage
 from pipeline.errors import DataError
 from pipeline.features import table_to_inputs
-from pipeline.job import generate, run_job
+from pipeline.job import run_job
 from pipeline.models import load_model
 from pipeline.spec import parse_spec
-from pipeline.train import lr_lambda
+from pipeline.stages.click_logs import generate
+from pipeline.train.engine import lr_lambda
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
@@ -80,17 +81,17 @@ def _day_manifest(spec, day: dt.date) -> dict:
 
 
 def _shard_table(manifest: dict) -> pa.Table:
-    return pa.concat_tables(pq.read_table(s["path"]) for s in manifest["shards"])
+    return pa.concat_tables(pq.read_table(s.path) for s in manifest.shards)
 
 
 def test_ensemble_manifest_lists_every_teacher_and_the_weighted_target(ensemble_run):
     spec, metrics, _ = ensemble_run
     manifest = _day_manifest(spec, spec.data.train_days.start)
-    members = manifest["teacher"]["members"]
-    assert [(m["name"], m["model"], m["weight"]) for m in members] == [("dcn", "dcn_v2", 2.0), ("deepfm", "deepfm", 1.0)]
+    members = manifest.teacher.members
+    assert [(m.name, m.model, m.weight) for m in members] == [("dcn", "dcn_v2", 2.0), ("deepfm", "deepfm", 1.0)]
     for member in members:
-        assert member["checkpoint_sha256"] == shards.file_sha256(member["checkpoint"])
-    assert manifest["teacher"]["combine"] == "weighted"
+        assert member.checkpoint_sha256 == shards.file_sha256(member.checkpoint)
+    assert manifest.teacher.combine == "weighted"
     table = _shard_table(manifest)
     dcn, deepfm = (table.column(f"teacher_logit__{n}").to_numpy() for n in ("dcn", "deepfm"))
     np.testing.assert_allclose(table.column("teacher_logit").to_numpy(), (2 * dcn + deepfm) / 3, rtol=1e-5, atol=1e-6)
@@ -102,16 +103,16 @@ def test_ensemble_manifest_lists_every_teacher_and_the_weighted_target(ensemble_
 def test_bad_rows_are_quarantined_and_every_row_is_accounted_for(ensemble_run):
     spec, metrics, day_rows = ensemble_run
     manifest = _day_manifest(spec, spec.data.train_days.start)
-    assert manifest["input_rows"] == day_rows
-    assert manifest["quarantined_rows"] == len(BAD_ROWS)
-    assert manifest["total_rows"] + manifest["quarantined_rows"] == manifest["input_rows"]
-    quarantined = pa.concat_tables(pq.read_table(q["path"]) for q in manifest["quarantine"])
+    assert manifest.input_rows == day_rows
+    assert manifest.quarantined_rows == len(BAD_ROWS)
+    assert manifest.total_rows + manifest.quarantined_rows == manifest.input_rows
+    quarantined = pa.concat_tables(pq.read_table(q.path) for q in manifest.quarantine)
     reasons = sorted(quarantined.column("reason").to_pylist())
     assert [r.split(" ")[0] + " " + r.split(" ")[1].rstrip(",") for r in reasons] == sorted(
         " ".join(expected.split(" ")[:2]) for *_, expected in BAD_ROWS)
     labelled_ids = set(_shard_table(manifest).column("event_id").to_pylist())
     bad_ids = set(quarantined.column("event_id").to_pylist())
-    assert len(labelled_ids) == manifest["total_rows"] and not labelled_ids & bad_ids  # no duplicates, no overlap
+    assert len(labelled_ids) == manifest.total_rows and not labelled_ids & bad_ids  # no duplicates, no overlap
     assert metrics["label"]["quarantined_rows"] == len(BAD_ROWS)
 
 
@@ -122,7 +123,7 @@ def test_listwise_and_schedule_are_trained_and_logged(ensemble_run):
     assert training["history"][0]["soft_loss"] > 0
     steps = training["steps"]
     total = math.ceil(metrics["label"]["total_rows"] / (spec.train.batch_size * spec.train.num_workers))
-    schedule = lr_lambda(spec.train.lr_schedule.model_dump(), total)
+    schedule = lr_lambda(spec.train.lr_schedule, total)
     for step in steps:  # DeepSpeed steps the scheduler after each optimizer step
         assert step["lr"] == pytest.approx(spec.train.lr * schedule(step["step"]), rel=1e-6)
     assert max(s["lr"] for s in steps) > steps[-1]["lr"]  # warmed up, then decayed
@@ -133,7 +134,7 @@ def test_plugin_student_runs_on_the_workers(ensemble_run):
     student = metrics["models"]["student_distilled"]
     assert student["family"] == "custom"
     model, config, _ = load_model(student["checkpoint"])
-    assert config["factory"] == "plugin_models:tiny_linear" and type(model).__name__ == "TinyLinear"
+    assert config.factory == "plugin_models:tiny_linear" and type(model).__name__ == "TinyLinear"
     assert student["auc"] > 0.55  # it learned something
 
 
@@ -166,15 +167,15 @@ def multiclass_run(ray_cluster, tmp_path_factory):
 def test_topk_soft_labels_are_the_teachers_largest_logits(multiclass_run):
     spec, _ = multiclass_run
     manifest = _day_manifest(spec, spec.data.train_days.start)
-    assert {"teacher_topk_indices", "teacher_topk_values", "teacher_hidden"} <= set(manifest["columns"])
-    assert "teacher_logits" not in manifest["columns"]  # only k of C are stored
+    assert {"teacher_topk_indices", "teacher_topk_values", "teacher_hidden"} <= set(manifest.columns)
+    assert "teacher_logits" not in manifest.columns  # only k of C are stored
     table = _shard_table(manifest).slice(0, 64)
-    teacher, _, layout = load_model(manifest["teacher"]["checkpoint"])
+    teacher, _, layout = load_model(manifest.teacher.checkpoint)
     with torch.inference_mode():
         logits, hidden = teacher.forward_with_hidden(table_to_inputs(table, layout))  # (64, 11), (64, H)
     indices = np.stack(table.column("teacher_topk_indices").to_pylist())  # (64, 4)
     values = np.stack(table.column("teacher_topk_values").to_pylist())
-    assert indices.shape == (64, 4) and manifest["hidden_dim"] == hidden.shape[1]
+    assert indices.shape == (64, 4) and manifest.hidden_dim == hidden.shape[1]
     expected = torch.topk(logits, 4, dim=1).values.numpy()
     np.testing.assert_allclose(np.sort(values, axis=1), np.sort(expected, axis=1), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(logits.numpy(), indices, axis=1), values, rtol=1e-4, atol=1e-5)
@@ -198,9 +199,8 @@ def test_multiclass_students_train_with_hint_and_step_schedule(multiclass_run):
 
 def test_fail_policy_names_file_row_group_and_column(ray_cluster, tiny_spec_dict, tmp_path):
     from pipeline.features import FeatureLayout
-    from pipeline.job import model_config
-    from pipeline.label import run_label_stage
-    from pipeline.models import build_model, save_model
+    from pipeline.stages.label import run_label_stage
+    from pipeline.models import ModelConfig, build_model, save_model
 
     tiny_spec_dict["data"]["synthetic"]["rows_per_day"] = 2000
     spec = parse_spec(tiny_spec_dict)
@@ -208,7 +208,8 @@ def test_fail_policy_names_file_row_group_and_column(ray_cluster, tiny_spec_dict
     _plant_bad_rows(spec)
     teacher = str(tmp_path / "teacher.pt")
     layout = FeatureLayout.from_spec(spec.features)
-    save_model(teacher, build_model(model_config(spec.teacher[0], spec), layout), model_config(spec.teacher[0], spec), layout)
+    config = ModelConfig.from_section(spec.teacher[0], spec.features.out_dim)
+    save_model(teacher, build_model(config, layout), config, layout)
     shard_root = str(tmp_path / "shards")
     with pytest.raises(DataError, match=r"bad row in .*date=2026-11-01.*\.parquet, row group 0, row 3 of the group, "
                                         r"column 'clicked': clicked: 2") as info:

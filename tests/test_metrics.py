@@ -10,8 +10,8 @@ from sklearn.metrics import log_loss as sk_log_loss
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from pipeline.evaluate import (agreement, auc, calibration, gauc, log_loss, measure_latency, multiclass_metrics,
-                               render_report, render_table, score_model, slice_metrics, summarize)
+from pipeline.metrics import (agreement, auc, calibration, gauc, log_loss, measure_latency, multiclass_metrics,
+                              score_model, slice_metrics, summarize)
 
 
 @pytest.fixture
@@ -194,18 +194,3 @@ def test_summarize_finds_models_by_role_and_uses_accuracy_for_multiclass():
     assert summary["metric"] == "accuracy"
     assert summary["gap_recovery"] == pytest.approx(0.5)
     assert summary["compression_params"] is None and summary["latency_speedup"] is None
-
-
-def test_old_render_imports_still_work(scored):
-    labels, logits = scored
-    metrics = score_model(labels, logits, groups=np.arange(len(labels)) % 7)
-    models = {name: dict(metrics, family="mlp", params={"total": size})
-              for name, size in (("teacher", 1000), ("student_distilled", 100), ("student_hard", 100))}
-    models["student_hard"]["auc"] = metrics["auc"] - 0.02
-    models["teacher"]["auc"] = metrics["auc"] + 0.02
-    report = render_report({"job": "t", "models": models, "eval": {"rows": 2000, "days": ["2026-11-04"],
-                            "ceiling_auc": 0.8}, "train": {"days": ["2026-11-01"]},
-                            "label": {"total_rows": 5, "status": "labelled"}})
-    assert "Gap recovery (distilled - hard) / (teacher - hard): 50.0%" in report
-    assert "10.0x fewer parameters" in report
-    assert f"{metrics['auc']:.4f}" in render_table(models, None)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.features import FeatureLayout, table_to_inputs
-from pipeline.models import MODEL_DEFAULTS, build_model, complete_config, count_parameters, load_model, save_model
+from pipeline.models import ModelConfig, build_model, count_parameters, load_model, save_model
 from pipeline.models.encoder import hash_ids
 from pipeline.models.fm import fm_interaction
 
@@ -52,8 +52,8 @@ def test_hashing_spreads_consecutive_ids():
 @pytest.mark.parametrize("family,pooling", [("dcn_v2", "attention"), ("mlp", "mean")])
 def test_models_produce_one_logit_per_row_and_learn(family, pooling):
     torch.manual_seed(0)
-    config = {"model": family, "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 2,
-              "sequence_pooling": pooling}
+    config = ModelConfig(model=family, embedding_dim=4, hash_buckets=64, hidden=(8,), cross_layers=2,
+                         sequence_pooling=pooling)
     model = build_model(config, LAYOUT)
     inputs = table_to_inputs(_table(32), LAYOUT)
     labels = (torch.arange(32) % 2).float()
@@ -70,15 +70,15 @@ def test_models_produce_one_logit_per_row_and_learn(family, pooling):
 
 
 def test_parameter_counts_split_embeddings_from_dense():
-    config = {"model": "mlp", "embedding_dim": 4, "hash_buckets": 100, "hidden": [8]}
+    config = ModelConfig(model="mlp", embedding_dim=4, hash_buckets=100, hidden=(8,))
     counts = count_parameters(build_model(config, LAYOUT))
     assert counts["embedding"] == 2 * 100 * 4
     assert counts["total"] == counts["embedding"] + counts["dense"]
 
 
 def test_save_and_load_round_trip(tmp_path):
-    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 1,
-              "sequence_pooling": "attention"}
+    config = ModelConfig(model="dcn_v2", embedding_dim=4, hash_buckets=64, hidden=(8,), cross_layers=1,
+                         sequence_pooling="attention")
     model = build_model(config, LAYOUT).eval()
     path = str(tmp_path / "m.pt")
     save_model(path, model, config, LAYOUT)
@@ -101,13 +101,13 @@ def plugins(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
 
 
-def _config(family: str, out_dim: int = 1, **overrides) -> dict:
+def _config(family: str, out_dim: int = 1, **overrides) -> ModelConfig:
     """A tiny model section; every family, with only what the test cares about overridden."""
     config = {"model": family, "embedding_dim": 4, "hash_buckets": 64, "hidden": [8, 6], "cross_layers": 1,
               "attention_heads": 2, "out_dim": out_dim}
     if family == "custom":
         config |= {"factory": "plugin_models:tiny_linear", "factory_args": {"width": 5}}
-    return config | overrides
+    return ModelConfig.from_dict(config | overrides)
 
 
 def _logit_shape(rows: int, out_dim: int) -> tuple[int, ...]:
@@ -225,16 +225,14 @@ def test_save_and_load_round_trip_every_family(tmp_path, family, out_dim):
 def test_config_defaults_follow_the_spec():
     from pipeline.spec import ModelSpec
 
-    spec_defaults = ModelSpec(model="mlp").model_dump()
-    spec_defaults.pop("model")
-    assert {k: v for k, v in MODEL_DEFAULTS.items() if k != "out_dim"} == spec_defaults
-    assert MODEL_DEFAULTS["out_dim"] == 1
+    spec = ModelSpec(model="mlp")
+    assert ModelConfig.from_section(spec) == ModelConfig(model="mlp")  # a field left out means the same model
+    assert set(ModelSpec.model_fields) == set(ModelConfig(model="mlp").to_dict()) - {"out_dim"}
 
 
-def test_a_checkpoint_config_from_before_the_new_keys_still_builds():
-    old = {"model": "mlp", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 0,
-           "sequence_pooling": "mean"}
-    assert complete_config(old)["out_dim"] == 1 and complete_config(old)["dropout"] == 0.0
+def test_a_checkpoint_config_without_newer_keys_still_builds():
+    old = ModelConfig.from_dict({"model": "mlp", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8]})
+    assert old.out_dim == 1 and old.dropout == 0.0
     assert build_model(old, LAYOUT)(table_to_inputs(_table(), LAYOUT)).shape == (4,)
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import registry, storage
-from pipeline.nightly import cycle_path, nightly_root, run_cycle
+from pipeline.nightly import cycle_path, run_cycle
 from pipeline.spec import parse_spec
 from tests.conftest import ROOT
 
@@ -64,15 +64,15 @@ def nights(ray_cluster, tmp_path_factory):
 
 
 def _shard_files(spec, day: str) -> list[str]:
-    return storage.list_files(storage.join(nightly_root(spec), "shards", f"date={day}"))
+    return storage.list_files(storage.join(spec.nightly_dir, "shards", f"date={day}"))
 
 
 def _random_teacher(spec, tmp) -> str:
     from pipeline.features import FeatureLayout
-    from pipeline.models import build_model, save_model
+    from pipeline.models import ModelConfig, build_model, save_model
 
     layout = FeatureLayout.from_spec(spec.features)
-    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 500, "hidden": [8], "cross_layers": 1}
+    config = ModelConfig(model="dcn_v2", embedding_dim=4, hash_buckets=500, hidden=(8,), cross_layers=1)
     path = str(tmp / "other-teacher.pt")
     save_model(path, build_model(config, layout), config, layout)
     return path

@@ -8,24 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from pipeline import evaluate, storage
+from pipeline import storage
+from pipeline.metrics import score_model, summarize
 from pipeline.cli import main
 from pipeline.report import plot_names, render_report, write_plots, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# The shape of runs/demo/metrics.json from before calibration, latency and training were recorded.
-OLD_METRICS = {
-    "job": "demo", "spec_hash": "539dc2b19e268524", "train": {"days": ["2026-11-01", "2026-11-02"]},
-    "label": {"total_rows": 300000, "shards": 3, "status": "labelled"},
-    "eval": {"days": ["2026-11-04"], "rows": 100000, "click_rate": 0.03671, "ceiling_auc": 0.8044},
-    "models": {name: {"family": family, "params": {"total": total, "embedding": total - 57, "dense": 57},
-                      "auc": value, "log_loss": 0.148, "gauc": 0.67, "mean_ctr_pred": 0.04, "checkpoint": f"{name}.pt"}
-               for name, family, total, value in (("student_distilled", "mlp", 121057, 0.6886),
-                                                  ("student_hard", "mlp", 121057, 0.6831),
-                                                  ("teacher", "dcn_v2", 2024969, 0.6921))},
-}
-
-
 def _model(role: str, auc: float, total: int, n_bytes: int, p50: float) -> dict:
     return {"role": role, "family": "mlp" if role != "teacher" else "dcn_v2", "auc": auc, "gauc": auc - 0.01,
             "log_loss": 0.15, "mean_ctr_pred": 0.04, "params": {"total": total, "embedding": total - 100, "dense": 100},
@@ -59,13 +47,14 @@ def run_metrics():
                     "rows_per_s": 1234.0, "seconds": 10.0} for e in range(2)]
         return {
             "job": "unit", "spec_hash": "abc123", "task": task, "train": {"days": ["2026-11-01"]},
-            "label": {"total_rows": 3000, "shards": 2, "status": "labelled", "temperature": 2.0},
+            "label": {"total_rows": 3000, "shards": 2, "status": "labelled", "relabelled_days": ["2026-11-01"],
+                      "teacher_sha256": "0123456789abcdef", "temperature": 2.0},
             "eval": {"days": ["2026-11-04"], "rows": 1000, "click_rate": 0.038,
                      "ceiling_auc": 0.8 if task == "binary" else None, "slice_by": "device"},
             "models": models,
             "training": {"distilled": {"history": history, "steps": steps, "restarts": 1},
                          "hard": {"history": [{k: v for k, v in h.items() if k != "soft_loss"} for h in history]}},
-            "summary": evaluate.summarize(models),
+            "summary": summarize(models),
         }
 
     return build
@@ -95,21 +84,12 @@ def test_render_report_formats_every_section(run_metrics):
     assert "(4.0x speed-up)" in report
     assert "| student_distilled | 0.9100 | 0.8900 | 0.0042 |" in report  # agreement
     assert "## By device" in report and "| ios | 600 | 5.00% | 0.7100 | 0.7000 | 0.6700 |" in report
-    assert "3,000 rows in 2 shards (labelled), temperature 2.0" in report
+    assert ("3,000 rows in 2 shards (labelled), labelled now: 2026-11-01, teacher sha256 0123456789ab, "
+            "temperature 2.0") in report
     assert "| distilled | 2 | 0.2000 | 0.2000 | 0.0500 | 1,234 | 20.0 | 1 |" in report  # last epoch, 2 epochs
     assert "| hard | 2 | 0.2000 | 0.2000 | - | 1,234 | 20.0 | - |" in report
     for name in ("loss_curves", "lr_schedule", "calibration", "auc_bars"):
         assert f"(plots/{name}.png)" in report
-
-
-def test_render_report_of_an_old_metrics_file():
-    report = render_report(copy.deepcopy(OLD_METRICS))
-    assert _table(report)["teacher"]["AUC"] == "0.6921"
-    assert _table(report)["teacher"]["ECE"] == "-" and _table(report)["teacher"]["p50 ms"] == "-"
-    assert "Gap recovery (distilled - hard) / (teacher - hard): 61.1%" in report  # 0.0055 / 0.0090
-    assert "16.7x fewer parameters than the teacher." in report
-    assert "## Training" not in report and "## Agreement" not in report and "## By" not in report
-    assert plot_names(OLD_METRICS) == ["auc_bars.png"]
 
 
 def test_render_report_multiclass(run_metrics):
@@ -149,18 +129,19 @@ def test_write_plots_without_steps_draws_epochs(run_metrics, tmp_path):
     assert [p.rsplit("/", 1)[-1] for p in written] == ["loss_curves.png", "calibration.png", "auc_bars.png"]
 
 
-def test_distill_report_rebuilds_the_report_from_metrics_json(tmp_path, capsys):
+def test_distill_report_rebuilds_the_report_from_metrics_json(tmp_path, capsys, run_metrics):
     rng = np.random.default_rng(5)
     labels = (rng.random(3000) < 0.1).astype(int)
     truth = rng.normal(size=3000) + 1.5 * labels
     logits = {"teacher": truth, "student_distilled": truth + rng.normal(size=3000),
               "student_hard": truth + 2 * rng.normal(size=3000)}
-    models = {name: evaluate.score_model(labels, z, rng.integers(0, 50, 3000), bins=10,
-                                         teacher_logits=None if name == "teacher" else logits["teacher"])
-              | {"family": "mlp", "params": {"total": 10, "embedding": 8, "dense": 2}} for name, z in logits.items()}
-    metrics = {"job": "cli", "train": {"days": ["2026-11-01"]}, "label": {"total_rows": 1, "status": "labelled"},
-               "eval": {"days": ["2026-11-02"], "rows": 3000, "click_rate": float(labels.mean())}, "models": models,
-               "summary": evaluate.summarize(models)}
+    shape = run_metrics()  # what job.py writes, with real scores in place of its models
+    models = {name: score_model(labels, z, rng.integers(0, 50, 3000), bins=10,
+                                teacher_logits=None if name == "teacher" else logits["teacher"])
+              | {k: shape["models"][name][k] for k in ("role", "family", "params", "bytes", "latency")}
+              for name, z in logits.items()}
+    metrics = shape | {"eval": shape["eval"] | {"rows": 3000, "click_rate": float(labels.mean()), "slice_by": None},
+                       "models": models, "summary": summarize(models)}
     storage.atomic_write_json(str(tmp_path / "metrics.json"), metrics)
 
     assert main(["report", str(tmp_path)]) == 0

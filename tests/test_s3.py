@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import shards, storage
+from pipeline import runtime, shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import DataError
 from pipeline.spec import parse_spec
@@ -48,7 +48,7 @@ def bucket(moto_endpoint, monkeypatch) -> str:
         monkeypatch.setenv(name, value)
     for name in (*storage.SETTINGS_ENV.values(), "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)  # and `configure` below is undone with them
-    storage.configure(endpoint_url=moto_endpoint, region="us-east-1")
+    runtime.configure_storage(endpoint_url=moto_endpoint, region="us-east-1")
     name = f"distill-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
@@ -88,11 +88,11 @@ def _assert_no_secret(*texts: str) -> None:
 def _save_random_teacher(uri: str, spec) -> str:
     """An untrained (random) teacher saved at `uri`: enough to label, and saves a whole training run."""
     from pipeline.features import FeatureLayout
-    from pipeline.models import build_model, save_model
+    from pipeline.models import ModelConfig, build_model, save_model
 
     layout = FeatureLayout.from_spec(spec.features)
-    config = {"model": "dcn_v2", "embedding_dim": 4, "hash_buckets": 64, "hidden": [8], "cross_layers": 1,
-              "sequence_pooling": "mean"}
+    config = ModelConfig(model="dcn_v2", embedding_dim=4, hash_buckets=64, hidden=(8,), cross_layers=1,
+                         sequence_pooling="mean")
     save_model(uri, build_model(config, layout), config, layout)
     return uri
 
@@ -179,28 +179,29 @@ def test_access_denied_is_explained_without_the_server_text():
 @pytest.mark.ray
 def test_label_stage_reads_s3_and_writes_shards_and_manifest_there(ray_cluster, bucket, moto_endpoint,
                                                                    click_logs):
-    from pipeline.label import run_label_stage
+    from pipeline.stages.label import run_label_stage
 
     root = _upload_click_logs(click_logs, bucket, rows=300)
     spec = _s3_spec({"data.source": "parquet", "data.path": root, "label.batch_size": 128})
     teacher = _save_random_teacher(f"s3://{bucket}/teacher.pt", spec)  # the actors load it from S3 themselves
 
-    manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards")
-    assert manifest["input_rows"] == manifest["total_rows"] == 600  # 2 train days x 300: rows in = rows out
-    assert all(s["path"].startswith(f"s3://{bucket}/runs/shards/date=") for s in manifest["shards"])
+    manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards").shard_set
+    assert manifest.input_rows == manifest.total_rows == 600  # 2 train days x 300: rows in = rows out
+    assert all(s.path.startswith(f"s3://{bucket}/runs/shards/date=") for s in manifest.shards)
     keys = _objects(moto_endpoint, bucket)
     day_manifests = [f"runs/shards/date={d}/{shards.MANIFEST}" for d in ("2026-11-01", "2026-11-02")]
     assert set(day_manifests) <= keys
-    assert {s["path"].removeprefix(f"s3://{bucket}/") for s in manifest["shards"]} <= keys
+    assert {s.path.removeprefix(f"s3://{bucket}/") for s in manifest.shards} <= keys
     for key in day_manifests:
         _assert_no_secret(json.dumps(storage.read_json(f"s3://{bucket}/{key}")))
 
 
+@pytest.mark.ray
 def test_quarantined_rows_are_written_to_s3_by_the_read_tasks(ray_cluster, bucket, moto_endpoint, click_logs):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.label import run_label_stage
+    from pipeline.stages.label import run_label_stage
 
     root = _upload_click_logs(click_logs, bucket, rows=300)
     fs, _ = storage.filesystem(root)
@@ -216,10 +217,10 @@ def test_quarantined_rows_are_written_to_s3_by_the_read_tasks(ray_cluster, bucke
                      "label.batch_size": 128})
     teacher = _save_random_teacher(f"s3://{bucket}/teacher.pt", spec)
 
-    manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards")
+    manifest = run_label_stage(spec, teacher, f"s3://{bucket}/runs/shards").shard_set
 
-    assert manifest["input_rows"] == 600 and manifest["quarantined_rows"] == 2
-    assert manifest["total_rows"] == 598  # every row once: labelled or set aside
+    assert manifest.input_rows == 600 and manifest.quarantined_rows == 2
+    assert manifest.total_rows == 598  # every row once: labelled or set aside
     keys = {k for k in _objects(moto_endpoint, bucket) if k.startswith("runs/quarantine/")}
     assert keys and all(k.startswith(f"runs/quarantine/date={DAYS[0].isoformat()}/bad-") for k in keys)
     reasons = pa.concat_tables(_s3_table(f"s3://{bucket}/{k}") for k in keys).column("reason").to_pylist()
@@ -247,8 +248,9 @@ def test_tiny_job_end_to_end_on_s3(ray_cluster, bucket, moto_endpoint, click_log
     assert {"runs/tiny/models/student_distilled.pt", "runs/tiny/models/student_hard.pt"} <= keys
     assert any(k.startswith("runs/tiny/train/student_hard-") for k in keys)  # Ray Train checkpoints on S3 too
     assert metrics["models"]["teacher"]["checkpoint"] == teacher
-    manifest = shards.combine([shards.read_manifest(f"{run}/shards/date={d}") for d in ("2026-11-01", "2026-11-02")])
-    assert manifest["input_rows"] == manifest["total_rows"] == 2000
+    days = ("2026-11-01", "2026-11-02")
+    manifest = shards.ShardSet(tuple(shards.read_manifest(f"{run}/shards/date={d}") for d in days))
+    assert manifest.input_rows == manifest.total_rows == 2000
     assert metrics["label"]["total_rows"] == 2000 and metrics["eval"]["rows"] == 1000
     for role in ("student_distilled", "student_hard"):  # trained from the S3 shards
         history = storage.read_json(f"{run}/models/{role}.json")["history"]
@@ -257,7 +259,7 @@ def test_tiny_job_end_to_end_on_s3(ray_cluster, bucket, moto_endpoint, click_log
     out = capfd.readouterr()
     assert "[stage 5/5] done" in out.out  # the capture did see the run
     _assert_no_secret(
-        json.dumps(manifest), storage.read_bytes(f"{run}/metrics.json").decode(),
+        json.dumps([m.to_dict() for m in manifest.days]), storage.read_bytes(f"{run}/metrics.json").decode(),
         storage.read_bytes(f"{run}/report.md").decode(), out.out, out.err,
         "\n".join(record.getMessage() for record in caplog.records), _ray_logs(),
     )

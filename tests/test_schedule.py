@@ -100,7 +100,7 @@ def test_scheduler_catches_up_in_order_without_overlap(tmp_path, tiny_spec_dict)
     ran, seen_locked = [], []
 
     def run_one(day):
-        lock = CycleLock(storage.join(nightly.nightly_root(spec), "LOCK"), dt.timedelta(hours=1), clock)
+        lock = CycleLock(storage.join(spec.nightly_dir, "LOCK"), dt.timedelta(hours=1), clock)
         lock.owner = "intruder:9"
         with pytest.raises(LockHeld):  # a second scheduler cannot start a cycle meanwhile
             lock.acquire()

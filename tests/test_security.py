@@ -94,7 +94,7 @@ def test_local_ray_dashboard_binds_to_loopback(monkeypatch, tiny_spec_dict):
     """`ray_session` starts a local Ray with its dashboard on 127.0.0.1 (ray.init recorded, not run)."""
     import ray
 
-    from pipeline.job import ray_session
+    from pipeline.runtime import ray_session
 
     calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

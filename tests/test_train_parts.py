@@ -10,15 +10,21 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import losses
-from pipeline.train import (HEALTH_CHECK_ENV, DistillModule, loss_terms, lr_lambda, quick_health_checks,
-                            zero_stage_warning)
+from pipeline.runtime import HEALTH_CHECK_ENV, quick_health_checks
+from pipeline.spec import DistillSpec, LRScheduleSpec, TrainSpec
+from pipeline.train.driver import zero_stage_warning
+from pipeline.train.engine import DistillModule, lr_lambda
 from tests.conftest import free_port
 
 SCHEDULE = {"kind": "constant", "warmup_steps": 0, "min_lr_ratio": 0.0, "step_size": 1000, "gamma": 0.5}
 
 
+def _schedule(**changes) -> LRScheduleSpec:
+    return LRScheduleSpec(**SCHEDULE | changes)
+
+
 def test_warmup_cosine_rises_linearly_then_follows_a_half_cosine_to_the_floor():
-    f = lr_lambda(SCHEDULE | {"kind": "warmup_cosine", "warmup_steps": 10, "min_lr_ratio": 0.1}, total_steps=110)
+    f = lr_lambda(_schedule(kind="warmup_cosine", warmup_steps=10, min_lr_ratio=0.1), total_steps=110)
     assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway: 0.55
@@ -26,11 +32,11 @@ def test_warmup_cosine_rises_linearly_then_follows_a_half_cosine_to_the_floor():
 
 
 def test_warmup_linear_and_step_decay():
-    linear = lr_lambda(SCHEDULE | {"kind": "warmup_linear", "warmup_steps": 0}, total_steps=100)
+    linear = lr_lambda(_schedule(kind="warmup_linear", warmup_steps=0), total_steps=100)
     assert [linear(s) for s in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
-    step = lr_lambda(SCHEDULE | {"kind": "step", "step_size": 10, "gamma": 0.5}, total_steps=100)
+    step = lr_lambda(_schedule(kind="step", step_size=10, gamma=0.5), total_steps=100)
     assert [step(s) for s in (0, 9, 10, 25)] == pytest.approx([1.0, 1.0, 0.5, 0.25])
-    assert lr_lambda(SCHEDULE, total_steps=10)(7) == 1.0
+    assert lr_lambda(_schedule(), total_steps=10)(7) == 1.0
 
 
 def _batch() -> dict[str, torch.Tensor]:
@@ -38,11 +44,11 @@ def _batch() -> dict[str, torch.Tensor]:
             "group": torch.tensor([7, 7, 9, 9]), "teacher_hidden": torch.tensor([[1.0, 0.0]] * 4)}
 
 
-def test_loss_terms_weigh_each_term_as_the_spec_says():
+def test_distillation_loss_weighs_each_term_as_the_spec_says():
     student = torch.tensor([0.2, -1.0, 0.5, -0.3])
     hint_pred = torch.tensor([[0.5, 0.5]] * 4)
-    distill = {"alpha": 0.3, "temperature": 2.0, "soft_loss": "kd", "hint_weight": 0.2, "listwise_weight": 0.5}
-    terms = loss_terms(student, hint_pred, _batch(), distill, "binary")
+    distill = DistillSpec(alpha=0.3, temperature=2.0, soft_loss="kd", hint_weight=0.2, listwise_weight=0.5)
+    terms = losses.distillation_loss(student, _batch(), distill, "binary", hint_pred)
     hard = F.binary_cross_entropy_with_logits(student, _batch()["label"])
     soft = losses.binary_soft_loss(student, _batch()["teacher_logit"], 2.0)
     hint = F.mse_loss(hint_pred, _batch()["teacher_hidden"])  # 0.25
@@ -54,10 +60,10 @@ def test_loss_terms_weigh_each_term_as_the_spec_says():
 
 def test_mse_soft_loss_and_hard_only_students():
     student = torch.tensor([0.2, -1.0, 0.5, -0.3])
-    distill = {"alpha": 0.0, "temperature": 1.0, "soft_loss": "mse", "hint_weight": 0.0, "listwise_weight": 0.0}
-    terms = loss_terms(student, None, _batch(), distill, "binary")
+    distill = DistillSpec(alpha=0.0, temperature=1.0, soft_loss="mse")
+    terms = losses.distillation_loss(student, _batch(), distill, "binary")
     assert terms["loss"].item() == pytest.approx(((student - _batch()["teacher_logit"]) ** 2).mean().item())
-    hard_only = loss_terms(student, None, _batch(), None, "binary")
+    hard_only = losses.distillation_loss(student, _batch(), None, "binary")
     assert set(hard_only) == {"loss", "hard_loss"} and hard_only["loss"] == hard_only["hard_loss"]
 
 
@@ -65,8 +71,8 @@ def test_multiclass_topk_terms_use_the_sparse_soft_labels():
     student = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
     batch = {"label": torch.tensor([0, 5, 2]), "teacher_topk_indices": torch.tensor([[0, 1], [5, 4], [2, 3]]),
              "teacher_topk_values": torch.tensor([[2.0, 1.0], [3.0, 0.0], [1.0, 1.0]])}
-    distill = {"alpha": 0.5, "temperature": 1.0, "soft_loss": "kd", "hint_weight": 0.0, "listwise_weight": 0.0}
-    terms = loss_terms(student, None, batch, distill, "multiclass")
+    distill = DistillSpec(alpha=0.5, temperature=1.0, soft_loss="kd")
+    terms = losses.distillation_loss(student, batch, distill, "multiclass")
     soft = losses.topk_kd_loss(student, batch["teacher_topk_indices"], batch["teacher_topk_values"], 1.0)
     expected = 0.5 * F.cross_entropy(student, batch["label"]) + 0.5 * soft
     assert terms["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
@@ -74,10 +80,10 @@ def test_multiclass_topk_terms_use_the_sparse_soft_labels():
 
 def test_hint_projection_trains_with_the_student_but_is_not_part_of_it():
     from pipeline.features import FeatureLayout
-    from pipeline.models import build_model
+    from pipeline.models import ModelConfig, build_model
 
     layout = FeatureLayout(categorical=("a", "b"), dense=("x",))
-    student = build_model({"model": "mlp", "embedding_dim": 4, "hash_buckets": 32, "hidden": [8]}, layout)
+    student = build_model(ModelConfig(model="mlp", embedding_dim=4, hash_buckets=32, hidden=(8,)), layout)
     module = DistillModule(student, hint_dim=5)
     inputs = {"categorical": torch.tensor([[1, 2], [3, 4]]), "dense": torch.tensor([[0.5], [2.0]])}
     logits, projected = module(inputs)
@@ -87,12 +93,13 @@ def test_hint_projection_trains_with_the_student_but_is_not_part_of_it():
         DistillModule(torch.nn.Linear(2, 1), hint_dim=5)
 
 
-def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_path):
+@pytest.mark.ray
+def test_shards_are_read_from_the_named_files_and_columns_only(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     from ray.data import DataContext
 
-    from pipeline.train import read_shards
+    from pipeline.data.clicklogs import read_named_files
 
     files = []
     for part in range(3):  # 3 shards of 100 rows with an extra column the student does not read
@@ -102,7 +109,7 @@ def test_read_shards_reads_the_named_files_and_columns_only(ray_cluster, tmp_pat
         files.append(str(path))
     before = DataContext.get_current().use_datasource_v2
 
-    dataset = read_shards(files[:2], None, ["clicked", "teacher_logit"])
+    dataset = read_named_files(files[:2], None).select_columns(["clicked", "teacher_logit"])
 
     assert DataContext.get_current().use_datasource_v2 == before  # only this read uses the V1 reader
     assert dataset.schema().names == ["clicked", "teacher_logit"]
@@ -117,19 +124,20 @@ def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict
 
     import torch.distributed as dist
 
-    from pipeline import train as train_module
+    from pipeline import runtime
+    from pipeline.train.engine import adamw, deepspeed_engine
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0",
                        "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-    train_module._skip_inference_comm_op()
+    runtime.skip_deepspeed_inference_op()
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     wrapped = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     wrapped.load_state_dict(plain.state_dict())
     initial = [p.detach().clone() for p in plain.parameters()]
-    config = {"batch_size": 32, "zero_stage": zero_stage, "precision": "fp32", "lr": 0.05, "weight_decay": 0.01}
-    plain_optimizer = train_module.adamw(plain.parameters(), config)
-    engine = train_module.deepspeed_engine(wrapped, train_module.adamw(wrapped.parameters(), config), None, config)
+    config = TrainSpec(batch_size=32, zero_stage=zero_stage, precision="fp32", lr=0.05, weight_decay=0.01)
+    plain_optimizer = adamw(plain.parameters(), config)
+    engine = deepspeed_engine(wrapped, adamw(wrapped.parameters(), config), None, config)
     for _ in range(steps):
         x, y = torch.randn(32, 8), torch.randn(32, 1) * 10  # large targets: clipping at 1.0 is active
         loss = F.mse_loss(plain(x), y)
@@ -148,6 +156,7 @@ def _deepspeed_against_torch(zero_stage: int, port: int, steps: int = 6) -> dict
     return result
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_one_deepspeed_worker_trains_exactly_like_plain_torch(ray_cluster, zero_stage):
     """With one worker, the skipped gradient all-reduce (ZeRO 0) and the gradients left in place (ZeRO 2)
@@ -183,6 +192,7 @@ def test_ray_train_checks_its_workers_every_half_second_unless_the_user_chose(mo
     assert get_env_vars_to_propagate()[HEALTH_CHECK_ENV] == "3"
 
 
+@pytest.mark.ray
 def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator(ray_cluster, tiny_spec_dict,
                                                                                   click_logs):
     """One worker iterates the dataset itself (`data_config`): no coordinator actor, and every row in
@@ -192,7 +202,7 @@ def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator
 
     from ray.util.state import list_actors
 
-    from pipeline.job import ensure_teacher
+    from pipeline.stages.teacher import ensure_teacher
     from pipeline.spec import parse_spec
 
     tiny_spec_dict["data"].update(path=click_logs(days=1, rows=700),

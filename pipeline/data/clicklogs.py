@@ -11,8 +11,8 @@ import re
 
 import pyarrow.dataset as pads
 
-from pipeline import storage
-from pipeline.data.validate import check_columns, parquet_files, read_footers
+from pipeline import runtime, storage
+from pipeline.data.validate import check_columns, drop_bad_rows, parquet_files, read_footers
 from pipeline.errors import DataError
 
 __all__ = ["DataError", "available_days", "check_columns", "count_rows", "parquet_files", "partition_dataset",
@@ -77,22 +77,15 @@ def count_rows(paths: list[str]) -> int:
 def read_named_files(files: list[str], filesystem):
     """`ray.data.read_parquet` over files we already know (a day's log files, a manifest's shards).
 
-    With Ray Data's V1 Parquet reader: the default V2 reader of Ray 2.60 first lists the files again, in a
-    task with a pool of footer readers, which took 5 s before the first row on 2 cores (of an 8 s wait
-    for a training epoch's first batch). One read task per file (its output split only at Ray Data's
-    target block size): V1 otherwise splits the reads into >= 200 small blocks, which the label stage
-    wrote out as twice the shard files `label.shard_rows` asks for, and every training batch stitched
-    together.
+    With Ray Data's V1 Parquet reader (`runtime.parquet_reader_v1`). One read task per file (its output
+    split only at Ray Data's target block size): V1 otherwise splits the reads into >= 200 small blocks,
+    which the label stage wrote out as twice the shard files `label.shard_rows` asks for, and every
+    training batch stitched together.
     """
     import ray.data
-    from ray.data import DataContext
 
-    context = DataContext.get_current()
-    default, context.use_datasource_v2 = context.use_datasource_v2, False  # read here, at call time only
-    try:
+    with runtime.parquet_reader_v1():
         return ray.data.read_parquet(files, filesystem=filesystem, override_num_blocks=len(files))
-    finally:
-        context.use_datasource_v2 = default
 
 
 def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns: list[str], rules=None,
@@ -104,9 +97,7 @@ def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns
             or stop the read when `fail`. None: no row checks. The checks run in the read tasks, so an
             actor pool downstream (the teacher) spends its time on the model alone.
     """
-    import ray.data
-
-    from pipeline.data.validate import drop_bad_rows
+    import ray.data  # lazy here and above: the footer checks run before Ray starts
 
     paths = list(partition_paths(root, days).values())
     check_columns(paths, columns)

@@ -1,14 +1,15 @@
 """Label stage: a Ray Data actor pool runs the teacher over the click logs and writes soft-label shards.
 
-Each actor loads the teacher once (`TeacherPredictor.__init__`) and maps Arrow batches to Arrow
-batches with a `teacher_logit` column. Shards live per input partition (`date=YYYY-MM-DD/`), each
-with its own manifest, so a day is skipped when its manifest covers the same input files, teacher
-and label settings, and only new or changed days are labelled.
+Input: the spec and the teacher checkpoints; output: `Labelled` (a `shards.ShardSet` and which days
+were labelled or reused). Each actor loads the teacher once (`TeacherPredictor.__init__`) and maps
+Arrow batches to Arrow batches with the teacher's output columns (`pipeline/shards.py`). Shards live
+per input partition (`date=YYYY-MM-DD/`), each with its own manifest, so a day is skipped when its
+manifest covers the same input files, teacher and label settings, and only new or changed days are
+labelled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,9 +22,12 @@ import pyarrow as pa
 import torch
 
 from pipeline import shards, storage
-from pipeline.data import clicklogs, validate
+from pipeline.data import clicklogs
 from pipeline.errors import DataError, UserError
 from pipeline.features import table_to_inputs
+from pipeline.models import load_model
+from pipeline.shards import Manifest, ShardSet, TeacherIdentity, TeacherMember
+from pipeline.stages.click_logs import bad_rows_located, read_window
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +44,8 @@ class TeacherPredictor:
     """
 
     def __init__(self, checkpoints: dict[str, str], logit_dtype: str = "float32", threads: int = 1,
-                 device: str = "cpu", keep_columns: list[str] | None = None, combine: dict | None = None,
+                 device: str = "cpu", keep_columns: list[str] | None = None, combine: Ensemble | None = None,
                  hidden: str | None = None, top_k: int | None = None, precision: str = "fp32"):
-        from pipeline.models import load_model
-
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
         self.models = {}
@@ -61,9 +63,8 @@ class TeacherPredictor:
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
         outputs = self._predict(inputs)
         if self.combine:
-            weights = self.combine["weights"]  # {member column: weight}
-            total = sum(weights.values())
-            outputs[self.combine["column"]] = sum(w * outputs[c] for c, w in weights.items()) / total
+            weights = self.combine.weights
+            outputs[self.combine.column] = sum(w * outputs[c] for c, w in weights.items()) / sum(weights.values())
         out = batch.select(self.keep_columns) if self.keep_columns is not None else batch
         for column, values in outputs.items():
             for name, array in self._to_arrow(column, values):
@@ -87,12 +88,11 @@ class TeacherPredictor:
         values = values.astype(self.logit_dtype)
         if values.ndim == 1:
             return [(column, pa.array(values))]
-        is_target = self.combine is None or column == self.combine["column"]
+        is_target = self.combine is None or column == self.combine.column
         if self.top_k and column != self.hidden and is_target:
             top = np.argpartition(-values, self.top_k - 1, axis=1)[:, : self.top_k]  # (B, k), unordered
             kept = np.take_along_axis(values, top, axis=1)
-            return [("teacher_topk_indices", _fixed_list(top.astype(np.int32))),
-                    ("teacher_topk_values", _fixed_list(kept))]
+            return [(shards.TOPK_INDICES, _fixed_list(top.astype(np.int32))), (shards.TOPK_VALUES, _fixed_list(kept))]
         return [(column, _fixed_list(values))]
 
 
@@ -101,11 +101,19 @@ def _fixed_list(matrix: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
 
-@dataclass
-class Labelled:
-    """Soft labels for a set of days: the combined manifest, and which days were (re)labelled or reused."""
+@dataclass(frozen=True)
+class Ensemble:
+    """Scores several models and adds `column`: the weighted mean of their logits {member column: weight}."""
 
-    manifest: dict
+    column: str
+    weights: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Soft labels for a set of days, and which days were (re)labelled or reused."""
+
+    shard_set: ShardSet
     relabelled: list[str]
     reused: list[str]
 
@@ -125,21 +133,21 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
     clicklogs.check_columns(list(paths.values()), columns)
     teacher = teacher_identity(spec, teachers)
     fingerprint = spec.fingerprint("features", "label")
-    manifests, relabelled, reused = {}, [], []
+    manifests, relabelled, reused = [], [], []
     for day, path in paths.items():
         day_dir = storage.join(shard_root, f"date={day.isoformat()}")
         inputs = {day.isoformat(): clicklogs.partition_fingerprint(path)}
         existing = shards.read_manifest(day_dir)
-        if shards.is_reusable(existing, teacher_sha256=teacher["checkpoint_sha256"],
-                              label_fingerprint=fingerprint, inputs=inputs):
-            manifests[day] = existing
+        if existing and existing.is_reusable(teacher_sha256=teacher.checkpoint_sha256,
+                                             label_fingerprint=fingerprint, inputs=inputs):
+            manifests.append(existing)
             reused.append(day.isoformat())
             continue
-        manifests[day] = _label_partition(spec, day, day_dir, columns,
-                                          teacher=teacher, fingerprint=fingerprint, inputs=inputs)
+        manifests.append(_label_partition(spec, day, day_dir, columns,
+                                          teacher=teacher, fingerprint=fingerprint, inputs=inputs))
         relabelled.append(day.isoformat())
     log.info("label: %d day(s) labelled %s, %d reused %s", len(relabelled), relabelled, len(reused), reused)
-    return Labelled(shards.combine(list(manifests.values())), relabelled, reused)
+    return Labelled(ShardSet(tuple(manifests)), relabelled, reused)
 
 
 def label_columns(spec) -> list[str]:
@@ -148,38 +156,38 @@ def label_columns(spec) -> list[str]:
     return list(dict.fromkeys(c for c in [f.id, f.label, f.group, *f.input_columns()] if c))
 
 
-def teacher_identity(spec, teachers: dict[str, str]) -> dict:
+def teacher_identity(spec, teachers: dict[str, str]) -> TeacherIdentity:
     """What made the soft labels: every teacher (model, checkpoint, hash, weight) and one combined hash
     that changes when any member, weight or the combination rule changes."""
     weights = {t.name: (t.weight if spec.distill.ensemble == "weighted" else 1.0) for t in spec.teacher}
     models = {t.name: t.model for t in spec.teacher}
-    members = [{"name": name, "model": models.get(name, "unknown"), "checkpoint": path,
-                "checkpoint_sha256": shards.file_sha256(path), "weight": weights.get(name, 1.0)}
-               for name, path in teachers.items()]
+    members = tuple(TeacherMember(name=name, model=models.get(name, "unknown"), checkpoint=path,
+                                  checkpoint_sha256=shards.file_sha256(path), weight=weights.get(name, 1.0))
+                    for name, path in teachers.items())
     if len(members) == 1:
-        return members[0] | {"members": members}
-    digest = hashlib.sha256(json.dumps([(m["checkpoint_sha256"], m["weight"]) for m in members]).encode())
-    return {"name": "ensemble", "model": "+".join(m["model"] for m in members), "checkpoint": None,
-            "checkpoint_sha256": digest.hexdigest(), "combine": spec.distill.ensemble, "members": members}
+        (one,) = members
+        return TeacherIdentity(one.name, one.model, one.checkpoint, one.checkpoint_sha256, members)
+    digest = hashlib.sha256(json.dumps([(m.checkpoint_sha256, m.weight) for m in members]).encode())
+    return TeacherIdentity("ensemble", "+".join(m.model for m in members), None, digest.hexdigest(), members,
+                           combine=spec.distill.ensemble)
 
 
-def predictor_options(spec, teacher: dict) -> dict:
+def predictor_options(spec, teacher: TeacherIdentity) -> dict:
     """TeacherPredictor arguments for labelling: one output column per member, plus the ensemble's target."""
-    multiclass = spec.features.task == "multiclass"
-    target = "teacher_logits" if multiclass else "teacher_logit"
-    members = teacher["members"]
-    if len(members) == 1:
-        checkpoints, combine = {target: members[0]["checkpoint"]}, None
+    task = spec.features.task
+    if len(teacher.members) == 1:
+        checkpoints, combine = {shards.target_column(task): teacher.members[0].checkpoint}, None
     else:
-        checkpoints = {f"{target}__{m['name']}": m["checkpoint"] for m in members}
-        combine = {"column": target, "weights": {f"{target}__{m['name']}": m["weight"] for m in members}}
+        checkpoints = {shards.member_column(task, m.name): m.checkpoint for m in teacher.members}
+        combine = Ensemble(shards.target_column(task),
+                           {shards.member_column(task, m.name): m.weight for m in teacher.members})
     return {"checkpoints": checkpoints, "combine": combine, "logit_dtype": spec.label.logit_dtype,
-            "hidden": "teacher_hidden" if spec.label.store_hidden else None, "top_k": spec.label.top_k,
+            "hidden": shards.TEACHER_HIDDEN if spec.label.store_hidden else None, "top_k": spec.label.top_k,
             "precision": spec.label.precision}
 
 
-def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: dict,
-                     fingerprint: str, inputs: dict) -> dict:
+def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: TeacherIdentity,
+                     fingerprint: str, inputs: dict) -> Manifest:
     """Runs the teacher actor pool over one partition; the manifest is written last, after the row check:
     rows read = rows labelled + rows quarantined."""
     quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
@@ -195,32 +203,26 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
             if (error := storage.write_error(exc, storage.join(day_dir, "data"))) is not None:
                 raise error from None  # the day has no manifest: a rerun redoes it
             raise
-    files = storage.list_files(storage.join(day_dir, "data"))
-    schema = shards.shard_schema(files[0]) if files else None
     manifest = shards.build_manifest(
         teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(), inputs=inputs,
-        shard_files=files, columns=schema.names if schema else columns,
+        shard_files=storage.list_files(storage.join(day_dir, "data")),
         quarantine_files=storage.list_files(quarantine_dir),
     )
-    if spec.label.store_hidden and schema:
-        manifest["hidden_dim"] = schema.field("teacher_hidden").type.list_size
-    if manifest["total_rows"] + manifest["quarantined_rows"] != manifest["input_rows"]:  # exactly once
-        raise DataError(f"label stage wrote {manifest['total_rows']} rows and quarantined "
-                        f"{manifest['quarantined_rows']} for {manifest['input_rows']} input rows of {day}; the "
-                        f"shards in {day_dir} are left without a manifest and will be redone")
-    if manifest["quarantined_rows"]:
-        log.warning("label: %d bad row(s) of %s quarantined under %s", manifest["quarantined_rows"], day,
+    if not manifest.complete:  # exactly once
+        raise DataError(f"label stage wrote {manifest.total_rows} rows and quarantined {manifest.quarantined_rows} "
+                        f"for {manifest.input_rows} input rows of {day}; the shards in {day_dir} are left without "
+                        "a manifest and will be redone")
+    if manifest.quarantined_rows:
+        log.warning("label: %d bad row(s) of %s quarantined under %s", manifest.quarantined_rows, day,
                     quarantine_dir)
     shards.write_manifest(day_dir, manifest)
     return manifest
 
 
-def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: dict, quarantine_dir: str):
+def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: TeacherIdentity, quarantine_dir: str):
     """One day's labelling as a lazy Ray Dataset: the Parquet read with the row checks fused into its tasks
     (bad rows quarantined, or the stage stopped), then the teacher actor pool."""
-    fail = spec.data.on_bad_rows == "fail"
-    dataset = clicklogs.read_click_logs(spec.data.location, [day], columns, rules=validate.RowRules.from_spec(spec),
-                                        fail=fail, quarantine_dir=None if fail else quarantine_dir)
+    dataset = read_window(spec, [day], columns, quarantine_dir=quarantine_dir)
     return map_with_teachers(dataset, spec, predictor_options(spec, teacher))
 
 
@@ -238,26 +240,9 @@ def quarantine_root(day_dir: str) -> str:
     return storage.join(day_dir.rstrip("/").rsplit("/", 2)[0], "quarantine")
 
 
-@contextlib.contextmanager
-def bad_rows_located(spec, days: list[dt.date], columns: list[str]):
-    """Under `data.on_bad_rows: fail`, a bad row stops a Ray task inside a worker, and the driver sees a
-    wrapped error; this finds the row again (one file at a time) and raises a `DataError` naming the
-    file, row group and column."""
-    try:
-        yield
-    except Exception as exc:
-        if isinstance(exc, UserError) or validate.BAD_ROWS_MARKER not in str(exc):
-            raise
-        paths = list(clicklogs.partition_paths(spec.data.location, days).values())
-        validate.check_rows(clicklogs.parquet_files(paths), validate.RowRules.from_spec(spec), columns)
-        raise DataError(f"a bad row stopped the stage but could not be located again: {exc}") from None
-
-
-def run_label_stage(spec, teachers: dict[str, str] | str, shard_root: str) -> dict:
-    """Labels the spec's training days; returns the combined manifest (`reused` when nothing was labelled)."""
-    labelled = label_days(spec, teachers, shard_root, spec.data.train_days.days())
-    return labelled.manifest | {"reused": not labelled.relabelled, "relabelled": labelled.relabelled,
-                                "reused_days": labelled.reused}
+def run_label_stage(spec, teachers: dict[str, str], shard_root: str) -> Labelled:
+    """Labels the spec's training days (those without valid shards)."""
+    return label_days(spec, teachers, shard_root, spec.data.train_days.days())
 
 
 def pool_options(spec, predictor_kwargs: dict) -> dict:

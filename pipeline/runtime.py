@@ -1,0 +1,132 @@
+"""How this process runs on Ray, and every environment-specific tweak in one place.
+
+The Ray session (join a cluster or start a local Ray, and shut down only what we started), and the
+settings we change in Ray, Ray Data, Ray Train and DeepSpeed for speed or start-up time. Each tweak
+says why; the measurements behind them are in docs/SCALING.md ("What the benchmark journal taught").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import time
+
+from pipeline import storage
+
+log = logging.getLogger(__name__)
+# Seconds between Ray Train's checks on its workers (Ray's default: 2). The driver's value reaches the controller.
+HEALTH_CHECK_ENV, HEALTH_CHECK_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
+@contextlib.contextmanager
+def ray_session(spec):
+    """Joins `ray.address` or starts a local Ray (dashboard on loopback); shuts down only what it started."""
+    import ray  # lazy: Ray takes seconds to import, and the pure commands (validate, report) need none
+
+    if ray.is_initialized():
+        yield
+        return
+    # Workers are other processes: hand them the S3 endpoint, region and profile (never credentials: those
+    # come from the environment they inherit locally, or the cluster's IAM role).
+    runtime_env = {"env_vars": storage.worker_env()} if storage.worker_env() else None
+    address = spec.ray.address or os.environ.get("RAY_ADDRESS")  # a spec's address, or the job server's
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+    else:
+        store = spec.ray.object_store_memory_mb
+        start_local_ray(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
+                        runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
+    limit_data_memory(spec.ray.data_memory_limit_mb)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def start_local_ray(attempts: int = 3, **options) -> None:
+    """`ray.init` for a new local Ray, tried again when its node times out starting (a busy machine)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node start-up timeout
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("local Ray did not start in time (attempt %d of %d); trying again", attempt, attempts)
+            ray.shutdown()
+            time.sleep(5 * attempt)
+
+
+def limit_data_memory(limit_mb: int | None) -> None:
+    """Caps the object store Ray Data fills with in-flight blocks: its streaming executor then applies
+    back-pressure (reads wait for the teacher and the writer), so memory stays flat as the log grows.
+    Blocks shrink with the cap, or a few default-sized blocks would overflow it and spill to disk."""
+    if not limit_mb:
+        return
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    limit = limit_mb * 2**20
+    options = context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=limit)
+    context.target_max_block_size = max(2**20, limit // 8)
+
+
+def configure_storage(endpoint_url: str | None = None, region: str | None = None, profile: str | None = None) -> None:
+    """Sets the S3 endpoint, region and profile for this process and the Ray workers it starts.
+
+    Environment variables, not module globals, because Ray workers are other processes (`storage.worker_env`
+    hands them on). Unset arguments keep what the environment already says, so
+    `export DISTILL_S3_ENDPOINT_URL=...` (or `AWS_PROFILE`) works without a spec field.
+    """
+    for name, value in {"endpoint_url": endpoint_url, "region": region, "profile": profile}.items():
+        if value:
+            os.environ[storage.SETTINGS_ENV[name]] = value
+
+
+def quick_health_checks() -> None:
+    """Has Ray Train check on its workers every 0.5 s, unless the user set their own interval.
+
+    Each step of a run (workers started, scheduled, finished) waits for the next check, so at Ray's 2 s a
+    small model's training call spends seconds waiting. A check is one small remote call per worker.
+    """
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_SECONDS)
+
+
+@contextlib.contextmanager
+def parquet_reader_v1():
+    """Ray Data's V1 Parquet reader for files we already know (a day's log files, a manifest's shards).
+
+    Ray 2.60's default V2 reader first lists the files again, in a task with a pool of footer readers,
+    seconds before the first row. Set at call time only, and restored.
+    """
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    default, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = default
+
+
+def skip_deepspeed_inference_op() -> None:
+    """Stops DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    That op serves only tensor-parallel *inference* (`inference_all_reduce`); training all-reduces
+    through torch.distributed (gloo). Compiling it takes minutes on a small CPU machine, and again
+    whenever the virtual environment's path changes (a fresh clone), for nothing we use.
+    """
+    # By module name: the attribute `deepspeed.comm.torch` is the torch package, re-exported.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def skip_one_worker_allreduce(engine, world_size: int) -> None:
+    """One worker at ZeRO 0 has nothing to average, but DeepSpeed would still flatten every gradient,
+    all-reduce it with itself and copy it back after each backward (a few percent of a CPU step)."""
+    if world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False

@@ -1,0 +1,115 @@
+"""`JobSpec`: the whole job, its sections, the rules that span them, and the paths derived from them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.spec.models import StudentSpec, TeacherSpec
+from pipeline.spec.schedule import ScheduleSpec
+from pipeline.spec.sections import (
+    DataSpec,
+    DistillSpec,
+    EvalSpec,
+    FeaturesSpec,
+    LabelSpec,
+    OutputSpec,
+    RaySpec,
+    Section,
+    StorageSpec,
+    TrainSpec,
+)
+
+
+class JobSpec(Section):
+    name: str = Field(min_length=1, description="names the run directory and the registry entry")
+    data: DataSpec
+    features: FeaturesSpec
+    teacher: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()],
+                                       description="one teacher, or a list (an ensemble)")
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    label: LabelSpec = Field(default_factory=LabelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+    schedule: ScheduleSpec | None = None
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+            raise ValueError(f"{name!r} is not a job name: use letters, digits, '_', '.', '-', starting with a "
+                             "letter or digit (it names directories)")
+        return name
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _one_or_many(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            return [raw]
+        if isinstance(raw, list) and not raw:
+            raise ValueError("the teacher list is empty; give one teacher or several")
+        return raw
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> JobSpec:
+        names = [t.name for t in self.teacher]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names {names} repeat; give each teacher of an ensemble its own name")
+        if self.distill.hint_weight > 0 and not self.label.store_hidden:
+            raise ValueError("distill.hint_weight > 0 needs the teacher's hidden vectors: set label.store_hidden: true")
+        if self.distill.hint_weight > 0 and len(self.teacher) > 1:
+            raise ValueError("distill.hint_weight > 0 works with one teacher (hidden layers of an ensemble differ)")
+        if self.distill.listwise_weight > 0 and not self.features.group:
+            raise ValueError("distill.listwise_weight > 0 ranks items within features.group; set features.group")
+        if self.label.top_k is not None and self.features.task != "multiclass":
+            raise ValueError("label.top_k applies to task: multiclass only; remove it or set features.task")
+        if self.label.top_k is not None and self.label.top_k >= (self.features.num_classes or 0):
+            raise ValueError(f"label.top_k {self.label.top_k} must be below features.num_classes "
+                             f"{self.features.num_classes}; remove top_k to keep every logit")
+        if self.eval.slice_by and self.eval.slice_by not in self.features.categorical:
+            raise ValueError(f"eval.slice_by {self.eval.slice_by!r} is not a categorical feature; use one of "
+                             f"{self.features.categorical}")
+        if self.label.gpus_per_actor > 0 and not self.train.use_gpu:
+            raise ValueError(
+                "label.gpus_per_actor > 0 but train.use_gpu is false; set train.use_gpu: true on a GPU cluster "
+                "or label.gpus_per_actor: 0"
+            )
+        if self.schedule is not None and len(self.teacher) > 1:
+            raise ValueError("schedule (nightly) runs take one teacher; distil the ensemble in a `distill run` job, "
+                             "or list a single teacher")
+        if self.label.precision == "fp16" and self.label.gpus_per_actor == 0:
+            raise ValueError("label.precision fp16 needs GPU actors (label.gpus_per_actor > 0); on CPU use fp32 or bf16")
+        if self.train.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("train.precision fp16 needs train.use_gpu: true; on CPU use fp32 or bf16")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        """The run's directory: `output.root/output.run_name` (default: the job name)."""
+        return f"{self.output.root.rstrip('/')}/{self.output.run_name or self.name}"
+
+    @property
+    def nightly_dir(self) -> str:
+        """`<run_dir>/nightly`: the nightly cycles' records, runs, soft-label shards, teacher and lock."""
+        return f"{self.run_dir}/nightly"
+
+    @property
+    def registry_model_name(self) -> str:
+        """The model's name in the registry: `schedule.model_name`, else the job name."""
+        if self.schedule is None:
+            return self.name
+        return self.schedule.model_name or self.name
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the given sections (all when none): what a manifest compares on rerun."""
+        dumped = self.model_dump(mode="json")
+        chosen = {k: dumped[k] for k in sections} if sections else dumped
+        return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,233 @@
+"""Spec sections of the data, the stages and the runtime: one pydantic model per YAML section.
+
+Every section forbids unknown keys and checks its own fields; rules that span sections live on
+`JobSpec` (pipeline/spec/job.py), the model sections in pipeline/spec/models.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
+
+
+class Section(BaseModel):
+    """Base for spec sections: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DayRange(Section):
+    """Inclusive range of `date=YYYY-MM-DD` partitions."""
+
+    start: dt.date
+    end: dt.date
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DayRange:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}; swap them")
+        return self
+
+    def days(self) -> list[dt.date]:
+        count = (self.end - self.start).days + 1
+        return [self.start + dt.timedelta(days=i) for i in range(count)]
+
+
+class SyntheticSpec(Section):
+    """Size and seed of the built-in synthetic click log."""
+
+    rows_per_day: int = Field(20_000, ge=100)
+    users: int = Field(5_000, ge=10)
+    items: int = Field(20_000, ge=10)
+    categories: int = Field(50, ge=2)
+    seq_len: int = Field(10, ge=1, le=200)
+    seed: int = 0
+    drift: float = Field(0.0, ge=0, le=1, description="radians a day by which user tastes rotate")
+
+
+class DataSpec(Section):
+    source: Literal["synthetic", "parquet"] = "synthetic"
+    path: str | None = Field(None, min_length=1, description="root holding date=YYYY-MM-DD partitions (local or s3://)")
+    partitions: dict[dt.date, str] | None = Field(
+        None, description="logs not laid out as date= partitions: {day: Parquet file or directory}")
+    train_days: DayRange
+    eval_days: DayRange
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    on_bad_rows: Literal["fail", "quarantine"] = Field(
+        "fail", description="fail: stop at the first bad row, naming file, row group and column; "
+                            "quarantine: set bad rows aside under <run>/quarantine/ with a reason and go on")
+    max_id: int = Field(2**53, ge=1, description="ids above this (or below 0) are bad rows: corrupt, not real ids")
+
+    @property
+    def location(self) -> str | dict[dt.date, str]:
+        """What `clicklogs` reads: the partition root, or the explicit {day: path} map."""
+        return self.partitions if self.partitions is not None else self.path
+
+    @model_validator(mode="after")
+    def _where(self) -> DataSpec:
+        if (self.path is None) == (self.partitions is None):
+            raise ValueError("give data.path (a root of date=YYYY-MM-DD partitions) or data.partitions "
+                             "({day: file or directory}), not both or neither")
+        if self.partitions is not None and self.source == "synthetic":
+            raise ValueError("data.partitions names existing files: use it with data.source: parquet")
+        return self
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> DataSpec:
+        overlap = set(self.train_days.days()) & set(self.eval_days.days())
+        if overlap:
+            first = min(overlap).isoformat()
+            raise ValueError(
+                f"eval_days overlap train_days (e.g. {first}); evaluate on held-out days after the training window"
+            )
+        return self
+
+    def all_days(self) -> list[dt.date]:
+        return sorted(set(self.train_days.days()) | set(self.eval_days.days()))
+
+
+class SequenceSpec(Section):
+    column: str
+    length: int = Field(10, ge=1, le=200)
+    embedding_of: str = Field(description="categorical column whose embedding table the sequence shares")
+
+
+class FeaturesSpec(Section):
+    task: Literal["binary", "multiclass"] = "binary"
+    num_classes: int | None = Field(None, ge=2, description="multiclass only: labels are 0..num_classes-1")
+    label: str = "clicked"
+    id: str | None = Field("event_id", description="unique row id carried into the shards (null: none)")
+    group: str | None = "user_id"
+    categorical: list[str] = Field(min_length=1)
+    dense: list[str] = []
+    sequence: SequenceSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FeaturesSpec:
+        names = self.input_columns()
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"columns listed twice: {dupes}; each column has one role")
+        if self.label in names:
+            raise ValueError(f"label column {self.label!r} is also a feature; remove it from the feature lists")
+        if (self.task == "multiclass") != (self.num_classes is not None):
+            raise ValueError("task: multiclass needs num_classes (labels 0..num_classes-1); task: binary takes none")
+        if self.sequence and self.sequence.embedding_of not in self.categorical:
+            raise ValueError(
+                f"sequence.embedding_of {self.sequence.embedding_of!r} is not a categorical column; "
+                f"use one of {self.categorical}"
+            )
+        return self
+
+    def input_columns(self) -> list[str]:
+        """Columns a model reads (never the label, never `true_ctr`)."""
+        return self.categorical + self.dense + ([self.sequence.column] if self.sequence else [])
+
+    @property
+    def out_dim(self) -> int:
+        """Logits per row: 1 (binary), or num_classes."""
+        return self.num_classes or 1
+
+
+class DistillSpec(Section):
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the hard-label loss; 1 - alpha goes to the teacher")
+    soft_loss: Literal["kd", "mse"] = Field("kd", description="kd: tempered BCE/KL; mse: logit matching")
+    hint_weight: float = Field(0.0, ge=0, description="weight of the hint loss (needs label.store_hidden)")
+    listwise_weight: float = Field(0.0, ge=0, description="weight of listwise ranking KD over features.group")
+    ensemble: Literal["mean", "weighted"] = Field("mean", description="how several teachers' logits combine")
+
+
+class LabelSpec(Section):
+    batch_size: int = Field(4096, ge=1)
+    actors: tuple[int, int] = (1, 1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    logit_dtype: Literal["float32", "float16"] = "float32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="teacher inference autocast (GPU)")
+    shard_rows: int = Field(250_000, ge=1, description="target rows per soft-label shard file")
+    store_hidden: bool = Field(False, description="store the teacher's last hidden layer for hint losses")
+    top_k: int | None = Field(None, ge=1, description="multiclass: keep only the top-k teacher logits per row")
+
+    @field_validator("actors")
+    @classmethod
+    def _pool(cls, actors: tuple[int, int]) -> tuple[int, int]:
+        low, high = actors
+        if low < 1 or high < low:
+            raise ValueError(f"expected [min, max] with 1 <= min <= max, got {list(actors)}")
+        return actors
+
+
+class LRScheduleSpec(Section):
+    """Learning rate per optimizer step: constant, or warmup then cosine / linear decay, or step decay."""
+
+    kind: Literal["constant", "warmup_cosine", "warmup_linear", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine/linear floor as a fraction of lr")
+    step_size: int = Field(1000, ge=1, description="step: multiply lr by gamma every step_size steps")
+    gamma: float = Field(0.5, gt=0, le=1)
+
+
+class TrainSpec(Section):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(1024, ge=1, description="micro-batch per worker")
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    shuffle_buffer_rows: int = Field(0, ge=0, description="local shuffle buffer; 0 disables")
+    # 0: one Ray Data thread still prepares the next batch during each step. More adds a prefetch thread
+    # and a format pool that take the GIL from a CPU training loop (docs/SCALING.md); raise
+    # it when blocks come from other nodes or a GPU step outpaces the batch preparation.
+    prefetch_batches: int = Field(0, ge=0, description="batches Ray Data prepares ahead beyond the next one")
+    lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
+    max_failures: int = Field(0, ge=0, description="worker failures Ray Train survives, resuming from a checkpoint")
+    seed: int = 0
+
+
+class EvalSpec(Section):
+    batch_size: int = Field(8192, ge=1)
+    slice_by: str | None = Field(None, description="categorical column to break metrics down by, e.g. device")
+    max_slices: int = Field(20, ge=1, description="the largest slices by rows are reported")
+    calibration_bins: int = Field(10, ge=2)
+    latency_runs: int = Field(200, ge=10, description="batch-1 forward passes timed per model")
+
+
+class OutputSpec(Section):
+    root: str = "runs"
+    run_name: str | None = None
+
+
+class StorageSpec(Section):
+    """Where `s3://` paths live. Credentials never go here: the spec is logged and hashed into manifests."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint, e.g. MinIO (default: AWS)")
+    region: str | None = Field(None, description="S3 region (default: the AWS environment's)")
+    profile: str | None = Field(None, description="AWS profile from ~/.aws (default: AWS_PROFILE)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
+        if secret:  # name the keys only: the values are secrets
+            raise ValueError(
+                f"{secret} look like credentials, which never belong in a spec; export AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or name a profile (storage.profile or AWS_PROFILE), or use an IAM role"
+            )
+        return raw
+
+
+class RaySpec(Section):
+    address: str | None = Field(None, description="Ray address to join; a local Ray is started when absent")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
+    object_store_memory_mb: int | None = Field(None, ge=64, description="object store of a local Ray")
+    data_memory_limit_mb: int | None = Field(None, ge=16, description="cap on the object store Ray Data may "
+                                             "fill with in-flight blocks (streaming back-pressure)")

@@ -1,0 +1,162 @@
+"""Evaluation scoring: every model of a run scored on the evaluation days in one actor-pool pass.
+
+Input: the spec, the checkpoints, and what the label stage did; output: the run's metrics (what
+`metrics.json` holds). The metrics themselves are pure functions in `pipeline/metrics.py`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import metrics
+from pipeline.data import clicklogs
+from pipeline.features import table_to_inputs
+from pipeline.models import count_parameters, load_model, model_bytes
+from pipeline.spec import JobSpec
+from pipeline.stages.click_logs import bad_rows_located, read_window
+from pipeline.stages.label import Ensemble, Labelled, map_with_teachers
+from pipeline.stages.students import DISTILLED
+from pipeline.stages.training import training_records
+
+TEACHER_ROLES = ("teacher", "ensemble_member")  # models that are not compared with the teacher
+
+
+def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], labelled: Labelled) -> dict:
+    """The run's metrics: every model on the eval days, plus what was trained and labelled."""
+    if len(teachers) == 1:
+        checkpoints, combine = {"teacher": next(iter(teachers.values()))}, None
+    else:
+        checkpoints = {f"teacher_{name}": path for name, path in teachers.items()}
+        weights = {m.name: m.weight for m in labelled.shard_set.teacher.members}
+        combine = Ensemble("teacher", {f"teacher_{n}": weights[n] for n in teachers})
+    roles = {name: "teacher" if name == "teacher" else "ensemble_member" for name in checkpoints}
+    roles |= {name: "distilled" if name == DISTILLED else "hard" for name in students}
+    return {
+        "job": spec.name,
+        "spec_hash": spec.fingerprint(),
+        "task": spec.features.task,
+        "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
+        "label": _label_summary(labelled),
+        **evaluate_models(spec, checkpoints | students, combine, roles=roles),
+        "training": training_records(spec.run_dir),
+    }
+
+
+def _label_summary(labelled: Labelled) -> dict:
+    shard_set = labelled.shard_set
+    return {"total_rows": shard_set.total_rows, "shards": len(shard_set.shards), "input_rows": shard_set.input_rows,
+            "quarantined_rows": shard_set.quarantined_rows,
+            "status": "labelled" if labelled.relabelled else "reused", "relabelled_days": labelled.relabelled,
+            "teacher_sha256": shard_set.teacher.checkpoint_sha256,
+            "teachers": [{"name": m.name, "model": m.model, "checkpoint_sha256": m.checkpoint_sha256,
+                          "weight": m.weight} for m in shard_set.teacher.members]}
+
+
+def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None,
+                    roles: dict[str, str] | None = None) -> dict:
+    """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ..., "summary"}.
+
+    Args:
+        combine: adds an ensemble scored by the weighted mean of its members' logits.
+        roles: {model name: "teacher" | "distilled" | "hard" | "ensemble_member"}; agreement with the
+            teacher is reported for every model that is not a teacher.
+    """
+    roles = roles or {}
+    table = _scored_table(spec, checkpoints, combine)
+    labels = table.column(spec.features.label).to_numpy()
+    columns = [*checkpoints, *([combine.column] if combine else [])]
+    logits = {name: _logits(table.column(name)) for name in columns}
+    context = _ScoringContext(spec, labels, table)
+    sample = _latency_sample(spec)
+    models = {}
+    for name, path in checkpoints.items():
+        role = roles.get(name, "student")
+        teacher = None if role in TEACHER_ROLES else logits.get("teacher")
+        models[name] = context.score(logits[name], teacher) | {"role": role, **_describe_model(spec, path, sample)}
+    if combine:
+        members = [models[m] for m in combine.weights]
+        models[combine.column] = context.score(logits[combine.column], None) | _ensemble_description(members)
+    return {"eval": _eval_summary(spec, labels, table), "models": models, "summary": metrics.summarize(models)}
+
+
+def _scored_table(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None) -> pa.Table:
+    """The eval days' rows (label, group, slice column, true CTR) with one logit column per model."""
+    columns = _eval_columns(spec)
+    days = spec.data.eval_days.days()
+    keep = [c for c in (spec.features.label, spec.features.group, spec.eval.slice_by, "true_ctr") if c in columns]
+    predictor = {"checkpoints": dict(checkpoints), "keep_columns": list(dict.fromkeys(keep)), "combine": combine}
+    scored = map_with_teachers(read_window(spec, days, columns), spec, predictor)
+    with bad_rows_located(spec, days, columns):
+        return pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+class _ScoringContext:
+    """What every model of a run is scored against: labels, groups, slices and the spec's metric settings."""
+
+    def __init__(self, spec: JobSpec, labels: np.ndarray, table: pa.Table):
+        self.spec, self.labels = spec, labels
+        self.groups = table.column(spec.features.group).to_numpy() if spec.features.group else None
+        self.slices = table.column(spec.eval.slice_by).to_numpy() if spec.eval.slice_by else None
+
+    def score(self, logits: np.ndarray, teacher_logits: np.ndarray | None) -> dict:
+        return metrics.score_model(self.labels, logits, self.groups, teacher_logits=teacher_logits,
+                                   slice_values=self.slices, bins=self.spec.eval.calibration_bins,
+                                   max_slices=self.spec.eval.max_slices, task=self.spec.features.task)
+
+
+def _eval_summary(spec: JobSpec, labels: np.ndarray, table: pa.Table) -> dict:
+    binary = spec.features.task == "binary"
+    has_ceiling = binary and "true_ctr" in table.column_names  # synthetic logs only
+    ceiling = metrics.auc(labels, table.column("true_ctr").to_numpy()) if has_ceiling else None
+    return {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
+            "click_rate": float(np.mean(labels)) if binary else None, "ceiling_auc": ceiling,
+            "slice_by": spec.eval.slice_by}
+
+
+def _logits(column: pa.ChunkedArray) -> np.ndarray:
+    """A logit column: (N,) floats, or (N, C) from a fixed-size-list column (multiclass)."""
+    if pa.types.is_fixed_size_list(column.type):
+        width = column.type.list_size
+        return pc.list_flatten(column).to_numpy().reshape(-1, width)
+    return column.to_numpy()
+
+
+def _latency_sample(spec: JobSpec) -> pa.Table:
+    """Up to `eval.batch_size` (at most 4096) rows of the first eval day, for latency and throughput."""
+    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()[:1]).values())
+    return clicklogs.partition_dataset(paths).head(min(spec.eval.batch_size, 4096),
+                                                   columns=spec.features.input_columns())
+
+
+def _describe_model(spec: JobSpec, path: str, sample: pa.Table) -> dict:
+    """Family, parameter counts, serialized bytes and CPU latency of one saved model."""
+    model, config, layout = load_model(path)
+    batch = table_to_inputs(sample, layout)
+    one_row = {k: v[:1] for k, v in batch.items()}
+    return {"family": config.model, "params": count_parameters(model), "bytes": len(model_bytes(model)),
+            "latency": metrics.measure_latency(model, one_row, batch, runs=spec.eval.latency_runs),
+            "checkpoint": path}
+
+
+def _ensemble_description(members: list[dict]) -> dict:
+    """An ensemble runs every member: sizes and latencies add up, throughput combines harmonically."""
+    latency = [m["latency"] for m in members]
+    return {"role": "teacher", "family": "ensemble", "checkpoint": None,
+            "params": {k: sum(m["params"][k] for m in members) for k in ("total", "embedding", "dense")},
+            "bytes": sum(m["bytes"] for m in members),
+            "latency": {"batch1_p50_ms": sum(m["batch1_p50_ms"] for m in latency),
+                        "batch1_p99_ms": sum(m["batch1_p99_ms"] for m in latency),
+                        "batched_rows_per_s": 1 / sum(1 / m["batched_rows_per_s"] for m in latency),
+                        "batch_size": latency[0]["batch_size"], "threads": latency[0]["threads"]}}
+
+
+def _eval_columns(spec: JobSpec) -> list[str]:
+    """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
+    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()).values())
+    present = clicklogs.partition_dataset(paths).schema.names
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
+    if "true_ctr" in present:
+        wanted.append("true_ctr")
+    return list(dict.fromkeys(c for c in wanted if c))

@@ -1,0 +1,100 @@
+"""The driver side of training: one Ray Train `TorchTrainer` call per `TrainRequest`.
+
+A trainer with the same storage path and name resumes from its last checkpoint, so a crashed call
+rerun with the same request continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline import runtime, storage
+from pipeline.train.worker import MODEL_FILE, PROGRESS_FILE, TrainingRun, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """One training call: the plan the workers get, their dataset, and where results go."""
+
+    run: TrainingRun
+    dataset: Any  # a Ray Dataset of click-log rows or soft-label shards
+    model_path: str  # the exported final model (`models/<role>.pt`)
+    run_dir: str  # Ray Train keeps its runs and checkpoints under <run_dir>/train/
+
+
+@dataclass
+class TrainResult:
+    model_path: str
+    history: list[dict]  # one entry per epoch: rows, loss terms, rows/s
+    steps: list[dict] = field(default_factory=list)  # sampled per optimizer step: lr and loss terms
+    restarts: int = 0  # times the run resumed from a checkpoint (worker failure or a rerun)
+
+
+def train_model(request: TrainRequest) -> TrainResult:
+    """Trains `request.run` on `request.dataset` and exports the final weights to `request.model_path`."""
+    from ray.train.torch import TorchTrainer  # lazy: Ray Train takes seconds to import
+
+    run = request.run
+    runtime.quick_health_checks()
+    if warning := zero_stage_warning(run.train.num_workers, run.train.zero_stage):
+        log.warning("%s: %s", run.role, warning)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=run.to_config(),
+        scaling_config=_scaling(run),
+        run_config=_run_config(run, request.run_dir),
+        datasets={"train": request.dataset},
+        dataset_config=data_config(run.train.num_workers),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
+        with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
+            storage.atomic_write_bytes(request.model_path, handle.read())
+        with open(os.path.join(directory, PROGRESS_FILE)) as handle:
+            progress = json.load(handle)
+    return TrainResult(model_path=request.model_path, history=progress["history"], steps=progress["steps"],
+                       restarts=progress["restarts"])
+
+
+def _scaling(run: TrainingRun):
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(num_workers=run.train.num_workers, use_gpu=run.train.use_gpu,
+                         resources_per_worker={"CPU": run.train.cpus_per_worker})
+
+
+def _run_config(run: TrainingRun, run_dir: str):
+    from ray.train import FailureConfig, RunConfig
+
+    # Local: an absolute path (Ray needs one). S3: the path inside our filesystem, which knows the endpoint.
+    (storage_path,), storage_filesystem = storage.arrow_paths([storage.join(run_dir, "train")])
+    return RunConfig(name=run.role, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                     failure_config=FailureConfig(max_failures=run.train.max_failures))
+
+
+def zero_stage_warning(num_workers: int, zero_stage: int) -> str | None:
+    """Why ZeRO stages 1-3 on a single worker only cost time, or None when they can pay off."""
+    if num_workers > 1 or zero_stage == 0:
+        return None
+    return (f"train.zero_stage {zero_stage} with one worker: ZeRO splits optimizer state, gradients and "
+            "(at stage 3) weights across workers, so one worker saves nothing and pays DeepSpeed's "
+            "bookkeeping on every step (docs/SCALING.md); use zero_stage 0 unless train.num_workers grows")
+
+
+def data_config(num_workers: int):
+    """How Ray Train hands the dataset to the workers: split in equal parts when there are several.
+
+    One worker reads the whole dataset through a plain iterator, which runs Ray Data's executor inside
+    the worker. `streaming_split` would start a coordinator actor (a new process, seconds before the
+    first batch) and send every block through it (a share of a core during the loop; docs/SCALING.md).
+    """
+    from ray.train import DataConfig
+
+    return DataConfig(datasets_to_split="all" if num_workers > 1 else [])
+
