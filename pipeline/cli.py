@@ -11,13 +11,14 @@ import time
 import zoneinfo
 
 from pipeline import registry, storage, submit
-from pipeline.errors import UserError
+from pipeline.errors import UserError, WeakTeacher
 from pipeline.report import render_table, write_report
 from pipeline.schedule import data_date
 from pipeline.spec import load_spec
 from pipeline.stages.click_logs import generate
 
 EXIT_USER_ERROR = 2
+EXIT_WEAK_TEACHER = 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except WeakTeacher as exc:  # a verdict, not a mistake: the run stopped before labelling
+        if args.debug:
+            raise
+        print(f"error: teacher gate: {exc}", file=sys.stderr)
+        return EXIT_WEAK_TEACHER
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

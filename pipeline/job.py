@@ -12,7 +12,7 @@ import time
 
 from pipeline import report, runtime, storage
 from pipeline.spec import JobSpec
-from pipeline.stages import click_logs, label, scoring, students, teacher
+from pipeline.stages import click_logs, gate, label, scoring, students, teacher
 
 STAGES = 5
 
@@ -26,18 +26,24 @@ def run_job(spec: JobSpec) -> dict:
         click_logs.ensure_click_logs(spec)
         click_logs.check_inputs(spec)
     with runtime.ray_session(spec):
-        with _stage(2, "teacher" if len(spec.teacher) == 1 else f"teacher ensemble of {len(spec.teacher)}"):
+        with _stage(2, _teacher_title(spec)):
             teachers = teacher.ensure_teachers(spec)
+            verdict = gate.gate_teacher(spec, teachers)  # None without a validation split
         with _stage(3, "label: teacher actor pool -> soft-label shards"):
             labelled = label.run_label_stage(spec, teachers, storage.join(spec.run_dir, "shards"))
         with _stage(4, f"students: distilled ({_soft_loss_name(spec)}) and hard-label baseline"):
-            trained = students.train_students(spec, labelled.shard_set)
+            trained = students.train_students(spec, labelled.shard_set, verdict["baseline"] if verdict else None)
         with _stage(5, "evaluate on held-out days"):
-            metrics = scoring.evaluate_run(spec, teachers, trained, labelled)
+            metrics = scoring.evaluate_run(spec, teachers, trained, labelled, verdict)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
     report.write_report(spec.run_dir, metrics)
     return metrics
+
+
+def _teacher_title(spec: JobSpec) -> str:
+    title = "teacher" if len(spec.teacher) == 1 else f"teacher ensemble of {len(spec.teacher)}"
+    return title + (", then the gate: teacher vs hard-label student on validation" if spec.data.validation else "")
 
 
 def _soft_loss_name(spec: JobSpec) -> str:

@@ -72,7 +72,7 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
 def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     schedule = _schedule(spec)
     teacher = _teacher(spec, cycle)
-    labelled = label_days(cycle, teacher, storage.join(spec.nightly_dir, "shards"), cycle.data.train_days.days())
+    labelled = label_days(cycle, teacher, storage.join(spec.nightly_dir, "shards"), cycle.data.fit_days())
     model, root = spec.registry_model_name, schedule.registry
     champion = registry.current(root, model)
     champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt") if champion else None

@@ -35,6 +35,7 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
         _header(metrics),
         [render_table(models, metrics["eval"]["ceiling_auc"], task), *_ceiling(metrics)],
         _summary(metrics, task),
+        _selection(metrics.get("selection")),
         _agreement(models),
         _slices(metrics, task),
         _training(metrics["training"]),
@@ -112,6 +113,21 @@ def _label_line(label: dict) -> str:
     known = {"total_rows", "shards", "status", "relabelled_days", "teacher_sha256"}
     extra = [f"{k} {v}" for k, v in label.items() if k not in known and isinstance(v, (str, int, float, bool))]
     return line + "".join(f", {item}" for item in extra) + "."
+
+
+def _selection(selection: dict | None) -> list[str]:
+    """The teacher gate and the student the run recommends, both decided on validation. Absent from runs
+    written before the validation split existed."""
+    if not selection:
+        return []
+    lines = ["## Chosen on validation", ""]
+    if gate := selection.get("gate"):
+        state = "passed" if gate["passed"] else "**the teacher is too weak** (distill.on_weak_teacher: warn)"
+        lines.append(f"- Teacher gate {state}: {gate['metric']} {gate['teacher']:.4f} against the hard-label "
+                     f"student's {gate['hard']:.4f}, lift {gate['lift']:+.4f} (at least {gate['min_lift']:.4f} "
+                     f"asked), on {gate['rows']:,} validation rows.")
+    lines.append(f"- Recommended student: **{selection['recommended']}**; {selection['reason']}.")
+    return lines
 
 
 def _agreement(models: dict[str, dict]) -> list[str]:

@@ -12,6 +12,7 @@ from pipeline.spec.job import JobSpec
 from pipeline.spec.loading import apply_override, load_spec, parse_spec
 from pipeline.spec.models import STUDENT_MODELS, TEACHER_MODELS, ModelSpec, StudentSpec, TeacherSpec
 from pipeline.spec.schedule import GateSpec, ScheduleSpec
+from pipeline.spec.validation import EarlyStoppingSpec, ValidationSpec
 from pipeline.spec.sections import (
     DataSpec,
     DayRange,
@@ -33,5 +34,5 @@ __all__ = [
     "STUDENT_MODELS", "TEACHER_MODELS", "DataSpec", "DayRange", "DistillSpec", "EvalSpec", "FeaturesSpec",
     "GateSpec", "JobSpec", "LRScheduleSpec", "LabelSpec", "ModelSpec", "OutputSpec", "RaySpec", "ScheduleSpec",
     "Section", "SequenceSpec", "StorageSpec", "StudentSpec", "SyntheticSpec", "TeacherSpec", "TrainSpec",
-    "apply_override", "load_spec", "parse_spec",
+    "EarlyStoppingSpec", "ValidationSpec", "apply_override", "load_spec", "parse_spec",
 ]

@@ -91,6 +91,33 @@ class JobSpec(Section):
             raise ValueError("train.precision fp16 needs train.use_gpu: true; on CPU use fp32 or bf16")
         return self
 
+    @model_validator(mode="after")
+    def _validation_rules(self) -> JobSpec:
+        validation, stopping = self.data.validation, self.train.early_stopping
+        if validation and validation.days >= len(self.data.train_days.days()):
+            raise ValueError(f"data.validation.days {validation.days} would leave no training data: train_days has "
+                             f"{len(self.data.train_days.days())} day(s); hold out fewer days or use a fraction")
+        if validation and validation.fraction and not self.validation_key:
+            raise ValueError("data.validation.fraction hashes a row key: set data.validation.by, features.id "
+                             "or features.group")
+        if stopping and not validation:
+            raise ValueError("train.early_stopping stops on the validation split: add data.validation")
+        if stopping and stopping.metric != "log_loss" and stopping.metric != self.selection_metric:
+            raise ValueError(f"train.early_stopping.metric {stopping.metric!r} does not exist for task "
+                             f"{self.features.task!r}; use {self.selection_metric!r} or 'log_loss'")
+        return self
+
+    @property
+    def selection_metric(self) -> str:
+        """What models are compared on: AUC (binary) or accuracy (multiclass), higher is better."""
+        return "accuracy" if self.features.task == "multiclass" else "auc"
+
+    @property
+    def validation_key(self) -> str | None:
+        """The column a fraction split hashes."""
+        validation = self.data.validation
+        return (validation.by if validation else None) or self.features.id or self.features.group
+
     @property
     def run_dir(self) -> str:
         """The run's directory: `output.root/output.run_name` (default: the job name)."""

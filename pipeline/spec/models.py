@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.models.config import ModelConfig
-from pipeline.spec.sections import Section
+from pipeline.spec.base import Section
 
 TEACHER_MODELS = ("dcn_v2", "deepfm", "bst", "custom")
 STUDENT_MODELS = ("mlp", "fm", "dcn_v2", "custom")

@@ -8,7 +8,7 @@ from typing import Literal
 from croniter import croniter
 from pydantic import Field, field_validator
 
-from pipeline.spec.sections import Section
+from pipeline.spec.base import Section
 
 
 class GateSpec(Section):

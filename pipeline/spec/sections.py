@@ -10,15 +10,12 @@ import datetime as dt
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.spec.base import Section
+from pipeline.spec.validation import EarlyStoppingSpec, ValidationSpec
 
 _CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
-
-
-class Section(BaseModel):
-    """Base for spec sections: unknown keys are errors, so typos never pass silently."""
-
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 class DayRange(Section):
@@ -62,6 +59,7 @@ class DataSpec(Section):
         "fail", description="fail: stop at the first bad row, naming file, row group and column; "
                             "quarantine: set bad rows aside under <run>/quarantine/ with a reason and go on")
     max_id: int = Field(2**53, ge=1, description="ids above this (or below 0) are bad rows: corrupt, not real ids")
+    validation: ValidationSpec | None = Field(None, description="rows held out of training to choose models on")
 
     @property
     def location(self) -> str | dict[dt.date, str]:
@@ -89,6 +87,17 @@ class DataSpec(Section):
 
     def all_days(self) -> list[dt.date]:
         return sorted(set(self.train_days.days()) | set(self.eval_days.days()))
+
+    def fit_days(self) -> list[dt.date]:
+        """The training days models fit on: all of them, less the last `validation.days`."""
+        held_out = self.validation.days if self.validation else 0
+        return self.train_days.days()[: len(self.train_days.days()) - held_out]
+
+    def validation_days(self) -> list[dt.date]:
+        """The days validation rows come from: the held-out last days, or every training day (a fraction)."""
+        if self.validation is None:
+            return []
+        return self.train_days.days()[-self.validation.days:] if self.validation.days else self.train_days.days()
 
 
 class SequenceSpec(Section):
@@ -141,6 +150,10 @@ class DistillSpec(Section):
     hint_weight: float = Field(0.0, ge=0, description="weight of the hint loss (needs label.store_hidden)")
     listwise_weight: float = Field(0.0, ge=0, description="weight of listwise ranking KD over features.group")
     ensemble: Literal["mean", "weighted"] = Field("mean", description="how several teachers' logits combine")
+    min_teacher_lift: float = Field(0.002, ge=0, description="the teacher must beat the hard-label student on "
+                                    "validation by this much (AUC; accuracy for multiclass) before it labels")
+    on_weak_teacher: Literal["fail", "warn"] = Field("fail", description="fail: stop the run (exit 1); warn: go on "
+                                                     "and say so in the report")
 
 
 class LabelSpec(Section):
@@ -189,6 +202,7 @@ class TrainSpec(Section):
     # it when blocks come from other nodes or a GPU step outpaces the batch preparation.
     prefetch_batches: int = Field(0, ge=0, description="batches Ray Data prepares ahead beyond the next one")
     lr_schedule: LRScheduleSpec = Field(default_factory=LRScheduleSpec)
+    early_stopping: EarlyStoppingSpec | None = Field(None, description="needs data.validation; epochs is the maximum")
     max_failures: int = Field(0, ge=0, description="worker failures Ray Train survives, resuming from a checkpoint")
     seed: int = 0
 

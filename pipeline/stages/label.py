@@ -153,7 +153,8 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
 def label_columns(spec) -> list[str]:
     """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs."""
     f = spec.features
-    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, *f.input_columns()] if c))
+    key = spec.validation_key if spec.data.validation and spec.data.validation.fraction else None
+    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, key, *f.input_columns()] if c))
 
 
 def teacher_identity(spec, teachers: dict[str, str]) -> TeacherIdentity:
@@ -241,8 +242,8 @@ def quarantine_root(day_dir: str) -> str:
 
 
 def run_label_stage(spec, teachers: dict[str, str], shard_root: str) -> Labelled:
-    """Labels the spec's training days (those without valid shards)."""
-    return label_days(spec, teachers, shard_root, spec.data.train_days.days())
+    """Labels the days the students fit on (those without valid shards); held-out validation days are not."""
+    return label_days(spec, teachers, shard_root, spec.data.fit_days())
 
 
 def pool_options(spec, predictor_kwargs: dict) -> dict:

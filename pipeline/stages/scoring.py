@@ -15,22 +15,44 @@ from pipeline.data import clicklogs
 from pipeline.features import table_to_inputs
 from pipeline.models import count_parameters, load_model, model_bytes
 from pipeline.spec import JobSpec
-from pipeline.stages.click_logs import bad_rows_located, read_window
+from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window
 from pipeline.stages.label import Ensemble, Labelled, map_with_teachers
-from pipeline.stages.students import DISTILLED
+from pipeline.stages.students import DISTILLED, HARD
 from pipeline.stages.training import training_records
 
 TEACHER_ROLES = ("teacher", "ensemble_member")  # models that are not compared with the teacher
 
 
-def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], labelled: Labelled) -> dict:
-    """The run's metrics: every model on the eval days, plus what was trained and labelled."""
+def teacher_models(spec: JobSpec, teachers: dict[str, str]) -> tuple[dict[str, str], Ensemble | None]:
+    """The teacher as scored models: {"teacher": path}, or each member plus their weighted "teacher" mean."""
     if len(teachers) == 1:
-        checkpoints, combine = {"teacher": next(iter(teachers.values()))}, None
-    else:
-        checkpoints = {f"teacher_{name}": path for name, path in teachers.items()}
-        weights = {m.name: m.weight for m in labelled.shard_set.teacher.members}
-        combine = Ensemble("teacher", {f"teacher_{n}": weights[n] for n in teachers})
+        return {"teacher": next(iter(teachers.values()))}, None
+    weights = {t.name: (t.weight if spec.distill.ensemble == "weighted" else 1.0) for t in spec.teacher}
+    return ({f"teacher_{name}": path for name, path in teachers.items()},
+            Ensemble("teacher", {f"teacher_{n}": weights[n] for n in teachers}))
+
+
+def validation_scores(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None) -> dict:
+    """{model: {metric: value, "rows": n}} on the validation split, with `spec.selection_metric` and log-loss."""
+    table = _scored_table(spec, checkpoints, combine, on_validation=True)
+    labels = table.column(spec.features.label).to_numpy()
+    scores = {}
+    for name in [*checkpoints, *([combine.column] if combine else [])]:
+        logits = _logits(table.column(name))
+        if spec.features.task == "multiclass":
+            scores[name] = metrics.multiclass_metrics(labels, logits)
+        else:
+            scores[name] = {"auc": metrics.auc(labels, logits), "log_loss": metrics.log_loss(labels, logits)}
+        scores[name] |= {"rows": table.num_rows, "positives": int(labels.sum()) if spec.features.task == "binary"
+                         else None}
+    return scores
+
+
+def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], labelled: Labelled,
+                 gate: dict | None = None) -> dict:
+    """The run's metrics: every model on the eval days, what was trained and labelled, and (with a
+    validation split) the teacher gate and the student the run recommends."""
+    checkpoints, combine = teacher_models(spec, teachers)
     roles = {name: "teacher" if name == "teacher" else "ensemble_member" for name in checkpoints}
     roles |= {name: "distilled" if name == DISTILLED else "hard" for name in students}
     return {
@@ -41,7 +63,27 @@ def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, st
         "label": _label_summary(labelled),
         **evaluate_models(spec, checkpoints | students, combine, roles=roles),
         "training": training_records(spec.run_dir),
+        "selection": selection(spec, students, gate),
     }
+
+
+def selection(spec: JobSpec, students: dict[str, str], gate: dict | None) -> dict:
+    """Which student the run recommends, chosen on validation (never on the evaluation days)."""
+    if spec.data.validation is None:
+        return {"on": None, "recommended": DISTILLED, "gate": None,
+                "reason": "no validation split (data.validation): the distilled student, unchosen"}
+    scores = validation_scores(spec, students)
+    return {"on": "validation", "gate": gate, "scores": scores} | recommend(scores, spec.selection_metric)
+
+
+def recommend(scores: dict[str, dict], metric: str) -> dict:
+    """The better of the distilled and the hard-label student on `metric` (higher is better); a tie goes to
+    the hard-label student, the simpler model to ship."""
+    distilled, hard = scores[DISTILLED][metric], scores[HARD][metric]
+    helped = distilled > hard
+    verdict = "distillation helped" if helped else "distillation did not help"
+    return {"recommended": DISTILLED if helped else HARD, "distillation_helped": helped,
+            "reason": f"{verdict} on validation: {metric} {distilled:.4f} distilled vs {hard:.4f} hard-label"}
 
 
 def _label_summary(labelled: Labelled) -> dict:
@@ -81,13 +123,18 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensembl
     return {"eval": _eval_summary(spec, labels, table), "models": models, "summary": metrics.summarize(models)}
 
 
-def _scored_table(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None) -> pa.Table:
-    """The eval days' rows (label, group, slice column, true CTR) with one logit column per model."""
+def _scored_table(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None,
+                  on_validation: bool = False) -> pa.Table:
+    """The eval days' (or the validation split's) rows (label, group, slice column, true CTR) with one
+    logit column per model."""
     columns = _eval_columns(spec)
-    days = spec.data.eval_days.days()
     keep = [c for c in (spec.features.label, spec.features.group, spec.eval.slice_by, "true_ctr") if c in columns]
     predictor = {"checkpoints": dict(checkpoints), "keep_columns": list(dict.fromkeys(keep)), "combine": combine}
-    scored = map_with_teachers(read_window(spec, days, columns), spec, predictor)
+    if on_validation:
+        days, rows = spec.data.validation_days(), read_validation(spec, columns)
+    else:
+        days, rows = spec.data.eval_days.days(), read_window(spec, spec.data.eval_days.days(), columns)
+    scored = map_with_teachers(rows, spec, predictor)
     with bad_rows_located(spec, days, columns):
         return pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
 

@@ -12,29 +12,45 @@ from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.shards import ShardSet, SoftLabelTargets
 from pipeline.spec import JobSpec
-from pipeline.stages.training import train_or_reuse
+from pipeline.stages.click_logs import read_validation, split_side
+from pipeline.stages.training import train_on_click_logs, train_or_reuse
 from pipeline.train import TrainingRun
 
 DISTILLED, HARD = "student_distilled", "student_hard"
 
 
-def train_students(spec: JobSpec, shard_set: ShardSet) -> dict[str, str]:
-    """The distilled student and the hard-label student of a run: {role: model path}."""
-    return {role: train_student(spec, shard_set, role) for role in (DISTILLED, HARD)}
+def train_students(spec: JobSpec, shard_set: ShardSet, hard_baseline: str | None = None) -> dict[str, str]:
+    """The distilled student and the hard-label student of a run: {role: model path}. The hard-label
+    student the teacher gate already trained (on the click logs' same rows) is used, not trained again."""
+    hard = hard_baseline or train_student(spec, shard_set, HARD)
+    return {DISTILLED: train_student(spec, shard_set, DISTILLED), HARD: hard}
+
+
+def train_hard_baseline(spec: JobSpec) -> str:
+    """The hard-label student trained on the click logs, before any labelling (the teacher gate's baseline)."""
+    model = ModelConfig.from_section(spec.student, spec.features.out_dim)
+    return train_on_click_logs(spec, HARD, model, spec.train, extra={"baseline": "click_logs"})
 
 
 def train_student(spec: JobSpec, shard_set: ShardSet, role: str, init_model: str | None = None) -> str:
     """Trains a student on the shards: with the distillation losses (`student_distilled`) or on hard
     labels only (`student_hard`); from `init_model`'s weights when given (warm start)."""
-    run = student_run(spec, role, shard_set.total_rows, shard_set.hidden_dim, init_model)
+    held_out = spec.data.validation.fraction if spec.data.validation else 0.0  # rows the lr schedule won't see
+    run = student_run(spec, role, round(shard_set.total_rows * (1 - held_out)), shard_set.hidden_dim, init_model)
     depends_on = {"model": run.model.to_dict(), "train": spec.train.model_dump(),
                   "distill": run.distill.model_dump() if run.distill else None,
                   "teacher": shard_set.teacher.checkpoint_sha256, "inputs": shard_set.inputs,
                   "init_model": init_model}
-    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(),
+    if spec.data.validation:  # a run without a split keeps the fingerprint it always had
+        depends_on["validation"] = spec.data.validation.model_dump()
+    key = [spec.validation_key] if spec.data.validation and spec.data.validation.fraction else []
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), *key,
               *(run.targets.columns if run.targets else [])]
     columns = [c for c in dict.fromkeys(wanted) if c and c in shard_set.columns]
-    return train_or_reuse(spec.run_dir, role, run, depends_on, dataset=lambda: read_shards(shard_set, columns))
+    inputs = [spec.features.label, *spec.features.input_columns()]
+    return train_or_reuse(spec.run_dir, role, run, depends_on,
+                          dataset=lambda: split_side(read_shards(shard_set, columns), spec, validation=False),
+                          validation=lambda: read_validation(spec, inputs))
 
 
 def student_run(spec: JobSpec, role: str, rows: int, hidden_dim: int | None = None,

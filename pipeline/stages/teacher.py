@@ -7,14 +7,10 @@ spec's bad-row policy (bad rows are dropped here; the label stage quarantines th
 from __future__ import annotations
 
 from pipeline import storage
-from pipeline.data import clicklogs
 from pipeline.errors import UserError
-from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec, TeacherSpec
-from pipeline.stages.click_logs import bad_rows_located, read_window
-from pipeline.stages.training import train_or_reuse
-from pipeline.train import TrainingRun
+from pipeline.stages.training import train_on_click_logs
 
 
 def ensure_teachers(spec: JobSpec) -> dict[str, str]:
@@ -30,18 +26,8 @@ def ensure_teacher(spec: JobSpec, teacher: TeacherSpec | None = None) -> str:
             raise UserError(f"teacher.checkpoint {teacher.checkpoint!r} does not exist; fix the path or "
                             "remove the field to train a teacher")
         return teacher.checkpoint
-    days = spec.data.train_days.days()
-    columns = [spec.features.label] + spec.features.input_columns()
-    inputs = {d.isoformat(): clicklogs.count_rows([p])
-              for d, p in clicklogs.partition_paths(spec.data.location, days).items()}
     train = spec.train.model_copy(update={"epochs": teacher.epochs or spec.train.epochs,
                                           "lr": teacher.lr or spec.train.lr})
-    run = TrainingRun(role="teacher", model=ModelConfig.from_section(teacher, spec.features.out_dim),
-                      layout=FeatureLayout.from_spec(spec.features), train=train, task=spec.features.task,
-                      label=spec.features.label, rows=sum(inputs.values()), group=spec.features.group)
-    depends_on = {"model": run.model.to_dict(), "train": spec.train.model_dump(), "inputs": inputs,
-                  "epochs": teacher.epochs, "lr": teacher.lr}
     role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
-    with bad_rows_located(spec, days, columns):  # bad rows are dropped here, and quarantined by the label stage
-        return train_or_reuse(spec.run_dir, role, run, depends_on,
-                              dataset=lambda: read_window(spec, days, columns))
+    return train_on_click_logs(spec, role, ModelConfig.from_section(teacher, spec.features.out_dim), train,
+                               extra={"epochs": teacher.epochs, "lr": teacher.lr})

@@ -6,6 +6,7 @@ rerun with the same request continues where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ class TrainRequest:
     dataset: Any  # a Ray Dataset of click-log rows or soft-label shards
     model_path: str  # the exported final model (`models/<role>.pt`)
     run_dir: str  # Ray Train keeps its runs and checkpoints under <run_dir>/train/
+    validation: Any = None  # a Ray Dataset of validation rows (label and inputs), scored after every epoch
 
 
 @dataclass
@@ -34,13 +36,14 @@ class TrainResult:
     history: list[dict]  # one entry per epoch: rows, loss terms, rows/s
     steps: list[dict] = field(default_factory=list)  # sampled per optimizer step: lr and loss terms
     restarts: int = 0  # times the run resumed from a checkpoint (worker failure or a rerun)
+    best_epoch: int | None = None  # the epoch whose weights were kept (early stopping), else the last
 
 
 def train_model(request: TrainRequest) -> TrainResult:
     """Trains `request.run` on `request.dataset` and exports the final weights to `request.model_path`."""
     from ray.train.torch import TorchTrainer  # lazy: Ray Train takes seconds to import
 
-    run = request.run
+    run = dataclasses.replace(request.run, validate=request.validation is not None)
     runtime.quick_health_checks()
     if warning := zero_stage_warning(run.train.num_workers, run.train.zero_stage):
         log.warning("%s: %s", run.role, warning)
@@ -49,17 +52,22 @@ def train_model(request: TrainRequest) -> TrainResult:
         train_loop_config=run.to_config(),
         scaling_config=_scaling(run),
         run_config=_run_config(run, request.run_dir),
-        datasets={"train": request.dataset},
+        datasets={"train": request.dataset, **({"validation": request.validation} if run.validate else {})},
         dataset_config=data_config(run.train.num_workers),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
+    stopping = run.train.early_stopping
+    kept = result.get_best_checkpoint(f"val_{stopping.metric}", stopping.mode) if stopping else result.checkpoint
+    with kept.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
         with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
             storage.atomic_write_bytes(request.model_path, handle.read())
         with open(os.path.join(directory, PROGRESS_FILE)) as handle:
+            best_epoch = len(json.load(handle)["history"])
+    with result.checkpoint.as_directory() as directory:  # the latest: every epoch's history
+        with open(os.path.join(directory, PROGRESS_FILE)) as handle:
             progress = json.load(handle)
     return TrainResult(model_path=request.model_path, history=progress["history"], steps=progress["steps"],
-                       restarts=progress["restarts"])
+                       restarts=progress["restarts"], best_epoch=best_epoch)
 
 
 def _scaling(run: TrainingRun):
@@ -70,12 +78,16 @@ def _scaling(run: TrainingRun):
 
 
 def _run_config(run: TrainingRun, run_dir: str):
-    from ray.train import FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
     # Local: an absolute path (Ray needs one). S3: the path inside our filesystem, which knows the endpoint.
     (storage_path,), storage_filesystem = storage.arrow_paths([storage.join(run_dir, "train")])
+    stopping = run.train.early_stopping
+    # Every epoch's checkpoint is kept (the latest resumes, the best is exported), scored on validation.
+    scoring = CheckpointConfig(checkpoint_score_attribute=f"val_{stopping.metric}",
+                               checkpoint_score_order=stopping.mode) if stopping else None
     return RunConfig(name=run.role, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                     failure_config=FailureConfig(max_failures=run.train.max_failures))
+                     failure_config=FailureConfig(max_failures=run.train.max_failures), checkpoint_config=scoring)
 
 
 def zero_stage_warning(num_workers: int, zero_stage: int) -> str | None:
@@ -96,5 +108,5 @@ def data_config(num_workers: int):
     """
     from ray.train import DataConfig
 
-    return DataConfig(datasets_to_split="all" if num_workers > 1 else [])
+    return DataConfig(datasets_to_split=["train"] if num_workers > 1 else [])  # every worker scores all validation
 

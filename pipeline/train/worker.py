@@ -20,9 +20,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from pipeline import losses, runtime
+from pipeline import losses, metrics, runtime
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig, build_model, load_model, save_model
 from pipeline.shards import ShardCollate, SoftLabelTargets
@@ -51,6 +52,7 @@ class TrainingRun:
     distill: DistillSpec | None = None  # None: hard labels only
     targets: SoftLabelTargets | None = None  # the teacher columns a distilled student reads
     init_model: str | None = None  # a saved model of the same architecture to start from (warm start)
+    validate: bool = False  # score the "validation" dataset after every epoch (val_* metrics, early stopping)
 
     @property
     def total_steps(self) -> int:
@@ -63,7 +65,7 @@ class TrainingRun:
                 "train": self.train.model_dump(), "task": self.task, "label": self.label, "rows": self.rows,
                 "group": self.group, "distill": self.distill.model_dump() if self.distill else None,
                 "targets": dataclasses.asdict(self.targets) if self.targets else None,
-                "init_model": self.init_model}
+                "init_model": self.init_model, "validate": self.validate}
 
     @classmethod
     def from_config(cls, config: dict) -> TrainingRun:
@@ -97,12 +99,60 @@ def train_loop_per_worker(config: dict) -> None:
             engine.load_checkpoint(directory)
             log.warning("resumed from the checkpoint after epoch %d (restart %d)", start_epoch, progress["restarts"])
     log_every = max(1, run.total_steps // 200)  # about 200 points per run for the loss curves
+    validation = ray.train.get_dataset_shard("validation") if run.validate else None
     for epoch in range(start_epoch, run.train.epochs):
+        if _stopped_early(progress["history"], run.train.early_stopping):
+            break  # a resumed run that had already stopped
         stats = _train_epoch(engine, batches, run, progress["steps"], log_every)
+        if validation is not None:
+            stats |= _validation_metrics(engine, run, validation)
         progress["history"].append({"epoch": epoch + 1, **stats})
-        if epoch + 1 < run.train.epochs:  # the next epoch's read starts while this one's checkpoint is saved
+        last = epoch + 1 == run.train.epochs or _stopped_early(progress["history"], run.train.early_stopping)
+        if not last:  # the next epoch's read starts while this one's checkpoint is saved
             batches = _asked_early(batches_for(epoch + 1))
         _report(engine, run, progress)
+        if last:
+            break
+
+
+def _stopped_early(history: list[dict], stopping) -> bool:
+    """True when the validation metric has not improved by `min_delta` on its best for `patience` epochs."""
+    if stopping is None or not history:
+        return False
+    values = [entry[f"val_{stopping.metric}"] for entry in history]
+    sign = 1.0 if stopping.mode == "max" else -1.0
+    best_epoch, best = 0, sign * values[0]
+    for epoch, value in enumerate(values[1:], start=1):
+        if sign * value > best + stopping.min_delta:
+            best_epoch, best = epoch, sign * value
+    return len(values) - 1 - best_epoch >= stopping.patience
+
+
+def _validation_metrics(engine, run: TrainingRun, shard) -> dict:
+    """`val_auc` (or `val_accuracy`) and `val_log_loss` of the model on the whole validation split.
+
+    Every worker scores every validation row (the split is not sharded: under ZeRO-3 each forward needs
+    all ranks), and rank 0's numbers are the ones every rank uses, so all ranks stop together.
+    """
+    collate = _arrow_collate(ShardCollate(run.layout, run.label, None, None, run.task))
+    labels, logits = [], []
+    engine.eval()
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=collate):
+            out, _ = engine({k: v.to(engine.device) for k, v in batch.items()})
+            labels.append(batch["label"].numpy())
+            logits.append(out.float().cpu().numpy())
+    y, z = np.concatenate(labels), np.concatenate(logits)
+    if run.task == "multiclass":
+        scores = metrics.multiclass_metrics(y, z)
+        values = torch.tensor([scores["accuracy"], scores["log_loss"]], dtype=torch.float64)
+        names = ("val_accuracy", "val_log_loss")
+    else:
+        values = torch.tensor([metrics.auc(y, z), metrics.log_loss(y, z)], dtype=torch.float64)
+        names = ("val_auc", "val_log_loss")
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(values, src=0)
+    return dict(zip(names, values.tolist())) | {"val_rows": int(len(y))}
 
 
 def _epoch_batches(run: TrainingRun, shard):
