@@ -114,9 +114,11 @@ class JobSpec(Section):
 
     @property
     def validation_key(self) -> str | None:
-        """The column a fraction split hashes."""
+        """The column a row (fraction) split hashes; None for a days split or none (nothing to hash)."""
         validation = self.data.validation
-        return (validation.by if validation else None) or self.features.id or self.features.group
+        if validation is None or not validation.fraction:
+            return None
+        return validation.by or self.features.id or self.features.group
 
     @property
     def run_dir(self) -> str:

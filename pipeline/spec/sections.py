@@ -88,6 +88,11 @@ class DataSpec(Section):
     def all_days(self) -> list[dt.date]:
         return sorted(set(self.train_days.days()) | set(self.eval_days.days()))
 
+    @property
+    def held_out_fraction(self) -> float:
+        """The share of the fit days' rows a row split holds out (0 for a days split or none)."""
+        return self.validation.fraction if self.validation else 0.0
+
     def fit_days(self) -> list[dt.date]:
         """The training days models fit on: all of them, less the last `validation.days`."""
         held_out = self.validation.days if self.validation else 0

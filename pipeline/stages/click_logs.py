@@ -28,8 +28,8 @@ def check_inputs(spec: JobSpec) -> None:
     """Fails before Ray starts when a selected day, a needed column or a file is missing, unreadable or of
     the wrong type (footers only: no data is read here)."""
     needed = [spec.features.label, spec.features.group, *spec.features.input_columns()]
-    if spec.data.validation and spec.data.validation.fraction:
-        needed.append(spec.validation_key)  # the split hashes it
+    if spec.validation_key:
+        needed.append(spec.validation_key)  # a row split hashes it
     for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
         paths = clicklogs.partition_paths(spec.data.location, days)
         validate.check_partitions(paths, spec.features, [c for c in needed + extra if c])
@@ -63,11 +63,10 @@ def read_window(spec: JobSpec, days: list[dt.date], columns: list[str], quaranti
 def split_side(dataset, spec: JobSpec, validation: bool):
     """The training (or validation) rows of `dataset` under a fraction split; a days split is by day, so a
     dataset of fit days (or validation days) is already one side."""
-    split = spec.data.validation
-    if split is None or not split.fraction:
+    if not spec.validation_key:
         return dataset
     return dataset.map_batches(keep_side, batch_format="pyarrow", zero_copy_batch=True,
-                               fn_kwargs={"key": spec.validation_key, "fraction": split.fraction,
+                               fn_kwargs={"key": spec.validation_key, "fraction": spec.data.held_out_fraction,
                                           "validation": validation})
 
 
@@ -75,7 +74,7 @@ def read_validation(spec: JobSpec, columns: list[str]):
     """The validation rows of the click logs (label and model inputs), or None without a split."""
     if spec.data.validation is None:
         return None
-    wanted = list(dict.fromkeys([*columns, *([spec.validation_key] if spec.data.validation.fraction else [])]))
+    wanted = list(dict.fromkeys([*columns, *([spec.validation_key] if spec.validation_key else [])]))
     days = spec.data.validation_days()
     return split_side(read_window(spec, days, wanted), spec, validation=True)
 

@@ -153,8 +153,7 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
 def label_columns(spec) -> list[str]:
     """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs."""
     f = spec.features
-    key = spec.validation_key if spec.data.validation and spec.data.validation.fraction else None
-    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, key, *f.input_columns()] if c))
+    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, spec.validation_key, *f.input_columns()] if c))
 
 
 def teacher_identity(spec, teachers: dict[str, str]) -> TeacherIdentity:

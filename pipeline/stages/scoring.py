@@ -62,18 +62,22 @@ def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, st
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
         "label": _label_summary(labelled),
         **evaluate_models(spec, checkpoints | students, combine, roles=roles),
-        "training": training_records(spec.run_dir),
-        "selection": selection(spec, students, gate),
+        "training": (training := training_records(spec.run_dir)),
+        "selection": selection(spec, training, gate),
     }
 
 
-def selection(spec: JobSpec, students: dict[str, str], gate: dict | None) -> dict:
-    """Which student the run recommends, chosen on validation (never on the evaluation days)."""
+def selection(spec: JobSpec, training: dict[str, dict], gate: dict | None) -> dict:
+    """Which student the run recommends, chosen on validation (never on the evaluation days): each student's
+    kept epoch was already scored on the validation split by its training workers."""
     if spec.data.validation is None:
         return {"on": None, "recommended": DISTILLED, "gate": None,
                 "reason": "no validation split (data.validation): the distilled student, unchosen"}
-    scores = validation_scores(spec, students)
-    return {"on": "validation", "gate": gate, "scores": scores} | recommend(scores, spec.selection_metric)
+    metric = spec.selection_metric
+    kept = {role: training[role]["history"][training[role]["best_epoch"] - 1] for role in (DISTILLED, HARD)}
+    scores = {role: {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"]}
+              for role, epoch in kept.items()}
+    return {"on": "validation", "gate": gate, "scores": scores} | recommend(scores, metric)
 
 
 def recommend(scores: dict[str, dict], metric: str) -> dict:

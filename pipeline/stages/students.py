@@ -13,7 +13,7 @@ from pipeline.models import ModelConfig
 from pipeline.shards import ShardSet, SoftLabelTargets
 from pipeline.spec import JobSpec
 from pipeline.stages.click_logs import read_validation, split_side
-from pipeline.stages.training import train_on_click_logs, train_or_reuse
+from pipeline.stages.training import split_fingerprint, train_on_click_logs, train_or_reuse
 from pipeline.train import TrainingRun
 
 DISTILLED, HARD = "student_distilled", "student_hard"
@@ -35,15 +35,13 @@ def train_hard_baseline(spec: JobSpec) -> str:
 def train_student(spec: JobSpec, shard_set: ShardSet, role: str, init_model: str | None = None) -> str:
     """Trains a student on the shards: with the distillation losses (`student_distilled`) or on hard
     labels only (`student_hard`); from `init_model`'s weights when given (warm start)."""
-    held_out = spec.data.validation.fraction if spec.data.validation else 0.0  # rows the lr schedule won't see
-    run = student_run(spec, role, round(shard_set.total_rows * (1 - held_out)), shard_set.hidden_dim, init_model)
+    rows = round(shard_set.total_rows * (1 - spec.data.held_out_fraction))  # what the lr schedule will see
+    run = student_run(spec, role, rows, shard_set.hidden_dim, init_model)
     depends_on = {"model": run.model.to_dict(), "train": spec.train.model_dump(),
                   "distill": run.distill.model_dump() if run.distill else None,
                   "teacher": shard_set.teacher.checkpoint_sha256, "inputs": shard_set.inputs,
-                  "init_model": init_model}
-    if spec.data.validation:  # a run without a split keeps the fingerprint it always had
-        depends_on["validation"] = spec.data.validation.model_dump()
-    key = [spec.validation_key] if spec.data.validation and spec.data.validation.fraction else []
+                  "init_model": init_model, **split_fingerprint(spec)}
+    key = [spec.validation_key] if spec.validation_key else []
     wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), *key,
               *(run.targets.columns if run.targets else [])]
     columns = [c for c in dict.fromkeys(wanted) if c and c in shard_set.columns]

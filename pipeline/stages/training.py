@@ -61,20 +61,24 @@ def training_records(run_dir: str) -> dict:
     return records
 
 
+def split_fingerprint(spec: JobSpec) -> dict:
+    """What a model's fingerprint adds for the validation split; nothing without one, so a run without a
+    split keeps the fingerprint it always had."""
+    return {"validation": spec.data.validation.model_dump()} if spec.data.validation else {}
+
+
 def train_on_click_logs(spec: JobSpec, role: str, model: ModelConfig, train: TrainSpec, extra: dict) -> str:
     """A model trained on hard labels, straight from the click logs' fit rows (validated when the spec
     holds some out): the teacher, or the hard-label student the teacher gate compares it with."""
     days, columns = spec.data.fit_days(), [spec.features.label, *spec.features.input_columns()]
-    key = [spec.validation_key] if spec.data.validation and spec.data.validation.fraction else []
+    key = [spec.validation_key] if spec.validation_key else []
     inputs = {d.isoformat(): clicklogs.count_rows([p])
               for d, p in clicklogs.partition_paths(spec.data.location, days).items()}
-    held_out = spec.data.validation.fraction if spec.data.validation else 0.0  # rows the lr schedule won't see
     run = TrainingRun(role=role, model=model, layout=FeatureLayout.from_spec(spec.features), train=train,
-                      task=spec.features.task, label=spec.features.label,
-                      rows=round(sum(inputs.values()) * (1 - held_out)), group=spec.features.group)
-    depends_on = {"model": model.to_dict(), "train": spec.train.model_dump(), "inputs": inputs, **extra}
-    if spec.data.validation:  # a run without a split keeps the fingerprint it always had
-        depends_on["validation"] = spec.data.validation.model_dump()
+                      task=spec.features.task, label=spec.features.label, group=spec.features.group,
+                      rows=round(sum(inputs.values()) * (1 - spec.data.held_out_fraction)))  # the lr schedule's
+    depends_on = {"model": model.to_dict(), "train": spec.train.model_dump(), "inputs": inputs, **extra,
+                  **split_fingerprint(spec)}
     with bad_rows_located(spec, days, columns):  # bad rows are dropped here, and quarantined by the label stage
         return train_or_reuse(spec.run_dir, role, run, depends_on,
                               dataset=lambda: split_side(read_window(spec, days, columns + key), spec, False),

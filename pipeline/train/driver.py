@@ -6,6 +6,7 @@ rerun with the same request continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -56,18 +57,25 @@ def train_model(request: TrainRequest) -> TrainResult:
         dataset_config=data_config(run.train.num_workers),
     )
     result = trainer.fit()
-    stopping = run.train.early_stopping
-    kept = result.get_best_checkpoint(f"val_{stopping.metric}", stopping.mode) if stopping else result.checkpoint
-    with kept.as_directory() as directory:  # a local copy, downloaded when the checkpoint is on S3
-        with open(os.path.join(directory, MODEL_FILE), "rb") as handle:
-            storage.atomic_write_bytes(request.model_path, handle.read())
-        with open(os.path.join(directory, PROGRESS_FILE)) as handle:
-            best_epoch = len(json.load(handle)["history"])
-    with result.checkpoint.as_directory() as directory:  # the latest: every epoch's history
+    with result.checkpoint.as_directory() as directory:  # the latest (downloaded when on S3): every epoch's history
         with open(os.path.join(directory, PROGRESS_FILE)) as handle:
             progress = json.load(handle)
+        best, best_epoch = _best_checkpoint(result, run.train.early_stopping)
+        with best.as_directory() if best else contextlib.nullcontext(directory) as kept:
+            with open(os.path.join(kept, MODEL_FILE), "rb") as handle:
+                storage.atomic_write_bytes(request.model_path, handle.read())
     return TrainResult(model_path=request.model_path, history=progress["history"], steps=progress["steps"],
-                       restarts=progress["restarts"], best_epoch=best_epoch)
+                       restarts=progress["restarts"], best_epoch=best_epoch or len(progress["history"]))
+
+
+def _best_checkpoint(result, stopping):
+    """(checkpoint, epoch) of the best epoch on validation when training stops early (Ray Train scored every
+    checkpoint on it), else (None, None): the latest is kept."""
+    if stopping is None:
+        return None, None
+    sign = 1.0 if stopping.mode == "max" else -1.0
+    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: sign * pair[1][f"val_{stopping.metric}"])
+    return checkpoint, metrics["epoch"]
 
 
 def _scaling(run: TrainingRun):
