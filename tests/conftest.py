@@ -34,6 +34,13 @@ def _ray_is_up() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+def pytest_collection_modifyitems(items):
+    """An end-to-end test runs Ray too: it carries the `ray` marker as well, so `-m "not ray"` leaves it out."""
+    for item in items:
+        if item.get_closest_marker("e2e") and not item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.ray)
+
+
 def pytest_runtest_setup(item):
     if "ray_cluster" in getattr(item, "fixturenames", ()) and not _marked_for_ray(item):
         pytest.fail(f"{item.nodeid} uses the ray_cluster fixture without the `ray` or `e2e` marker; add "
