@@ -1,7 +1,8 @@
 """Evaluation metrics of one run: quality, calibration, agreement with the teacher, slices, latency.
 
 Pure numpy on per-row (label, logit[, group, slice]) arrays collected on held-out days; torch is
-imported inside `measure_latency` only (the pure commands need no torch). The report lives in `pipeline/report.py`.
+imported inside `measure_latency` only (the pure commands need no torch). How sure the comparisons are (the
+paired bootstrap) lives in `pipeline/verdict.py`, the report in `pipeline/report.py`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import time
 import numpy as np
 from scipy.special import expit, logsumexp
 from scipy.stats import rankdata
+
+from pipeline.verdict import verdict
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -106,11 +109,13 @@ def _binary_scores(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | 
 
 
 def slice_metrics(labels: np.ndarray, logits: np.ndarray, slice_values: np.ndarray,
-                  groups: np.ndarray | None = None, max_slices: int = 20, task: str = "binary") -> list[dict]:
+                  groups: np.ndarray | None = None, max_slices: int = 20, task: str = "binary",
+                  min_positives: int = 50) -> list[dict]:
     """Metrics per value of a categorical column, for the `max_slices` largest slices by rows.
 
-    Binary rows are {value, rows, click_rate, auc, log_loss[, gauc when groups]}; multiclass rows
-    are {value, rows, accuracy, top5_accuracy, log_loss}. A slice with one class only has AUC NaN.
+    Binary rows are {value, rows, positives, click_rate, scored, auc, log_loss[, gauc when groups]}; a slice
+    with fewer than `min_positives` clicks is too noisy to rank models on: it is listed with scored False
+    and a reason instead of scores. Multiclass rows are {value, rows, accuracy, top5_accuracy, log_loss}.
     """
     labels, logits, slice_values = np.asarray(labels), np.asarray(logits), np.asarray(slice_values)
     values, inverse, counts = np.unique(slice_values, return_inverse=True, return_counts=True)
@@ -122,10 +127,18 @@ def slice_metrics(labels: np.ndarray, logits: np.ndarray, slice_values: np.ndarr
         if task == "multiclass":
             row |= multiclass_metrics(labels[mask], logits[mask])
         else:
-            row["click_rate"] = float(np.mean(labels[mask]))
-            row |= _binary_scores(labels[mask], logits[mask], None if groups is None else np.asarray(groups)[mask])
+            row |= _binary_slice(labels[mask], logits[mask], None if groups is None else np.asarray(groups)[mask],
+                                 min_positives)
         out.append(row)
     return out
+
+
+def _binary_slice(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None, min_positives: int) -> dict:
+    positives = int(np.sum(labels))
+    row = {"positives": positives, "click_rate": float(np.mean(labels)), "scored": positives >= min_positives}
+    if not row["scored"]:
+        return row | {"reason": f"fewer than {min_positives} positives"}
+    return row | _binary_scores(labels, logits, groups)
 
 
 def _plain(value):
@@ -135,7 +148,7 @@ def _plain(value):
 
 def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None = None, *,
                 teacher_logits: np.ndarray | None = None, slice_values: np.ndarray | None = None,
-                bins: int = 10, max_slices: int = 20, task: str = "binary") -> dict:
+                bins: int = 10, max_slices: int = 20, task: str = "binary", min_slice_positives: int = 50) -> dict:
     """Every quality metric of one model on the evaluation rows.
 
     Binary: auc, log_loss, mean_ctr_pred, calibration {ece, bins}, gauc (with groups), agreement
@@ -154,7 +167,7 @@ def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | Non
         if teacher_logits is not None:
             metrics["agreement"] = agreement(logits, teacher_logits)
     if slice_values is not None:
-        metrics["slices"] = slice_metrics(labels, logits, slice_values, groups, max_slices, task)
+        metrics["slices"] = slice_metrics(labels, logits, slice_values, groups, max_slices, task, min_slice_positives)
     return metrics
 
 
@@ -200,22 +213,24 @@ def measure_latency(model, inputs_one_row: dict, batch_inputs: dict, runs: int =
             "threads": threads}
 
 
-def summarize(models: dict[str, dict]) -> dict:
+_ROLES = (("teacher", "teacher"), ("student_distilled", "distilled"), ("student_hard", "hard"))  # (name, role)
+
+
+def summarize(models: dict[str, dict], bootstrap: dict | None = None) -> dict:
     """What the run means for shipping the distilled student, from the per-model metrics.
 
-    gap_recovery = (distilled - hard) / (teacher - hard) of AUC (accuracy for multiclass), None when
-    the teacher does not beat the hard-label student; compression and latency are teacher / student.
-    Models are found by name ("teacher", "student_distilled", "student_hard") or else by "role".
+    Differences of AUC (accuracy for multiclass) with their paired-bootstrap intervals (`eval.bootstrap`
+    of metrics.json, see `pipeline/verdict.py`); gap_recovery = (distilled - hard) / (teacher - hard) only
+    when the teacher's lead is larger than its noise, else None with gap_recovery_reason; compression and
+    latency are teacher / student. Models are found by name ("teacher", "student_distilled",
+    "student_hard") or else by "role".
     """
-    teacher, distilled, hard = (find_model(models, name, role) for name, role in
-                                (("teacher", "teacher"), ("student_distilled", "distilled"), ("student_hard", "hard")))
+    teacher, distilled, hard = (find_model(models, name, role) for name, role in _ROLES)
     metric = "accuracy" if any("accuracy" in m and "auc" not in m for m in (teacher, distilled, hard)) else "auc"
     t, d, h = (_number(m.get(metric)) for m in (teacher, distilled, hard))
-    gap_ok = None not in (t, h) and t > h
     return {
         "metric": metric,
-        "gap_recovery": (d - h) / (t - h) if gap_ok and d is not None else None,
-        "distilled_minus_hard": d - h if None not in (d, h) else None,
+        **verdict(t, d, h, bootstrap, "AUC" if metric == "auc" else metric),
         "compression_params": _ratio(_field(teacher, "params", "total"), _field(distilled, "params", "total")),
         "compression_bytes": _ratio(teacher.get("bytes"), distilled.get("bytes")),
         "latency_speedup": _ratio(_field(teacher, "latency", "batch1_p50_ms"),
@@ -223,11 +238,22 @@ def summarize(models: dict[str, dict]) -> dict:
     }
 
 
+def model_names(models: dict[str, dict]) -> dict[str, str]:
+    """{"teacher" | "distilled" | "hard": model name} for the roles a run has, found as `find_model` finds them."""
+    names = {role: _find_name(models, name, role) for name, role in _ROLES}
+    return {role: name for role, name in names.items() if name is not None}
+
+
 def find_model(models: dict[str, dict], name: str, role: str) -> dict:
     """The model called `name`, else the first with that `role`, else {}."""
+    found = _find_name(models, name, role)
+    return {} if found is None else models[found]
+
+
+def _find_name(models: dict[str, dict], name: str, role: str) -> str | None:
     if name in models:
-        return models[name]
-    return next((m for m in models.values() if m.get("role") == role), {})
+        return name
+    return next((n for n, m in models.items() if m.get("role") == role), None)
 
 
 def _field(model: dict, section: str, key: str):

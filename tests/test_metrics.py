@@ -110,6 +110,17 @@ def test_slice_metrics_rows_sum_and_per_slice_auc(scored):
     assert [s["value"] for s in slice_metrics(labels, logits, device, max_slices=2)] == [s["value"] for s in slices[:2]]
 
 
+def test_slices_with_few_positives_are_flagged_not_scored():
+    labels = np.array([1] * 60 + [0] * 140 + [1] * 49 + [0] * 151)  # slice "a": 60 clicks, slice "b": 49
+    logits = np.random.default_rng(2).normal(size=400) + labels
+    slices = {s["value"]: s for s in slice_metrics(labels, logits, np.repeat(["a", "b"], 200))}
+    assert slices["a"]["scored"] and slices["a"]["positives"] == 60
+    assert slices["a"]["auc"] == pytest.approx(roc_auc_score(labels[:200], logits[:200]))
+    assert slices["b"] == {"value": "b", "rows": 200, "positives": 49, "click_rate": pytest.approx(0.245),
+                           "scored": False, "reason": "fewer than 50 positives"}
+    assert slice_metrics(labels, logits, np.repeat(["a", "b"], 200), min_positives=49)[1]["scored"]
+
+
 def test_slice_values_are_plain_python_for_json(scored):
     labels, logits = scored
     slices = slice_metrics(labels, logits, np.arange(len(labels)) % 3, groups=np.arange(len(labels)) % 11)
@@ -182,8 +193,26 @@ def test_summarize_on_hand_numbers():
     assert summary["compression_params"] == pytest.approx(10.0)
     assert summary["compression_bytes"] == pytest.approx(10.0)
     assert summary["latency_speedup"] == pytest.approx(4.0)
+    assert summary["gap_recovery_reason"] == "not checked against noise: no bootstrap, eval.bootstrap was 0"
+    assert summary["distillation"] == "unknown" and summary["distilled_minus_hard_ci"] is None
     models["teacher"]["auc"] = 0.65
-    assert summarize(models)["gap_recovery"] is None
+    summary = summarize(models)
+    assert summary["gap_recovery"] is None
+    assert summary["gap_recovery_reason"] == "n/a: the teacher is not better than the hard-label student (lead -0.0100)"
+
+
+def test_summarize_reads_the_bootstrap_intervals():
+    models = {"teacher": {"auc": 0.7001}, "student_distilled": {"auc": 0.7030}, "student_hard": {"auc": 0.7000}}
+    bootstrap = {"differences": {"teacher_minus_hard": [-0.002, 0.0021], "distilled_minus_hard": [0.001, 0.005],
+                                 "teacher_minus_distilled": [-0.004, -0.001]}}
+    summary = summarize(models, bootstrap)
+    assert summary["gap_recovery"] is None  # was (0.7030 - 0.7) / (0.7001 - 0.7) = 3000%
+    assert summary["gap_recovery_reason"] == ("n/a: the teacher is not better than the hard-label student "
+                                              "(lead +0.0001, 95% CI [-0.0020, +0.0021])")
+    assert summary["teacher_minus_distilled"] == pytest.approx(-0.0029)
+    assert summary["distillation"] == "helped" and summary["distilled_minus_hard_ci"] == [0.001, 0.005]
+    bootstrap["differences"]["teacher_minus_hard"] = [0.00005, 0.0002]
+    assert summarize(models, bootstrap)["gap_recovery"] == pytest.approx(30.0)
 
 
 def test_summarize_finds_models_by_role_and_uses_accuracy_for_multiclass():
