@@ -38,11 +38,24 @@ def _encoder(config: ModelConfig, layout: FeatureLayout, with_sequence: bool = T
     return FeatureEncoder(
         num_fields=len(layout.categorical),
         num_dense=len(layout.dense),
-        buckets=config.hash_buckets,
+        buckets=field_buckets(config, layout),
         dim=config.embedding_dim,
         sequence_field=layout.sequence_field if with_sequence else -1,
         pooling=config.sequence_pooling,
     )
+
+
+def field_buckets(config: ModelConfig, layout: FeatureLayout) -> int | tuple[int, ...]:
+    """The config's bucket count, or its per-field counts in the layout's field order."""
+    buckets = config.hash_buckets
+    if isinstance(buckets, int):
+        return buckets
+    missing = [name for name in layout.categorical if name not in buckets]
+    unknown = sorted(set(buckets) - set(layout.categorical))
+    if missing or unknown:
+        raise ValueError(f"hash_buckets names fields {sorted(buckets)}, the features are {list(layout.categorical)}"
+                         f" (missing {missing}, unknown {unknown}); give one count per categorical field")
+    return tuple(buckets[name] for name in layout.categorical)
 
 
 def _dcn_v2(config: ModelConfig, layout: FeatureLayout) -> nn.Module:

@@ -18,7 +18,9 @@ class ModelConfig:
     factory: str | None = None  # custom only: 'package.module:function'
     factory_args: dict[str, Any] = field(default_factory=dict)
     embedding_dim: int = 8
-    hash_buckets: int = 10_000  # embedding rows per categorical field
+    # Embedding rows per categorical field: one number for every field, or {field: rows} (every field
+    # named; what `hash_buckets: auto` and the per-field spec form resolve to). Never 'auto' here.
+    hash_buckets: int | dict[str, int] = 10_000
     hidden: tuple[int, ...] = (64, 32)
     cross_layers: int = 0
     sequence_pooling: str = "mean"
@@ -27,12 +29,22 @@ class ModelConfig:
     dropout: float = 0.0
     out_dim: int = 1  # 1: logits (B,); C classes: logits (B, C)
 
+    def __post_init__(self):
+        buckets = self.hash_buckets
+        sizes = buckets.values() if isinstance(buckets, dict) else [buckets]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in sizes):
+            raise ValueError(f"hash_buckets {buckets!r} is not resolved to whole numbers: `auto` and the per-field "
+                             "form are sized from the click-log profile (pipeline.stages.profile."
+                             "resolve_hash_buckets) before a model is built")
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
         """From the dict form (a checkpoint's, or one crossing a process boundary); missing keys default."""
         values = {k: raw[k] for k in FIELDS if k in raw}
         if "hidden" in values:
             values["hidden"] = tuple(values["hidden"])
+        if isinstance(values.get("hash_buckets"), Mapping):
+            values["hash_buckets"] = dict(values["hash_buckets"])  # a copy: the config is frozen
         return cls(**values)
 
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -9,8 +11,12 @@ from torch import nn
 _HASH_MULTIPLIER = 0x9E3779B97F4A7C15 >> 2
 
 
-def hash_ids(ids: torch.Tensor, buckets: int, salt: int = 0) -> torch.Tensor:
-    """Maps arbitrary int64 ids to [0, buckets); unseen ids are fine. Overflow wraps, on purpose."""
+def hash_ids(ids: torch.Tensor, buckets: int | torch.Tensor, salt: int = 0) -> torch.Tensor:
+    """Maps arbitrary int64 ids to [0, buckets); unseen ids are fine. Overflow wraps, on purpose.
+
+    `buckets` may be a tensor (F,) of per-field sizes, broadcast over ids (B, F): the same numbers as
+    hashing each column with its own int.
+    """
     mixed = ids * _HASH_MULTIPLIER + salt
     mixed = mixed ^ (mixed >> 29)
     return torch.remainder(mixed, buckets)
@@ -21,25 +27,40 @@ def log_dense(dense: torch.Tensor) -> torch.Tensor:
     return torch.sign(dense) * torch.log1p(dense.abs())
 
 
+def field_tables(buckets: int | Sequence[int], num_fields: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sizes (F,), offsets (F,)) of F per-field tables stacked in one embedding of sizes.sum() rows.
+
+    One int gives every field that many rows, with the offsets `arange(F) * buckets` they always had.
+    """
+    sizes = [buckets] * num_fields if isinstance(buckets, int) else list(buckets)
+    if len(sizes) != num_fields:
+        raise ValueError(f"{len(sizes)} per-field bucket counts for {num_fields} categorical fields")
+    sizes = torch.tensor(sizes, dtype=torch.int64)
+    return sizes, torch.cumsum(sizes, 0) - sizes
+
+
 def as_logits(scores: torch.Tensor) -> torch.Tensor:
     """(B, 1) -> (B,) for binary CTR; (B, C) stays (B, C) for a multiclass head."""
     return scores.squeeze(-1) if scores.shape[-1] == 1 else scores
 
 
 class FeatureEncoder(nn.Module):
-    """Embeds F categorical fields (one table of F * buckets rows), pools the sequence, transforms dense.
+    """Embeds F categorical fields (one table of F * buckets rows, or of the per-field sizes' sum), pools
+    the sequence, transforms dense.
 
     Output: (B, output_dim) = F * dim [+ dim for the sequence] + D.
     """
 
-    def __init__(self, num_fields: int, num_dense: int, buckets: int, dim: int,
+    def __init__(self, num_fields: int, num_dense: int, buckets: int | Sequence[int], dim: int,
                  sequence_field: int = -1, pooling: str = "mean"):
         super().__init__()
         self.num_fields, self.buckets, self.dim = num_fields, buckets, dim
         self.sequence_field = sequence_field
-        self.embedding = nn.Embedding(num_fields * buckets, dim)
+        sizes, offsets = field_tables(buckets, num_fields)
+        self.embedding = nn.Embedding(int(sizes.sum()), dim)
         nn.init.normal_(self.embedding.weight, std=0.01)
-        self.register_buffer("offsets", torch.arange(num_fields) * buckets, persistent=False)
+        self.register_buffer("sizes", sizes, persistent=False)  # (F,) rows of each field's table
+        self.register_buffer("offsets", offsets, persistent=False)  # (F,) first row of each field's table
         self.attention = SequenceAttention(dim) if sequence_field >= 0 and pooling == "attention" else None
         self.num_vectors = num_fields + (1 if sequence_field >= 0 else 0)  # rows of `embed`
         self.output_dim = self.num_vectors * dim + num_dense
@@ -49,7 +70,7 @@ class FeatureEncoder(nn.Module):
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, num_vectors, dim): one vector per field, then the pooled sequence (if any) as one more."""
-        fields = self.embedding(hash_ids(inputs["categorical"], self.buckets) + self.offsets)  # (B, F, dim)
+        fields = self.embedding(hash_ids(inputs["categorical"], self.sizes) + self.offsets)  # (B, F, dim)
         if self.sequence_field < 0:
             return fields
         pooled = self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field])  # (B, dim)
@@ -60,7 +81,7 @@ class FeatureEncoder(nn.Module):
 
     def lookup(self, ids: torch.Tensor, field: int) -> torch.Tensor:
         """Embeds raw ids with field `field`'s table: how a sequence shares its item table. (..., dim)"""
-        return self.embedding(hash_ids(ids, self.buckets) + field * self.buckets)
+        return self.embedding(hash_ids(ids, self.sizes[field]) + self.offsets[field])
 
     def _pool_sequence(self, seq: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         history = self.lookup(seq, self.sequence_field)  # (B, L, dim)

@@ -6,10 +6,12 @@ FM (Rendle, 2010) scores every pair of fields by the dot product of their embedd
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
-from pipeline.models.encoder import FeatureEncoder, as_logits, hash_ids, mlp
+from pipeline.models.encoder import FeatureEncoder, as_logits, field_tables, hash_ids, mlp
 
 
 def fm_interaction(vectors: torch.Tensor) -> torch.Tensor:
@@ -23,21 +25,24 @@ def fm_interaction(vectors: torch.Tensor) -> torch.Tensor:
 class FirstOrder(nn.Module):
     """The linear part of an FM: one weight per hashed id (per class) plus a linear map of dense.
 
-    Weights are an nn.Embedding of F * buckets rows, hashed like the encoder's table (so they
-    count as embedding parameters); ids start at zero weight, as in logistic regression.
+    Weights are an nn.Embedding of F * buckets rows (or the per-field sizes' sum), hashed like the
+    encoder's table (so they count as embedding parameters); ids start at zero weight, as in logistic
+    regression.
     """
 
-    def __init__(self, num_fields: int, num_dense: int, buckets: int, out_dim: int):
+    def __init__(self, num_fields: int, num_dense: int, buckets: int | Sequence[int], out_dim: int):
         super().__init__()
         self.buckets = buckets
-        self.weights = nn.Embedding(num_fields * buckets, out_dim)
+        sizes, offsets = field_tables(buckets, num_fields)
+        self.weights = nn.Embedding(int(sizes.sum()), out_dim)
         nn.init.zeros_(self.weights.weight)
         self.dense = nn.Linear(num_dense, out_dim, bias=False) if num_dense else None
         self.bias = nn.Parameter(torch.zeros(out_dim))  # the global bias
-        self.register_buffer("offsets", torch.arange(num_fields) * buckets, persistent=False)
+        self.register_buffer("sizes", sizes, persistent=False)  # (F,)
+        self.register_buffer("offsets", offsets, persistent=False)  # (F,)
 
     def forward(self, categorical: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        scores = self.weights(hash_ids(categorical, self.buckets) + self.offsets).sum(1) + self.bias  # (B, C)
+        scores = self.weights(hash_ids(categorical, self.sizes) + self.offsets).sum(1) + self.bias  # (B, C)
         return scores if self.dense is None else scores + self.dense(dense)  # dense already log-transformed
 
 

@@ -9,11 +9,16 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.models.config import ModelConfig
 from pipeline.spec.base import Section
+from pipeline.spec.search import TeacherSearchSpec
 
 TEACHER_MODELS = ("dcn_v2", "deepfm", "bst", "custom")
 STUDENT_MODELS = ("mlp", "fm", "dcn_v2", "custom")
 _DEFAULT = ModelConfig(model="default")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+AUTO = "auto"  # hash_buckets sized from the click-log profile (pipeline/stages/profile.py)
+OTHER_FIELDS = "default"  # the per-field form's key for every field it does not name
+MIN_BUCKETS = 16
+Buckets = int | Literal["auto"]
 
 
 def _known_model(name: str, known: tuple[str, ...], role: str) -> str:
@@ -31,7 +36,9 @@ class ModelSpec(Section):
     factory_args: dict[str, Any] = Field({}, description="keyword arguments for the factory")
     # Defaults are ModelConfig's, so a checkpoint and a spec that omit a field mean the same model.
     embedding_dim: int = Field(_DEFAULT.embedding_dim, ge=1, le=1024)
-    hash_buckets: int = Field(_DEFAULT.hash_buckets, ge=16, description="embedding rows per categorical field")
+    hash_buckets: Buckets | dict[str, Buckets] = Field(
+        _DEFAULT.hash_buckets, description="embedding rows per categorical field: a number, auto (sized from the "
+        "click logs' distinct ids), or per field, e.g. {user_id: 50000, item_id: auto, default: auto}")
     hidden: list[int] = Field(list(_DEFAULT.hidden), min_length=1)
     cross_layers: int = Field(_DEFAULT.cross_layers, ge=0, le=8, description="DCN-v2 cross layers (dcn_v2 only)")
     sequence_pooling: Literal["attention", "mean"] = _DEFAULT.sequence_pooling
@@ -46,6 +53,17 @@ class ModelSpec(Section):
         if any(h < 1 for h in hidden):
             raise ValueError(f"every hidden layer width must be >= 1, got {hidden}")
         return hidden
+
+    @field_validator("hash_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return _bucket_count(raw, "")
+        for name, value in raw.items():
+            if not isinstance(name, str):
+                raise ValueError(f"field name {name!r} is not a string; name a categorical feature or {OTHER_FIELDS!r}")
+            _bucket_count(value, f"field {name!r}: ")
+        return raw
 
     @field_validator("factory")
     @classmethod
@@ -79,6 +97,29 @@ class ModelSpec(Section):
         return self
 
 
+def _bucket_count(value: Any, where: str) -> Any:
+    if value == AUTO:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{where}{value!r} is neither a whole number nor {AUTO!r}; give embedding rows, e.g. "
+                         f"50000, or {AUTO} to size it from the click logs")
+    if value < MIN_BUCKETS:
+        raise ValueError(f"{where}{value} is below {MIN_BUCKETS}; give at least {MIN_BUCKETS} embedding rows "
+                         f"or {AUTO}")
+    return value
+
+
+def check_bucket_fields(section: str, hash_buckets: Any, categorical: list[str]) -> None:
+    """Raises ValueError naming any field of the per-field `hash_buckets` form that is not a categorical
+    feature (a rule across sections: the job spec, or the resolution, calls it)."""
+    if not isinstance(hash_buckets, dict):
+        return
+    unknown = [name for name in hash_buckets if name != OTHER_FIELDS and name not in categorical]
+    if unknown:
+        raise ValueError(f"{section}.hash_buckets names {unknown[0]!r}, which is not a categorical feature; use "
+                         f"{categorical} or {OTHER_FIELDS!r} (every field not named)")
+
+
 class TeacherSpec(ModelSpec):
     model: str = "dcn_v2"
     name: str = Field("teacher", pattern=r"^[A-Za-z0-9_]+$", description="names this teacher in an ensemble")
@@ -86,6 +127,7 @@ class TeacherSpec(ModelSpec):
     checkpoint: str | None = Field(None, description="model.pt of a trained teacher; trained by the job if absent")
     epochs: int | None = Field(None, ge=1, description="teacher training epochs (default: train.epochs)")
     lr: float | None = Field(None, gt=0)
+    search: TeacherSearchSpec | None = Field(None, description="Ray Tune search over this teacher's settings")
 
     @field_validator("model")
     @classmethod
