@@ -27,6 +27,9 @@ FIRST_DAY = dt.date(2026, 1, 1)
 WORLD = {"users": 5000, "items": 20000, "categories": 50, "seq_len": 10, "seed": 7}  # jobs/demo.yaml's world
 
 
+# One fixed distillation loss for the speed benchmarks (the demo's before it chose among candidates on
+# validation, `distill.search`): what they measure must not move with that choice.
+BENCH_DISTILL = {"soft_loss": "mse", "alpha": 0.3}
 FILE_ROWS = 1_000_000  # rows per generated Parquet file (one generated day each)
 
 
@@ -125,6 +128,7 @@ def bench_spec(data_path: Path, days: list[dt.date], run_root: Path, **sections)
 
     raw = demo_yaml()
     raw["name"] = "bench"
+    raw["distill"] = dict(BENCH_DISTILL)
     raw["data"] |= {"source": "parquet", "path": str(data_path),
                     "train_days": {"start": days[0], "end": days[-1]},
                     "eval_days": {"start": days[-1] + dt.timedelta(days=1), "end": days[-1] + dt.timedelta(days=1)}}

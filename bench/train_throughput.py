@@ -215,7 +215,7 @@ def pipeline_train(files: list[str], spec, name: str, rows: int) -> dict:
     columns = [spec.features.label, "teacher_logit"] + spec.features.input_columns()
     dataset = read_named_files(files, None).select_columns(columns)  # how the pipeline reads its shards
     spec = spec.model_copy(update={"train": spec.train.model_copy(update={"epochs": 1, "lr": LR})})
-    run = dataclasses.replace(student_run(spec, DISTILLED, rows), role=name)
+    run = dataclasses.replace(student_run(spec, DISTILLED, rows, distill=spec.distill), role=name)
     started = time.perf_counter()
     result = train_model(TrainRequest(run=run, dataset=dataset, run_dir=spec.run_dir,
                                       model_path=str(common.DATA / "train-runs" / f"{name}.pt")))
@@ -301,7 +301,7 @@ def render(args, bares: list[dict], beside: dict, results: list, startup: float,
         return sum(r["rows"] for r in runs) / sum(r["seconds"] for r in runs)
 
     bare, everything = bares[0], rate(*bares)
-    distill = common.demo_yaml()["distill"]
+    distill = common.BENCH_DISTILL
     base_loss = f"soft_loss {distill.get('soft_loss', 'kd')}, alpha {distill['alpha']}"
     rows = [("(a) bare PyTorch loop, 1 process, 1 thread: before Ray, between the (b) runs, after Ray",
              " / ".join(f"{r['seconds']:.1f}" for r in bares), "-",

@@ -12,7 +12,7 @@ import time
 
 from pipeline import report, runtime, storage
 from pipeline.spec import JobSpec
-from pipeline.stages import click_logs, gate, label, scoring, students, teacher
+from pipeline.stages import click_logs, gate, label, profile, scoring, students, teacher
 
 STAGES = 5
 
@@ -26,13 +26,16 @@ def run_job(spec: JobSpec) -> dict:
         click_logs.ensure_click_logs(spec)
         click_logs.check_inputs(spec)
     with runtime.ray_session(spec):
+        spec = profile.data_aware_spec(spec)  # hash_buckets: auto sized from the click logs' distinct ids
         with _stage(2, _teacher_title(spec)):
-            teachers = teacher.ensure_teachers(spec)
-            verdict = gate.gate_teacher(spec, teachers)  # None without a validation split
+            # one pass over the click logs trains the teachers and the hard-label student (the gate's baseline)
+            teachers = teacher.ensure_teachers(spec, baseline=students.hard_baseline(spec))
+            hard = teachers.pop(students.HARD)
+            verdict = gate.gate_teacher(spec, teachers, hard)  # None without a validation split
         with _stage(3, "label: teacher actor pool -> soft-label shards"):
             labelled = label.run_label_stage(spec, teachers, storage.join(spec.run_dir, "shards"))
-        with _stage(4, f"students: distilled ({_soft_loss_name(spec)}) and hard-label baseline"):
-            trained = students.train_students(spec, labelled.shard_set, verdict["baseline"] if verdict else None)
+        with _stage(4, f"student: distilled on the soft labels ({_soft_loss_name(spec)})"):
+            trained = students.train_students(spec, labelled.shard_set, hard)
         with _stage(5, "evaluate on held-out days"):
             metrics = scoring.evaluate_run(spec, teachers, trained, labelled, verdict)
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -43,11 +46,14 @@ def run_job(spec: JobSpec) -> dict:
 
 def _teacher_title(spec: JobSpec) -> str:
     title = "teacher" if len(spec.teacher) == 1 else f"teacher ensemble of {len(spec.teacher)}"
+    title += " and the hard-label student, in one pass"
     return title + (", then the gate: teacher vs hard-label student on validation" if spec.data.validation else "")
 
 
 def _soft_loss_name(spec: JobSpec) -> str:
     """The stage heading names the loss really used."""
+    if spec.distill.search:
+        return f"{len(spec.distill.search.candidates())} candidates in one pass, chosen on validation"
     return "KD loss" if spec.distill.soft_loss == "kd" else "logit-matching (MSE) loss"
 
 

@@ -19,8 +19,9 @@ from pipeline.schedule import CycleLock, data_date, due_dates, fire_times
 from pipeline.spec import JobSpec
 from pipeline.stages.click_logs import ensure_click_logs
 from pipeline.stages.label import label_days
+from pipeline.stages.profile import data_aware_spec
 from pipeline.stages.scoring import evaluate_models
-from pipeline.stages.students import DISTILLED, train_student
+from pipeline.stages.students import train_challenger
 from pipeline.stages.teacher import ensure_teacher
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     storage.check_writable(spec.schedule.registry, "schedule.registry")
     ensure_click_logs(cycle)
     with runtime.ray_session(cycle):
+        cycle = data_aware_spec(cycle)  # hash_buckets: auto sized from this window's click logs
         record = _cycle(spec, cycle, day)
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     _apply_retention(spec, day)
@@ -76,8 +78,9 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     model, root = spec.registry_model_name, schedule.registry
     champion = registry.current(root, model)
     champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt") if champion else None
-    warm = champion_path if schedule.warm_start and _same_architecture(champion_path, spec) else None
-    challenger = train_student(cycle, labelled.shard_set, DISTILLED, init_model=warm)
+    warm = champion_path if schedule.warm_start and _same_architecture(champion_path, cycle) else None
+    # the better of the distilled and the hard-label student on validation (the distilled one without a split)
+    kind, challenger = train_challenger(cycle, labelled.shard_set, init_model=warm)
     checkpoints = {"challenger": challenger, **({"champion": champion_path} if champion_path else {})}
     metrics = evaluate_models(cycle, checkpoints)
     decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression)
@@ -85,7 +88,8 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     version = f"{day.isoformat()}-{teacher_sha[:8]}"
     lineage = {"teacher": labelled.shard_set.teacher.to_dict(), "eval_day": day.isoformat(),
                "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
-               "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None}
+               "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None,
+               "student": kind}
     registry.publish(root, model, version, {"model.pt": storage.read_bytes(challenger),
                                             "spec.json": _spec_bytes(cycle)},
                      {"metrics": metrics["models"]["challenger"], "lineage": lineage})
@@ -95,7 +99,7 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
             "teacher_sha256": teacher_sha, "version": version,
             "champion_before": champion, "champion_after": registry.current(root, model),
             "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
-            "decision": decision, "reason": reason}
+            "student": kind, "decision": decision, "reason": reason}
 
 
 def _teacher(spec: JobSpec, cycle: JobSpec) -> str:

@@ -1,21 +1,21 @@
-"""`report.md` and its plots from a run's metrics.json: what the numbers mean for shipping the student.
+"""`report.md` from a run's metrics.json: what the numbers mean for shipping the student.
 
 Sections and columns follow what the run measured: accuracy instead of AUC for a multiclass task,
-calibration and a ceiling for a binary one, agreement for students, slices with `eval.slice_by`.
+calibration and a ceiling for a binary one, agreement for students, slices with `eval.slice_by`, 95%
+intervals with `eval.bootstrap`. The plots are drawn by `pipeline/plots.py`.
 """
 
 from __future__ import annotations
 
-import io
 import math
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from pipeline import storage
 from pipeline.metrics import find_model, summarize
+from pipeline.plots import plot_names, write_plots
 
 PLOTS_DIR = "plots"
+_ON_EVAL_DAYS = {"helped": "distillation helped", "hurt": "distillation hurt",
+                 "within noise": "the difference is within noise"}  # summary["distillation"] in words
 _AGREEMENT_NAMES = {"pearson": "Pearson (logits)", "spearman": "Spearman", "mean_abs_prob_diff": "mean abs prob diff",
                     "top1_agreement": "top-1 agreement"}
 
@@ -30,12 +30,14 @@ def write_report(run_dir: str, metrics: dict) -> str:
 
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:
     """The markdown report; `plots` are the image paths relative to the report (default: those metrics allow)."""
-    task, models = metrics["task"], metrics["models"]
+    task, models, bootstrap = metrics["task"], metrics["models"], metrics["eval"].get("bootstrap")
+    summary = summarize(models, bootstrap)  # recomputed: old metrics.json files report as today's do
     sections = [
         _header(metrics),
-        [render_table(models, metrics["eval"]["ceiling_auc"], task), *_ceiling(metrics)],
-        _summary(metrics, task),
-        _selection(metrics.get("selection")),
+        [render_table(models, metrics["eval"]["ceiling_auc"], task, bootstrap), *_ceiling(metrics)],
+        _summary(metrics, summary, task),
+        _selection(metrics.get("selection"), summary),
+        _search(metrics.get("search") or {}),
         _agreement(models),
         _slices(metrics, task),
         _training(metrics["training"]),
@@ -44,9 +46,14 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
-def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task: str = "binary") -> str:
-    """Markdown table: one row per model (size, quality, latency), the ceiling (true-CTR AUC) last when known."""
+def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task: str = "binary",
+                 bootstrap: dict | None = None) -> str:
+    """Markdown table: one row per model (size, quality, latency), the ceiling (true-CTR AUC) last when known;
+    with a bootstrap, the 95% interval of AUC (accuracy) next to it."""
+    intervals = (bootstrap or {}).get("models")
     quality = ["accuracy", "top-5", "log-loss"] if task == "multiclass" else ["AUC", "GAUC", "log-loss", "ECE"]
+    if intervals is not None:
+        quality.insert(1, "95% CI")
     header = ["model", "family", "params", "embedding", "dense", "size", *quality, "p50 ms", "p99 ms", "rows/s"]
     rows = [header, ["---"] * 2 + ["---:"] * (len(header) - 2)]
     for name, m in models.items():
@@ -55,6 +62,8 @@ def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task
             scores = [_num(m.get("accuracy")), _num(m.get("top5_accuracy")), _num(m.get("log_loss"))]
         else:  # gauc needs features.group
             scores = [_num(m.get("auc")), _num(m.get("gauc")), _num(m.get("log_loss")), _num(m["calibration"]["ece"])]
+        if intervals is not None:
+            scores.insert(1, _interval(intervals.get(name)))
         rows.append([name, m["family"], _count(params["total"]), _count(params["embedding"]),
                      _count(params["dense"]), _size(m["bytes"]), *scores, _num(latency["batch1_p50_ms"], 3),
                      _num(latency["batch1_p99_ms"], 3), _count(latency["batched_rows_per_s"])])
@@ -66,6 +75,8 @@ def render_table(models: dict[str, dict], ceiling_auc: float | None = None, task
 def _header(metrics: dict) -> list[str]:
     evaluation = metrics["eval"]
     rate_text = f", click rate {evaluation['click_rate']:.2%}" if metrics["task"] == "binary" else ""
+    if evaluation.get("positives") is not None:  # absent from runs before the bootstrap
+        rate_text += f", {_count(evaluation['positives'])} positives"
     return [f"# Distillation report: {metrics['job']}", "",
             f"Evaluated on {_count(evaluation['rows'])} rows from {', '.join(evaluation['days'])}{rate_text} "
             f"(held out from training on {', '.join(metrics['train']['days'])}). Spec {metrics['spec_hash']}."]
@@ -80,18 +91,10 @@ def _ceiling(metrics: dict) -> list[str]:
     return ["", line + ("." if _missing(teacher) else f"; the teacher is {ceiling - teacher:.4f} below it.")]
 
 
-def _summary(metrics: dict, task: str) -> list[str]:
+def _summary(metrics: dict, summary: dict, task: str) -> list[str]:
     models = metrics["models"]
-    summary = summarize(models)
-    metric = "accuracy" if task == "multiclass" else "AUC"
     teacher, student = find_model(models, "teacher", "teacher"), find_model(models, "student_distilled", "distilled")
-    lines = []
-    if summary["distilled_minus_hard"] is not None:
-        lines.append(f"- Distilled student vs hard-label student: {summary['distilled_minus_hard']:+.4f} {metric}.")
-    if summary["gap_recovery"] is not None:
-        lines.append(f"- Gap recovery (distilled - hard) / (teacher - hard): {summary['gap_recovery']:.1%}.")
-    elif teacher and find_model(models, "student_hard", "hard"):
-        lines.append("- The teacher does not beat the hard-label student here: gap recovery is undefined.")
+    lines = _verdict(summary, metrics["eval"], "accuracy" if task == "multiclass" else "AUC")
     if summary["compression_params"] is not None:
         line = f"- Compression: the student has {summary['compression_params']:.1f}x fewer parameters than the teacher"
         if summary["compression_bytes"] is not None:
@@ -105,6 +108,29 @@ def _summary(metrics: dict, task: str) -> list[str]:
     return [*lines, _label_line(metrics["label"])]
 
 
+def _verdict(summary: dict, evaluation: dict, metric: str) -> list[str]:
+    """The comparisons with their 95% intervals, whether distillation helped, and gap recovery or why it is n/a."""
+    lines, bootstrap = [], evaluation.get("bootstrap")
+    measured = [f"{name.replace('_minus_', ' - ')} {summary[name]:+.4f} {_interval(summary[f'{name}_ci'], True)}"
+                for name in ("teacher_minus_hard", "distilled_minus_hard", "teacher_minus_distilled")
+                if summary.get(f"{name}_ci") is not None]
+    if measured:
+        lines.append(f"- {metric[:1].upper()}{metric[1:]} differences, paired bootstrap over the "
+                     f"{_count(evaluation['rows'])} eval rows ({bootstrap['rounds']} resamples), 95% CI: "
+                     + "; ".join(measured) + ".")
+    if summary.get("distillation_verdict") and summary.get("distilled_minus_hard_ci") is not None:
+        lines.append(f"- **{summary['distillation_verdict']}**")
+    elif summary["distilled_minus_hard"] is not None:  # no interval: the number alone, as before the bootstrap
+        lines.append(f"- Distilled student vs hard-label student: {summary['distilled_minus_hard']:+.4f} {metric}.")
+    reason = summary.get("gap_recovery_reason")
+    if summary["gap_recovery"] is not None:
+        note = f" ({reason})" if reason else ""
+        lines.append(f"- Gap recovery (distilled - hard) / (teacher - hard): {summary['gap_recovery']:.1%}{note}.")
+    elif reason:
+        lines.append(f"- Gap recovery {reason}.")
+    return lines
+
+
 def _label_line(label: dict) -> str:
     line = f"- Soft labels: {_count(label['total_rows'])} rows in {label['shards']} shards ({label['status']})"
     if label["relabelled_days"]:
@@ -115,9 +141,9 @@ def _label_line(label: dict) -> str:
     return line + "".join(f", {item}" for item in extra) + "."
 
 
-def _selection(selection: dict | None) -> list[str]:
-    """The teacher gate and the student the run recommends, both decided on validation. Absent from runs
-    written before the validation split existed."""
+def _selection(selection: dict | None, summary: dict) -> list[str]:
+    """The teacher gate and the student the run recommends, both decided on validation, and what the eval
+    days (held out from that choice) say. Absent from runs written before the validation split existed."""
     if not selection:
         return []
     lines = ["## Chosen on validation", ""]
@@ -126,7 +152,31 @@ def _selection(selection: dict | None) -> list[str]:
         lines.append(f"- Teacher gate {state}: {gate['metric']} {gate['teacher']:.4f} against the hard-label "
                      f"student's {gate['hard']:.4f}, lift {gate['lift']:+.4f} (at least {gate['min_lift']:.4f} "
                      f"asked), on {gate['rows']:,} validation rows.")
+    if candidates := selection.get("candidates"):
+        metric = next(k for k in ("auc", "accuracy") if k in candidates[0])
+        lines += [f"- Distillation candidates (`distill.search`), trained in one pass, scored on validation "
+                  "at their kept epoch:", "", f"| candidate | soft loss | alpha | temperature | {metric} | "
+                  "log-loss | epoch |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {'**' + c['role'] + '** (chosen)' if c['chosen'] else c['role']} | {c['soft_loss']} | "
+                  f"{c['alpha']:g} | {c['temperature']:g} | {c[metric]:.4f} | {c['log_loss']:.4f} | {c['epoch']} |"
+                  for c in candidates]
+        lines.append("")
     lines.append(f"- Recommended student: **{selection['recommended']}**; {selection['reason']}.")
+    if said := _ON_EVAL_DAYS.get(summary.get("distillation")):
+        lines.append(f"- On the eval days, which took no part in the choice, {said} "
+                     f"(distilled - hard {summary['distilled_minus_hard']:+.4f}).")
+    return lines
+
+
+def _search(searches: dict[str, dict]) -> list[str]:
+    """Every trial of each teacher search (Ray Tune), ranked on validation; the best one is the teacher."""
+    lines = []
+    for role, trials in searches.items():
+        finished = sum(t["finished"] for t in trials["trials"])
+        lines += [f"## Teacher search: {role}", "",
+                  f"{len(trials['trials'])} trials, {finished} finished, ranked on {trials['metric']} (validation) at "
+                  f"each trial's kept epoch; ASHA stopped the others early. The best trial's model is the teacher.",
+                  "", trials_table(trials), ""]
     return lines
 
 
@@ -149,12 +199,19 @@ def _slices(metrics: dict, task: str) -> list[str]:
     column = metrics["eval"]["slice_by"]
     metric, label = ("accuracy", "accuracy") if task == "multiclass" else ("auc", "AUC")
     first = next(iter(sliced.values()))
-    head = [column, "rows", *([] if task == "multiclass" else ["click rate"]), *(f"{n} {label}" for n in sliced)]
+    counted = any("positives" in row for row in first.values())  # binary slices since the bootstrap
+    rates = [] if task == "multiclass" else [*(["positives"] if counted else []), "click rate"]
+    head = [column, "rows", *rates, *(f"{n} {label}" for n in sliced)]
     lines = [f"## By {column}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for value, row in first.items():
-        cells = [str(value), _count(row["rows"]), *([] if task == "multiclass" else [f"{row['click_rate']:.2%}"])]
-        cells += [_num(by_value.get(value, {}).get(metric)) for by_value in sliced.values()]
+        cells = [str(value), _count(row["rows"]), *([_count(row.get("positives"))] if counted else [])]
+        cells += [] if task == "multiclass" else [f"{row['click_rate']:.2%}"]
+        cells += [_num(by_value.get(value, {}).get(metric)) if row.get("scored", True) else "n/a"
+                  for by_value in sliced.values()]
         lines.append("| " + " | ".join(cells) + " |")
+    flagged = [f"{value} ({row['reason']})" for value, row in first.items() if not row.get("scored", True)]
+    if flagged:
+        lines += ["", f"Not scored, too few clicks to compare models on: {', '.join(flagged)}."]
     return lines
 
 
@@ -191,6 +248,13 @@ def _num(value, digits: int = 4) -> str:
     return "-" if _missing(value) else f"{value:.{digits}f}"
 
 
+def _interval(ci: list[float] | None, signed: bool = False) -> str:
+    if ci is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"[{ci[0]:{sign}.4f}, {ci[1]:{sign}.4f}]"
+
+
 def _count(value) -> str:
     return "-" if _missing(value) else f"{value:,.0f}"
 
@@ -204,94 +268,24 @@ def _size(n_bytes) -> str:
     return f"{n_bytes} B"
 
 
-# --- plots -------------------------------------------------------------------------------------------
+def trials_table(trials: dict) -> str:
+    """The trials of `trials.json` as a markdown table: settings, epochs trained, the metric, the outcome."""
+    keys = list(dict.fromkeys(k for t in trials["trials"] for k in t["config"]))
+    metric = trials["metric"]
+    lines = [f"| trial | {' | '.join(keys)} | epochs | {metric} | outcome |", "|---" * (len(keys) + 4) + "|"]
+    for t in trials["trials"]:
+        value = t["score"] if t["finished"] else (t["epochs"][-1].get(metric) if t["epochs"] else None)
+        outcome = ("**best**" if t["trial"] == trials["best"] else "finished" if t["finished"]
+                   else "stopped early" if t["stopped_early"] else f"failed: {t['error']}")
+        cells = [t["trial"], *(_cell(t["config"].get(k)) for k in keys),
+                 f"{len(t['epochs'])} of {trials['max_epochs']}", _cell(value), outcome]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
-def plot_names(metrics: dict) -> list[str]:
-    """The PNG files `write_plots` draws for these metrics (each needs its part of metrics.json)."""
-    training, models = metrics["training"].values(), metrics["models"].values()
-    quality = "accuracy" if metrics["task"] == "multiclass" else "auc"
-    wanted = {
-        "loss_curves.png": any(t.get("steps") or t.get("history") for t in training),
-        "lr_schedule.png": any("lr" in step for t in training for step in t.get("steps") or []),
-        "calibration.png": any(m.get("calibration", {}).get("bins") for m in models),  # binary only
-        f"{quality}_bars.png": any(not _missing(m.get(quality)) for m in models),
-    }
-    return [name for name, needed in wanted.items() if needed]
-
-
-def write_plots(metrics: dict, out_dir: str) -> list[str]:
-    """Draws `plot_names(metrics)` into out_dir (local or s3://); returns the paths written."""
-    draw = {"loss_curves.png": _draw_losses, "lr_schedule.png": _draw_lr, "calibration.png": _draw_calibration,
-            "auc_bars.png": _draw_quality, "accuracy_bars.png": _draw_quality}
-    written = []
-    for name in plot_names(metrics):
-        path = storage.join(out_dir, name)
-        storage.atomic_write_bytes(path, _png(draw[name], metrics))
-        written.append(path)
-    return written
-
-
-def _png(draw, metrics: dict) -> bytes:
-    figure = Figure(figsize=(6, 4), layout="constrained")  # no pyplot: no global state, no GUI backend
-    FigureCanvasAgg(figure)
-    draw(figure, metrics)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
-
-
-def _draw_losses(figure, metrics: dict) -> None:
-    roles = {role: t for role, t in metrics["training"].items() if t.get("steps") or t.get("history")}
-    figure.set_size_inches(5 * len(roles), 4)
-    for ax, (role, t) in zip(figure.subplots(1, len(roles), squeeze=False)[0], roles.items()):
-        points, x_key = (t["steps"], "step") if t.get("steps") else (t["history"], "epoch")
-        for component in dict.fromkeys(k for p in points for k in p if k.endswith("loss")):
-            xy = [(p[x_key], p[component]) for p in points if not _missing(p.get(component))]
-            ax.plot(*zip(*xy), label=component.replace("_", " "), marker="" if x_key == "step" else "o")
-        ax.set(title=role, xlabel=x_key, ylabel="loss")
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize="small")
-
-
-def _draw_lr(figure, metrics: dict) -> None:
-    ax = figure.subplots()
-    for role, t in metrics["training"].items():
-        xy = [(s["step"], s["lr"]) for s in t.get("steps") or [] if not _missing(s.get("lr"))]
-        if xy:
-            ax.plot(*zip(*xy), label=role)
-    ax.set(title="learning rate", xlabel="step", ylabel="lr")
-    ax.legend(fontsize="small")
-
-
-def _draw_calibration(figure, metrics: dict) -> None:
-    ax, top = figure.subplots(), 0.0
-    for name, m in metrics["models"].items():
-        calibration = m.get("calibration", {})  # binary only
-        if calibration.get("bins"):
-            pred, observed = [b["mean_pred"] for b in calibration["bins"]], [b["observed"] for b in calibration["bins"]]
-            ax.plot(pred, observed, marker="o", label=f"{name} (ECE {calibration['ece']:.4f})")
-            top = max(top, *pred, *observed)
-    top = min(1.0, top * 1.1 or 1.0)  # CTRs are small: zoom to where the predictions lie
-    ax.plot([0, top], [0, top], linestyle="--", color="grey", label="perfect calibration")
-    ax.set(title="reliability diagram", xlabel="mean predicted CTR", ylabel="observed click rate",
-           xlim=(0, top), ylim=(0, top))
-    ax.legend(fontsize="small")
-
-
-def _draw_quality(figure, metrics: dict) -> None:
-    key = "accuracy" if metrics["task"] == "multiclass" else "auc"
-    scores = {name: m[key] for name, m in metrics["models"].items() if not _missing(m.get(key))}
-    figure.set_size_inches(max(6, 1.2 * len(scores)), 4)
-    ax = figure.subplots()
-    bars = ax.bar(list(scores), list(scores.values()), color="tab:blue")
-    ax.bar_label(bars, fmt="%.4f", fontsize="small")
-    ceiling = metrics["eval"]["ceiling_auc"] if key == "auc" else None
-    if ceiling is not None:
-        ax.axhline(ceiling, linestyle="--", color="tab:red", label=f"ceiling (true CTR) {ceiling:.4f}")
-        ax.legend(fontsize="small")
-    values = [*scores.values(), *([ceiling] if ceiling is not None else [])]
-    ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03))  # differences are small: zoom in
-    label = "accuracy" if key == "accuracy" else "AUC"
-    ax.set(title=f"{label} per model", ylabel=label)
-    ax.tick_params(axis="x", labelrotation=20)
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return " x ".join(map(str, value))
+    return "" if value is None else str(value)

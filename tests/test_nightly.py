@@ -124,6 +124,7 @@ def test_cycle_records_and_registry_lineage(nights):
     spec = nights["spec"]
     record = storage.read_json(cycle_path(spec, NIGHT[1]))
     assert record["decision"] in {"promoted", "rejected"} and "reason" in record
+    assert record["student"] == "student_distilled"  # no validation split: nothing to choose the hard one on
     shown = registry.show(spec.schedule.registry, "nightly", nights[1]["version"])
     assert shown["lineage"]["train_days"] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert shown["lineage"]["eval_day"] == "2026-11-04"

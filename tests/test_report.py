@@ -11,7 +11,9 @@ import pytest
 from pipeline import storage
 from pipeline.metrics import score_model, summarize
 from pipeline.cli import main
-from pipeline.report import plot_names, render_report, write_plots, write_report
+from pipeline.plots import plot_names, write_plots
+from pipeline.report import render_report, write_report
+from pipeline.verdict import comparison_pairs, paired_bootstrap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _model(role: str, auc: float, total: int, n_bytes: int, p50: float) -> dict:
@@ -22,15 +24,17 @@ def _model(role: str, auc: float, total: int, n_bytes: int, p50: float) -> dict:
                 {"lo": 0.1, "hi": 0.2, "mean_pred": 0.14, "observed": 0.12, "rows": 100}]},
             "latency": {"batch1_p50_ms": p50, "batch1_p99_ms": 2 * p50, "batched_rows_per_s": 50000.0,
                         "batch_size": 1024, "threads": 1},
-            "slices": [{"value": "ios", "rows": 600, "click_rate": 0.05, "auc": auc + 0.01, "log_loss": 0.2},
-                       {"value": "web", "rows": 400, "click_rate": 0.02, "auc": auc - 0.01, "log_loss": 0.1}]}
+            "slices": [{"value": "ios", "rows": 600, "positives": 30, "click_rate": 0.05, "scored": True,
+                        "auc": auc + 0.01, "log_loss": 0.2},
+                       {"value": "web", "rows": 400, "positives": 8, "click_rate": 0.02, "scored": False,
+                        "reason": "fewer than 10 positives"}]}
 
 
 @pytest.fixture
 def run_metrics():
     """Builder of a full metrics.json dict (the shape job.py writes), binary by default."""
 
-    def build(task: str = "binary") -> dict:
+    def build(task: str = "binary", bootstrap: bool = True) -> dict:
         models = {"teacher": _model("teacher", 0.70, 1000, 4_000_000, 2.0),
                   "student_distilled": _model("distilled", 0.69, 100, 400_000, 0.5),
                   "student_hard": _model("hard", 0.66, 100, 400_000, 0.5)}
@@ -49,15 +53,29 @@ def run_metrics():
             "job": "unit", "spec_hash": "abc123", "task": task, "train": {"days": ["2026-11-01"]},
             "label": {"total_rows": 3000, "shards": 2, "status": "labelled", "relabelled_days": ["2026-11-01"],
                       "teacher_sha256": "0123456789abcdef", "temperature": 2.0},
-            "eval": {"days": ["2026-11-04"], "rows": 1000, "click_rate": 0.038,
-                     "ceiling_auc": 0.8 if task == "binary" else None, "slice_by": "device"},
+            "eval": {"days": ["2026-11-04"], "rows": 1000, "positives": 38 if task == "binary" else None,
+                     "click_rate": 0.038, "ceiling_auc": 0.8 if task == "binary" else None, "slice_by": "device",
+                     "bootstrap": _bootstrap(task) if bootstrap else None},
             "models": models,
             "training": {"distilled": {"history": history, "steps": steps, "restarts": 1},
                          "hard": {"history": [{k: v for k, v in h.items() if k != "soft_loss"} for h in history]}},
-            "summary": summarize(models),
+            "summary": summarize(models, _bootstrap(task) if bootstrap else None),
         }
 
     return build
+
+
+def _bootstrap(task: str) -> dict:
+    """Hand-made intervals around the fixture's scores (AUC 0.70 / 0.69 / 0.66, accuracy 0.80 / 0.75 / 0.70)."""
+    if task == "multiclass":
+        return {"metric": "accuracy", "rounds": 200, "seed": 0, "confidence": 0.95,
+                "models": {"teacher": [0.78, 0.82], "student_distilled": [0.73, 0.77], "student_hard": [0.68, 0.72]},
+                "differences": {"teacher_minus_hard": [0.08, 0.12], "distilled_minus_hard": [0.03, 0.07],
+                                "teacher_minus_distilled": [0.03, 0.07]}}
+    return {"metric": "auc", "rounds": 200, "seed": 0, "confidence": 0.95,
+            "models": {"teacher": [0.68, 0.72], "student_distilled": [0.67, 0.71], "student_hard": [0.64, 0.68]},
+            "differences": {"teacher_minus_hard": [0.03, 0.05], "distilled_minus_hard": [0.01, 0.05],
+                            "teacher_minus_distilled": [-0.005, 0.025]}}
 
 
 def _table(report: str) -> dict[str, dict[str, str]]:
@@ -73,17 +91,25 @@ def test_render_report_formats_every_section(run_metrics):
     table = _table(report)
     teacher = table["teacher"]
     assert (teacher["AUC"], teacher["GAUC"], teacher["ECE"]) == ("0.7000", "0.6900", "0.0123")
+    assert (teacher["95% CI"], table["student_hard"]["95% CI"]) == ("[0.6800, 0.7200]", "[0.6400, 0.6800]")
     assert (teacher["params"], teacher["size"], teacher["p50 ms"], teacher["p99 ms"]) == ("1,000", "4.0 MB", "2.000",
                                                                                           "4.000")
     assert table["student_distilled"]["rows/s"] == "50,000"
-    assert table["ceiling (true CTR)"]["AUC"] == "0.8000"
+    assert (table["ceiling (true CTR)"]["AUC"], table["ceiling (true CTR)"]["95% CI"]) == ("0.8000", "-")
     assert "the teacher is 0.1000 below it" in report
+    assert "from 2026-11-04, click rate 3.80%, 38 positives (held out" in report
+    assert ("- AUC differences, paired bootstrap over the 1,000 eval rows (200 resamples), 95% CI: teacher - hard "
+            "+0.0400 [+0.0300, +0.0500]; distilled - hard +0.0300 [+0.0100, +0.0500]; teacher - distilled +0.0100 "
+            "[-0.0050, +0.0250].") in report
+    assert ("- **Distillation helped on the eval days: distilled - hard +0.0300 AUC (95% CI [+0.0100, "
+            "+0.0500]).**") in report
     assert "- Gap recovery (distilled - hard) / (teacher - hard): 75.0%." in report
-    assert "- Distilled student vs hard-label student: +0.0300 AUC." in report
     assert "10.0x fewer parameters than the teacher and is 10.0x smaller on disk (400.0 kB vs 4.0 MB)" in report
     assert "(4.0x speed-up)" in report
     assert "| student_distilled | 0.9100 | 0.8900 | 0.0042 |" in report  # agreement
-    assert "## By device" in report and "| ios | 600 | 5.00% | 0.7100 | 0.7000 | 0.6700 |" in report
+    assert "## By device" in report and "| ios | 600 | 30 | 5.00% | 0.7100 | 0.7000 | 0.6700 |" in report
+    assert "| web | 400 | 8 | 2.00% | n/a | n/a | n/a |" in report
+    assert "Not scored, too few clicks to compare models on: web (fewer than 10 positives)." in report
     assert ("3,000 rows in 2 shards (labelled), labelled now: 2026-11-01, teacher sha256 0123456789ab, "
             "temperature 2.0") in report
     assert "| distilled | 2 | 0.2000 | 0.2000 | 0.0500 | 1,234 | 20.0 | 1 |" in report  # last epoch, 2 epochs
@@ -98,6 +124,9 @@ def test_render_report_multiclass(run_metrics):
     assert "AUC" not in table["teacher"] and table["teacher"]["accuracy"] == "0.8000"
     assert table["student_hard"]["top-5"] == "0.9500"
     assert "- Gap recovery (distilled - hard) / (teacher - hard): 50.0%." in report
+    assert table["teacher"]["95% CI"] == "[0.7800, 0.8200]" and "positives" not in report
+    assert "- Accuracy differences, paired bootstrap" in report
+    assert "teacher - hard +0.1000 [+0.0800, +0.1200]" in report
     assert "+0.0500 accuracy" in report and "top-1 agreement" in report and "click rate" not in report
     assert "(plots/accuracy_bars.png)" in report and "calibration.png" not in report
 
@@ -105,8 +134,58 @@ def test_render_report_multiclass(run_metrics):
 def test_gap_recovery_undefined_when_the_teacher_loses(run_metrics):
     metrics = run_metrics()
     metrics["models"]["teacher"]["auc"] = 0.60
+    metrics["eval"]["bootstrap"]["differences"]["teacher_minus_hard"] = [-0.08, -0.04]
     del metrics["summary"]  # recomputed from the models
-    assert "gap recovery is undefined" in render_report(metrics)
+    assert ("- Gap recovery n/a: the teacher is not better than the hard-label student (lead -0.0600, 95% CI "
+            "[-0.0800, -0.0400]).") in render_report(metrics)
+
+
+def test_gap_recovery_is_na_when_the_teachers_lead_is_noise(run_metrics):
+    # The issue's run: a 0.0001 lead over the hard-label student printed "gap recovery: -2214%".
+    metrics = run_metrics()
+    metrics["models"]["teacher"]["auc"] = 0.6601
+    metrics["models"]["student_distilled"]["auc"] = 0.6579
+    metrics["eval"]["bootstrap"]["differences"] |= {"teacher_minus_hard": [-0.0021, 0.0023],
+                                                    "distilled_minus_hard": [-0.0065, 0.0021]}
+    metrics["selection"] = {"on": "validation", "gate": None, "recommended": "distilled",
+                            "reason": "distillation helped on validation: auc 0.6620 distilled vs 0.6600 hard"}
+    report = render_report(metrics)
+    assert ("- Gap recovery n/a: the teacher is not better than the hard-label student (lead +0.0001, 95% CI "
+            "[-0.0021, +0.0023]).") in report
+    assert "(teacher - hard):" not in report  # no percentage printed
+    assert ("- **Distillation made no measurable difference on the eval days: distilled - hard -0.0021 AUC (95% CI "
+            "[-0.0065, +0.0021]), within noise.**") in report
+    assert ("- On the eval days, which took no part in the choice, the difference is within noise "
+            "(distilled - hard -0.0021).") in report
+
+
+def test_the_report_lists_every_teacher_search_trial(run_metrics):
+    trials = {"metric": "val_auc", "max_epochs": 2, "best": "t_1", "trials": [
+        {"trial": "t_0", "config": {"model": "deepfm"}, "epochs": [{"epoch": 1, "val_auc": 0.61}],
+         "finished": False, "stopped_early": True, "score": None, "error": None},
+        {"trial": "t_1", "config": {"model": "dcn_v2"}, "epochs": [{"epoch": 1, "val_auc": 0.70}, {"epoch": 2, "val_auc": 0.72}],
+         "finished": True, "stopped_early": False, "score": 0.72, "error": None}]}
+    report = render_report(run_metrics() | {"search": {"teacher": trials}})
+    section = report.split("## Teacher search: teacher")[1].split("\n## ")[0]
+    assert "2 trials, 1 finished, ranked on val_auc" in section
+    assert "| t_0 | deepfm | 1 of 2 | 0.61 | stopped early |" in section
+    assert "| t_1 | dcn_v2 | 2 of 2 | 0.72 | **best** |" in section
+    assert "## Teacher search" not in render_report(run_metrics())  # no search, no section
+
+
+def test_old_metrics_without_a_bootstrap_report_as_before(run_metrics):
+    metrics = run_metrics(bootstrap=False)
+    for key in ("bootstrap", "positives"):
+        del metrics["eval"][key]
+    for model in metrics["models"].values():
+        model["slices"] = [{k: v for k, v in s.items() if k not in ("positives", "scored", "reason")}
+                           | {"auc": 0.7} for s in model["slices"]]
+    report = render_report(metrics)
+    assert "95% CI" not in _table(report)["teacher"] and "positives" not in report
+    assert "- Distilled student vs hard-label student: +0.0300 AUC." in report
+    assert ("- Gap recovery (distilled - hard) / (teacher - hard): 75.0% (not checked against noise: no bootstrap, "
+            "eval.bootstrap was 0).") in report
+    assert "| web | 400 | 2.00% | 0.7000 | 0.7000 | 0.7000 |" in report
 
 
 @pytest.mark.parametrize("task", ["binary", "multiclass"])
@@ -140,8 +219,11 @@ def test_distill_report_rebuilds_the_report_from_metrics_json(tmp_path, capsys, 
                                 teacher_logits=None if name == "teacher" else logits["teacher"])
               | {k: shape["models"][name][k] for k in ("role", "family", "params", "bytes", "latency")}
               for name, z in logits.items()}
-    metrics = shape | {"eval": shape["eval"] | {"rows": 3000, "click_rate": float(labels.mean()), "slice_by": None},
-                       "models": models, "summary": summarize(models)}
+    roles = {"teacher": "teacher", "distilled": "student_distilled", "hard": "student_hard"}
+    bootstrap = paired_bootstrap(labels, logits, 100, pairs=comparison_pairs(roles))
+    metrics = shape | {"eval": shape["eval"] | {"rows": 3000, "positives": int(labels.sum()), "bootstrap": bootstrap,
+                                                "click_rate": float(labels.mean()), "slice_by": None},
+                       "models": models, "summary": summarize(models, bootstrap)}
     storage.atomic_write_json(str(tmp_path / "metrics.json"), metrics)
 
     assert main(["report", str(tmp_path)]) == 0
@@ -153,7 +235,12 @@ def test_distill_report_rebuilds_the_report_from_metrics_json(tmp_path, capsys, 
         assert (table[name]["AUC"], table[name]["GAUC"]) == (f"{m['auc']:.4f}", f"{m['gauc']:.4f}")
         assert table[name]["log-loss"] == f"{m['log_loss']:.4f}"
         assert table[name]["ECE"] == f"{m['calibration']['ece']:.4f}"
-    assert f"{saved['summary']['gap_recovery']:.1%}" in report
+        assert table[name]["95% CI"] == "[{:.4f}, {:.4f}]".format(*saved["eval"]["bootstrap"]["models"][name])
+    summary = saved["summary"]
+    assert summary["teacher_minus_hard_ci"][0] > 0  # noise 2 vs no noise: a real lead
+    assert f"Gap recovery (distilled - hard) / (teacher - hard): {summary['gap_recovery']:.1%}." in report
+    low = summary["distilled_minus_hard_ci"][0]
+    assert f"distilled - hard {summary['distilled_minus_hard']:+.4f} [{low:+.4f}, " in report
     assert (tmp_path / "plots" / "calibration.png").stat().st_size > 0
 
 

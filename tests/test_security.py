@@ -34,7 +34,9 @@ def _unsafe_calls(source: str, name: str) -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         func = node.func
-        owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+        owner = None  # a bare name's call; "<expr>" for a method of anything but a plain name (a.b.eval())
+        if isinstance(func, ast.Attribute):
+            owner = func.value.id if isinstance(func.value, ast.Name) else "<expr>"
         called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
         if (owner, called) in _FORBIDDEN or (isinstance(func, ast.Name) and (None, called) in _FORBIDDEN):
             found.append(f"{name}:{node.lineno}: {owner + '.' if owner else ''}{called}(")
@@ -53,7 +55,7 @@ def test_the_checker_catches_what_it_looks_for():
     bad = ("import yaml, pickle, torch\nfrom yaml import unsafe_load\nyaml.load(s)\nyaml.unsafe_load(s)\n"
            "pickle.load(f)\neval('1')\nexec('x = 1')\ntorch.load(p)\ntorch.load(p, weights_only=False)\n")
     assert len(_unsafe_calls(bad, "bad.py")) == 8
-    fine = "yaml.safe_load(s)\nmodel.eval()\n'''eval( in a docstring'''\ntorch.load(p, weights_only=True)\n"
+    fine = "yaml.safe_load(s)\nmodel.eval()\nmember.engine.eval()\n'''eval( in a docstring'''\ntorch.load(p, weights_only=True)\n"
     assert _unsafe_calls(fine, "fine.py") == []
 
 

@@ -164,12 +164,14 @@ def test_the_gate_refuses_a_weak_teacher_before_labelling(ray_cluster, tiny_spec
 @pytest.mark.e2e
 def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cluster, tiny_spec_dict):
     """tiny.yaml with a quarter of the rows held out by a hash of the row id: the teacher, the hard-label
-    baseline and the distilled student fit on exactly the same rows, every epoch is scored on the other
-    quarter, the gate and the recommendation are decided there, and the report says what was chosen."""
+    baseline and the distillation candidates fit on exactly the same rows, every epoch is scored on the other
+    quarter, the gate, the candidate and the recommendation are decided there, and the report says what was
+    chosen. The teacher and the hard-label student train in one call, the candidates in another."""
     from pipeline.job import run_job
 
     tiny_spec_dict["data"]["validation"] = {"fraction": 0.25}
-    tiny_spec_dict["distill"] |= {"min_teacher_lift": 0.0, "on_weak_teacher": "warn"}  # judged, never stopped
+    tiny_spec_dict["distill"] |= {"min_teacher_lift": 0.0, "on_weak_teacher": "warn",  # judged, never stopped
+                                  "search": {"soft_loss": ["mse", "kd"], "alpha": [0.3], "temperature": [2.0]}}
     tiny_spec_dict["teacher"]["epochs"] = 1
     tiny_spec_dict["train"]["epochs"] = 1
     spec = parse_spec(tiny_spec_dict)
@@ -179,8 +181,16 @@ def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cl
     selection, training = metrics["selection"], metrics["training"]
     held_out = selection["gate"]["rows"]
     assert 0.22 * 16_000 < held_out < 0.28 * 16_000 and selection["scores"]["student_hard"]["rows"] == held_out
-    fitted = {role: training[role]["history"][0]["rows"] for role in ("teacher", "student_hard", "student_distilled")}
+    candidates = {c["role"]: c for c in selection["candidates"]}
+    assert sorted(candidates) == ["student_distilled-kd-a0.3-t2", "student_distilled-mse-a0.3"]
+    best = max(candidates, key=lambda role: candidates[role]["auc"])
+    assert [role for role, c in candidates.items() if c["chosen"]] == [best]
+    assert metrics["models"]["student_distilled"]["checkpoint"].endswith(f"/models/{best}.pt")
+    assert selection["scores"]["student_distilled"]["auc"] == candidates[best]["auc"]
+    fitted = {role: training[role]["history"][0]["rows"] for role in ("teacher", "student_hard", *candidates)}
     assert set(fitted.values()) == {16_000 - held_out}, fitted  # one split for every model: no row on both sides
+    calls = sorted(p.name.split("-")[0] for p in Path(spec.run_dir, "train").iterdir())
+    assert calls == ["student_distilled", "teacher+student_hard"], calls  # two training calls in all
     assert all(e["val_rows"] == held_out and 0 <= e["val_auc"] <= 1 for e in training["teacher"]["history"])
     assert metrics["label"]["total_rows"] == 16_000  # a row split labels every row; training skips the held-out
     assert selection["recommended"] in ("student_distilled", "student_hard")

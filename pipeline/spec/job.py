@@ -67,6 +67,9 @@ class JobSpec(Section):
             raise ValueError("distill.hint_weight > 0 needs the teacher's hidden vectors: set label.store_hidden: true")
         if self.distill.hint_weight > 0 and len(self.teacher) > 1:
             raise ValueError("distill.hint_weight > 0 works with one teacher (hidden layers of an ensemble differ)")
+        if self.distill.search and self.data.validation is None:
+            raise ValueError("distill.search chooses its candidates on validation: set data.validation "
+                             "(e.g. {fraction: 0.1}) or remove distill.search")
         if self.distill.listwise_weight > 0 and not self.features.group:
             raise ValueError("distill.listwise_weight > 0 ranks items within features.group; set features.group")
         if self.label.top_k is not None and self.features.task != "multiclass":

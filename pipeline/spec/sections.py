@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.base import Section
-from pipeline.spec.validation import EarlyStoppingSpec, ValidationSpec
+from pipeline.spec.validation import DistillSearchSpec, EarlyStoppingSpec, ValidationSpec
 
 _CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
@@ -159,6 +159,13 @@ class DistillSpec(Section):
                                     "validation by this much (AUC; accuracy for multiclass) before it labels")
     on_weak_teacher: Literal["fail", "warn"] = Field("fail", description="fail: stop the run (exit 1); warn: go on "
                                                      "and say so in the report")
+    search: DistillSearchSpec | None = Field(None, description="candidates over soft_loss, alpha and temperature, "
+                                             "chosen on validation (true: the default grid)")
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _default_grid(cls, search: Any) -> Any:
+        return {} if search is True else None if search is False else search
 
 
 class LabelSpec(Section):
@@ -218,6 +225,9 @@ class EvalSpec(Section):
     max_slices: int = Field(20, ge=1, description="the largest slices by rows are reported")
     calibration_bins: int = Field(10, ge=2)
     latency_runs: int = Field(200, ge=10, description="batch-1 forward passes timed per model")
+    bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the eval rows for the 95% "
+                           "intervals of each model's AUC and of their differences; 0 disables")
+    min_slice_positives: int = Field(50, ge=0, description="slices with fewer clicks are listed, not scored")
 
 
 class OutputSpec(Section):

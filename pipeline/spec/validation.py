@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.base import Section
 
@@ -39,3 +39,36 @@ class EarlyStoppingSpec(Section):
     @property
     def mode(self) -> str:
         return "min" if self.metric == "log_loss" else "max"
+
+
+class DistillSearchSpec(Section):
+    """Distillation settings chosen on validation: every combination of the lists is a candidate student
+    (temperature applies to kd only), all trained in one pass; the hard-label student is always among them."""
+
+    soft_loss: list[Literal["kd", "mse"]] = Field(["mse", "kd"], min_length=1)
+    alpha: list[float] = Field([0.3, 0.7], min_length=1, description="weights of the hard-label loss, each in [0, 1)")
+    temperature: list[float] = Field([1.0, 2.0], min_length=1, description="kd temperatures, each > 0")
+
+    @field_validator("alpha")
+    @classmethod
+    def _alphas(cls, alphas: list[float]) -> list[float]:
+        if any(not 0 <= a < 1 for a in alphas):
+            raise ValueError(f"each alpha must be in [0, 1) (alpha 1 is the hard-label student, always a "
+                             f"candidate), got {alphas}")
+        return list(dict.fromkeys(alphas))
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperatures(cls, temperatures: list[float]) -> list[float]:
+        if any(t <= 0 for t in temperatures):
+            raise ValueError(f"each temperature must be > 0, got {temperatures}")
+        return list(dict.fromkeys(temperatures))
+
+    def candidates(self) -> list[dict]:
+        """The grid: {soft_loss, alpha, temperature} per candidate (mse ignores the temperature)."""
+        grid = []
+        for loss in dict.fromkeys(self.soft_loss):
+            for alpha in self.alpha:
+                for temperature in (self.temperature if loss == "kd" else [1.0]):
+                    grid.append({"soft_loss": loss, "alpha": alpha, "temperature": temperature})
+        return grid

@@ -1,7 +1,8 @@
 """The teacher gate: before a teacher labels anything, it must beat the hard-label student on validation.
 
-Distillation only helps with a strong teacher. The gate trains the hard-label student on the click logs
-(the run keeps it as its `student_hard`), scores both on the validation split in one actor-pool pass,
+Distillation only helps with a strong teacher. The gate takes the hard-label student trained on the click
+logs in the teacher's pass (the run keeps it as its `student_hard`), scores both on the validation split in
+one actor-pool pass,
 and stops the run (`distill.on_weak_teacher: fail`, exit 1) or goes on and says so (`warn`) when the
 teacher's lead is below `distill.min_teacher_lift`. An ensemble is gated as the weighted mean it labels with.
 """
@@ -13,28 +14,27 @@ import logging
 from pipeline.errors import WeakTeacher
 from pipeline.spec import JobSpec
 from pipeline.stages import scoring
-from pipeline.stages.students import HARD, train_hard_baseline
+from pipeline.stages.students import HARD
 
 log = logging.getLogger(__name__)
 
 
-def gate_teacher(spec: JobSpec, teachers: dict[str, str]) -> dict | None:
-    """The gate's verdict ({metric, teacher, hard, lift, min_lift, passed, baseline}), or None without a
-    validation split (nothing held out to judge on).
+def gate_teacher(spec: JobSpec, teachers: dict[str, str], baseline: str) -> dict | None:
+    """The gate's verdict ({metric, teacher, hard, lift, min_lift, passed}) of the teachers against the
+    hard-label student `baseline`, or None without a validation split (nothing held out to judge on).
 
     Raises:
         WeakTeacher: the teacher's lead is below `distill.min_teacher_lift` and `on_weak_teacher` is fail.
     """
     if spec.data.validation is None:
         return None
-    baseline = train_hard_baseline(spec)
     checkpoints, combine = scoring.teacher_models(spec, teachers)
     scores = scoring.validation_scores(spec, checkpoints | {HARD: baseline}, combine)
     metric = spec.selection_metric
     teacher, hard = scores["teacher"][metric], scores[HARD][metric]
     verdict = {"metric": metric, "teacher": teacher, "hard": hard, "lift": teacher - hard,
                "min_lift": spec.distill.min_teacher_lift, "passed": teacher - hard >= spec.distill.min_teacher_lift,
-               "rows": scores[HARD]["rows"], "positives": scores[HARD]["positives"], "baseline": baseline}
+               "rows": scores[HARD]["rows"], "positives": scores[HARD]["positives"]}
     print(f"teacher gate: {describe(verdict)}", flush=True)
     if not verdict["passed"] and spec.distill.on_weak_teacher == "fail":
         raise WeakTeacher(f"{describe(verdict)}. Distilling from it would not beat a plain student. Try a "

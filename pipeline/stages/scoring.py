@@ -17,8 +17,10 @@ from pipeline.models import count_parameters, load_model, model_bytes
 from pipeline.spec import JobSpec
 from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window
 from pipeline.stages.label import Ensemble, Labelled, map_with_teachers
-from pipeline.stages.students import DISTILLED, HARD
+from pipeline.stages.search import search_records
+from pipeline.stages.students import DISTILLED, HARD, Students
 from pipeline.stages.training import training_records
+from pipeline.verdict import comparison_pairs, paired_bootstrap
 
 TEACHER_ROLES = ("teacher", "ensemble_member")  # models that are not compared with the teacher
 
@@ -48,43 +50,52 @@ def validation_scores(spec: JobSpec, checkpoints: dict[str, str], combine: Ensem
     return scores
 
 
-def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: dict[str, str], labelled: Labelled,
+def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: Students, labelled: Labelled,
                  gate: dict | None = None) -> dict:
     """The run's metrics: every model on the eval days, what was trained and labelled, and (with a
-    validation split) the teacher gate and the student the run recommends."""
+    validation split) the teacher gate, the distillation candidates and the student the run recommends."""
     checkpoints, combine = teacher_models(spec, teachers)
     roles = {name: "teacher" if name == "teacher" else "ensemble_member" for name in checkpoints}
-    roles |= {name: "distilled" if name == DISTILLED else "hard" for name in students}
+    roles |= {name: "distilled" if name == DISTILLED else "hard" for name in students.paths}
     return {
         "job": spec.name,
         "spec_hash": spec.fingerprint(),
         "task": spec.features.task,
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
         "label": _label_summary(labelled),
-        **evaluate_models(spec, checkpoints | students, combine, roles=roles),
+        **evaluate_models(spec, checkpoints | students.paths, combine, roles=roles),
         "training": (training := training_records(spec.run_dir)),
-        "selection": selection(spec, training, gate),
+        "selection": selection(spec, training, gate, students),
+        "search": search_records(spec),  # every trial of each teacher search (empty without one)
     }
 
 
-def selection(spec: JobSpec, training: dict[str, dict], gate: dict | None) -> dict:
+def selection(spec: JobSpec, training: dict[str, dict], gate: dict | None, students: Students) -> dict:
     """Which student the run recommends, chosen on validation (never on the evaluation days): each student's
     kept epoch was already scored on the validation split by its training workers."""
     if spec.data.validation is None:
-        return {"on": None, "recommended": DISTILLED, "gate": None,
+        return {"on": None, "recommended": DISTILLED, "gate": None, "candidates": [],
                 "reason": "no validation split (data.validation): the distilled student, unchosen"}
     metric = spec.selection_metric
-    kept = {role: training[role]["history"][training[role]["best_epoch"] - 1] for role in (DISTILLED, HARD)}
-    scores = {role: {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"]}
-              for role, epoch in kept.items()}
-    return {"on": "validation", "gate": gate, "scores": scores} | recommend(scores, metric)
+    kept = {DISTILLED: students.chosen, HARD: HARD}
+    scores = {role: _kept_scores(training[record], metric) for role, record in kept.items()}
+    candidates = [{"role": role, **settings, **_kept_scores(training[role], metric), "chosen": role == students.chosen}
+                  for role, settings in students.candidates.items()]
+    return {"on": "validation", "gate": gate, "scores": scores, "candidates": candidates} | recommend(scores, metric)
+
+
+def _kept_scores(record: dict, metric: str) -> dict:
+    epoch = record["history"][record["best_epoch"] - 1]
+    return {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"],
+            "epoch": record["best_epoch"]}
 
 
 def recommend(scores: dict[str, dict], metric: str) -> dict:
-    """The better of the distilled and the hard-label student on `metric` (higher is better); a tie goes to
-    the hard-label student, the simpler model to ship."""
+    """The better of the distilled and the hard-label student on `metric` (higher is better; lower for
+    log_loss); a tie goes to the hard-label student, the simpler model to ship."""
+    sign = -1.0 if metric == "log_loss" else 1.0
     distilled, hard = scores[DISTILLED][metric], scores[HARD][metric]
-    helped = distilled > hard
+    helped = sign * distilled > sign * hard
     verdict = "distillation helped" if helped else "distillation did not help"
     return {"recommended": DISTILLED if helped else HARD, "distillation_helped": helped,
             "reason": f"{verdict} on validation: {metric} {distilled:.4f} distilled vs {hard:.4f} hard-label"}
@@ -103,6 +114,9 @@ def _label_summary(labelled: Labelled) -> dict:
 def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None,
                     roles: dict[str, str] | None = None) -> dict:
     """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ..., "summary"}.
+
+    "eval" holds the paired-bootstrap intervals (`eval.bootstrap` resamples; None when 0) that the summary's
+    verdicts rest on: gap recovery only when the teacher's lead is above its noise.
 
     Args:
         combine: adds an ensemble scored by the weighted mean of its members' logits.
@@ -124,7 +138,8 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensembl
     if combine:
         members = [models[m] for m in combine.weights]
         models[combine.column] = context.score(logits[combine.column], None) | _ensemble_description(members)
-    return {"eval": _eval_summary(spec, labels, table), "models": models, "summary": metrics.summarize(models)}
+    evaluation = _eval_summary(spec, labels, table) | {"bootstrap": context.bootstrap(logits, models)}
+    return {"eval": evaluation, "models": models, "summary": metrics.summarize(models, evaluation["bootstrap"])}
 
 
 def _scored_table(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None,
@@ -154,7 +169,13 @@ class _ScoringContext:
     def score(self, logits: np.ndarray, teacher_logits: np.ndarray | None) -> dict:
         return metrics.score_model(self.labels, logits, self.groups, teacher_logits=teacher_logits,
                                    slice_values=self.slices, bins=self.spec.eval.calibration_bins,
-                                   max_slices=self.spec.eval.max_slices, task=self.spec.features.task)
+                                   max_slices=self.spec.eval.max_slices, task=self.spec.features.task,
+                                   min_slice_positives=self.spec.eval.min_slice_positives)
+
+    def bootstrap(self, logits: dict[str, np.ndarray], models: dict[str, dict]) -> dict | None:
+        """Paired-bootstrap intervals of each model and of the teacher / distilled / hard differences."""
+        pairs = comparison_pairs(metrics.model_names(models))
+        return paired_bootstrap(self.labels, logits, self.spec.eval.bootstrap, self.spec.features.task, pairs)
 
 
 def _eval_summary(spec: JobSpec, labels: np.ndarray, table: pa.Table) -> dict:
@@ -162,8 +183,9 @@ def _eval_summary(spec: JobSpec, labels: np.ndarray, table: pa.Table) -> dict:
     has_ceiling = binary and "true_ctr" in table.column_names  # synthetic logs only
     ceiling = metrics.auc(labels, table.column("true_ctr").to_numpy()) if has_ceiling else None
     return {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
+            "positives": int(np.sum(labels)) if binary else None,
             "click_rate": float(np.mean(labels)) if binary else None, "ceiling_auc": ceiling,
-            "slice_by": spec.eval.slice_by}
+            "slice_by": spec.eval.slice_by, "min_slice_positives": spec.eval.min_slice_positives}
 
 
 def _logits(column: pa.ChunkedArray) -> np.ndarray:

@@ -10,24 +10,46 @@ from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec, TeacherSpec
-from pipeline.stages.training import train_on_click_logs
+from pipeline.stages.search import search_teacher
+from pipeline.stages.training import Planned, click_log_model, train_on_click_logs
 
 
-def ensure_teachers(spec: JobSpec) -> dict[str, str]:
-    """{teacher name: checkpoint} for every teacher of the spec (one, or an ensemble)."""
-    return {t.name: ensure_teacher(spec, t) for t in spec.teacher}
+def ensure_teachers(spec: JobSpec, baseline: Planned | None = None) -> dict[str, str]:
+    """{teacher name: checkpoint} for every teacher of the spec (one, or an ensemble): given, searched, or
+    trained here on hard labels, all in one pass over the click logs; `baseline` (the hard-label student)
+    trains in the same pass, as `{baseline.role: path}` in the result."""
+    ready = {t.name: _given_or_searched(spec, t) for t in spec.teacher}
+    planned = {t.name: _teacher_model(spec, t) for t in spec.teacher if ready[t.name] is None}
+    if baseline is not None:
+        planned[baseline.role] = baseline
+    trained = train_on_click_logs(spec, list(planned.values())) if planned else {}
+    paths = {name: trained[p.role] for name, p in planned.items()}
+    return {name: path for name, path in ready.items() if path} | paths
 
 
 def ensure_teacher(spec: JobSpec, teacher: TeacherSpec | None = None) -> str:
-    """A teacher checkpoint: the spec's, or one trained here on hard labels (same loop as students)."""
+    """A teacher checkpoint: the spec's, the best of its search, or one trained here on hard labels."""
     teacher = teacher or spec.teacher[0]
+    if path := _given_or_searched(spec, teacher):
+        return path
+    planned = _teacher_model(spec, teacher)
+    return train_on_click_logs(spec, [planned])[planned.role]
+
+
+def _given_or_searched(spec: JobSpec, teacher: TeacherSpec) -> str | None:
+    if teacher.search:  # Ray Tune trials; the best one's model is the teacher
+        return search_teacher(spec, teacher)
     if teacher.checkpoint:
         if not storage.exists(teacher.checkpoint):
             raise UserError(f"teacher.checkpoint {teacher.checkpoint!r} does not exist; fix the path or "
                             "remove the field to train a teacher")
         return teacher.checkpoint
+    return None
+
+
+def _teacher_model(spec: JobSpec, teacher: TeacherSpec) -> Planned:
     train = spec.train.model_copy(update={"epochs": teacher.epochs or spec.train.epochs,
                                           "lr": teacher.lr or spec.train.lr})
     role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
-    return train_on_click_logs(spec, role, ModelConfig.from_section(teacher, spec.features.out_dim), train,
-                               extra={"epochs": teacher.epochs, "lr": teacher.lr})
+    return click_log_model(spec, role, ModelConfig.from_section(teacher, spec.features.out_dim), train,
+                           extra={"epochs": teacher.epochs, "lr": teacher.lr})

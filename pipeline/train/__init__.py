@@ -4,7 +4,7 @@
 `engine.py` holds DeepSpeed's config, the optimizer, the lr schedule and the module DeepSpeed trains.
 """
 
-from pipeline.train.driver import TrainRequest, TrainResult, train_model
-from pipeline.train.worker import TrainingRun
+from pipeline.train.driver import TrainPass, TrainRequest, TrainResult, train_model, train_pass
+from pipeline.train.plan import TrainingRun
 
-__all__ = ["TrainRequest", "TrainResult", "TrainingRun", "train_model"]
+__all__ = ["TrainPass", "TrainRequest", "TrainResult", "TrainingRun", "train_model", "train_pass"]

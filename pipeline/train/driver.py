@@ -6,7 +6,6 @@ rerun with the same request continues where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -15,20 +14,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import runtime, storage
-from pipeline.train.worker import MODEL_FILE, PROGRESS_FILE, TrainingRun, train_loop_per_worker
+from pipeline.train.plan import TrainingRun
+from pipeline.train.worker import MODEL_FILE, PROGRESS_FILE, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
 
+# What the models of one pass share, because they read the same batches in the same workers.
+SHARED_SETTINGS = ("batch_size", "num_workers", "cpus_per_worker", "use_gpu", "seed", "shuffle_buffer_rows",
+                   "prefetch_batches", "max_failures", "early_stopping")
+
+
 @dataclass(frozen=True)
 class TrainRequest:
-    """One training call: the plan the workers get, their dataset, and where results go."""
+    """One model's training call: the plan the workers get, their dataset, and where results go."""
 
     run: TrainingRun
     dataset: Any  # a Ray Dataset of click-log rows or soft-label shards
     model_path: str  # the exported final model (`models/<role>.pt`)
     run_dir: str  # Ray Train keeps its runs and checkpoints under <run_dir>/train/
     validation: Any = None  # a Ray Dataset of validation rows (label and inputs), scored after every epoch
+    callbacks: tuple = ()  # Ray Train run callbacks, e.g. Tune's report callback when a Tune trial trains
+
+
+@dataclass(frozen=True)
+class TrainPass:
+    """Several models trained in one call on one read of the same data (e.g. the teacher and the hard-label
+    student, or every distillation candidate): one fixed cost, N models, each with its own optimizer,
+    loss and epochs."""
+
+    name: str  # the Ray Train run name: a rerun with the same name resumes
+    runs: tuple[TrainingRun, ...]
+    model_paths: dict[str, str]  # {role: the exported final model}
+    dataset: Any
+    run_dir: str
+    validation: Any = None
+    callbacks: tuple = ()
 
 
 @dataclass
@@ -41,40 +62,67 @@ class TrainResult:
 
 
 def train_model(request: TrainRequest) -> TrainResult:
-    """Trains `request.run` on `request.dataset` and exports the final weights to `request.model_path`."""
+    """Trains `request.run` on `request.dataset` and exports the kept weights to `request.model_path`."""
+    role = request.run.role
+    return train_pass(TrainPass(name=role, runs=(request.run,), model_paths={role: request.model_path},
+                                dataset=request.dataset, run_dir=request.run_dir, validation=request.validation,
+                                callbacks=request.callbacks))[role]
+
+
+def train_pass(request: TrainPass) -> dict[str, TrainResult]:
+    """Trains every model of `request` in one TorchTrainer call; exports each model's kept weights (its best
+    epoch on validation with early stopping, else its last) to its path. Returns {role: TrainResult}."""
     from ray.train.torch import TorchTrainer  # lazy: Ray Train takes seconds to import
 
-    run = dataclasses.replace(request.run, validate=request.validation is not None)
+    runs = [dataclasses.replace(r, validate=request.validation is not None) for r in request.runs]
+    check_shared(runs)
+    lead = runs[0]
     runtime.quick_health_checks()
-    if warning := zero_stage_warning(run.train.num_workers, run.train.zero_stage):
-        log.warning("%s: %s", run.role, warning)
+    if warning := zero_stage_warning(lead.train.num_workers, lead.train.zero_stage):
+        log.warning("%s: %s", request.name, warning)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=run.to_config(),
-        scaling_config=_scaling(run),
-        run_config=_run_config(run, request.run_dir),
-        datasets={"train": request.dataset, **({"validation": request.validation} if run.validate else {})},
-        dataset_config=data_config(run.train.num_workers),
+        train_loop_config={"runs": [r.to_config() for r in runs]},
+        scaling_config=_scaling(lead),
+        run_config=_run_config(lead, request.name, request.run_dir, request.callbacks),
+        datasets={"train": request.dataset, **({"validation": request.validation} if lead.validate else {})},
+        dataset_config=data_config(lead.train.num_workers),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:  # the latest (downloaded when on S3): every epoch's history
         with open(os.path.join(directory, PROGRESS_FILE)) as handle:
             progress = json.load(handle)
-        best, best_epoch = _best_checkpoint(result, run.train.early_stopping)
-        with best.as_directory() if best else contextlib.nullcontext(directory) as kept:
-            with open(os.path.join(kept, MODEL_FILE), "rb") as handle:
-                storage.atomic_write_bytes(request.model_path, handle.read())
-    return TrainResult(model_path=request.model_path, history=progress["history"], steps=progress["steps"],
-                       restarts=progress["restarts"], best_epoch=best_epoch or len(progress["history"]))
+    return {r.role: _export(result, r, progress, request.model_paths[r.role]) for r in runs}
 
 
-def _best_checkpoint(result, stopping):
-    """(checkpoint, epoch) of the best epoch on validation when training stops early (Ray Train scored every
-    checkpoint on it), else (None, None): the latest is kept."""
+def check_shared(runs: list[TrainingRun]) -> None:
+    """Models of one pass must agree on what they read and how (they share every batch)."""
+    lead = runs[0]
+    for run in runs[1:]:
+        differ = [k for k in SHARED_SETTINGS if getattr(run.train, k) != getattr(lead.train, k)]
+        if differ or (run.rows, run.label, run.task, run.layout) != (lead.rows, lead.label, lead.task, lead.layout):
+            raise ValueError(f"{run.role} cannot train in one pass with {lead.role}: they differ in "
+                             f"{differ or 'rows, label, task or features'}")
+
+
+def _export(result, run: TrainingRun, progress: dict, model_path: str) -> TrainResult:
+    record = progress["models"][run.role]
+    checkpoint, best_epoch = _kept_checkpoint(result, run.role, run.train.early_stopping)
+    with checkpoint.as_directory() as kept:
+        with open(os.path.join(kept, run.role, MODEL_FILE), "rb") as handle:
+            storage.atomic_write_bytes(model_path, handle.read())
+    return TrainResult(model_path=model_path, history=record["history"], steps=record["steps"],
+                       restarts=progress["restarts"], best_epoch=best_epoch or len(record["history"]))
+
+
+def _kept_checkpoint(result, role: str, stopping):
+    """(checkpoint, epoch) of the model's best epoch on validation when training stops early (Ray Train kept
+    every epoch's checkpoint with its reported scores), else (the latest, None)."""
     if stopping is None:
-        return None, None
-    sign = 1.0 if stopping.mode == "max" else -1.0
-    checkpoint, metrics = max(result.best_checkpoints, key=lambda pair: sign * pair[1][f"val_{stopping.metric}"])
+        return result.checkpoint, None
+    key, sign = f"{role}/val_{stopping.metric}", 1.0 if stopping.mode == "max" else -1.0
+    scored = [(checkpoint, metrics) for checkpoint, metrics in result.best_checkpoints if key in metrics]
+    checkpoint, metrics = max(scored, key=lambda pair: sign * pair[1][key])
     return checkpoint, metrics["epoch"]
 
 
@@ -85,17 +133,14 @@ def _scaling(run: TrainingRun):
                          resources_per_worker={"CPU": run.train.cpus_per_worker})
 
 
-def _run_config(run: TrainingRun, run_dir: str):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+def _run_config(run: TrainingRun, name: str, run_dir: str, callbacks: tuple = ()):
+    from ray.train import FailureConfig, RunConfig
 
     # Local: an absolute path (Ray needs one). S3: the path inside our filesystem, which knows the endpoint.
     (storage_path,), storage_filesystem = storage.arrow_paths([storage.join(run_dir, "train")])
-    stopping = run.train.early_stopping
-    # Every epoch's checkpoint is kept (the latest resumes, the best is exported), scored on validation.
-    scoring = CheckpointConfig(checkpoint_score_attribute=f"val_{stopping.metric}",
-                               checkpoint_score_order=stopping.mode) if stopping else None
-    return RunConfig(name=run.role, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                     failure_config=FailureConfig(max_failures=run.train.max_failures), checkpoint_config=scoring)
+    # Every epoch's checkpoint is kept (the latest resumes; each model's best on validation is exported).
+    return RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                     failure_config=FailureConfig(max_failures=run.train.max_failures), callbacks=list(callbacks))
 
 
 def zero_stage_warning(num_workers: int, zero_stage: int) -> str | None:

@@ -1,118 +1,101 @@
-"""The training loop that runs in each Ray Train worker, and `TrainingRun`, the typed plan it receives.
+"""The training loop that runs in each Ray Train worker, for the one or more models of a pass.
 
-The driver sends `TrainingRun.to_config()` (plain dicts: `model_dump()`s of the spec's sections); the
-worker's first line rebuilds it. The loop wraps the model with DeepSpeed (`engine.py`), streams
-batches with `iter_torch_batches`, and reports a checkpoint (DeepSpeed state for resume and the
-exported `model.pt`) after every epoch.
+The driver sends each model's `TrainingRun.to_config()` (plain dicts); the worker's first line rebuilds
+them. Each model gets its own DeepSpeed engine (`engine.py`); the loop streams batches once with
+`iter_torch_batches`, steps every model on each, and reports a checkpoint (per model: DeepSpeed state for
+resume and the exported `model.pt`) after every epoch.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import dataclasses
 import json
 import logging
-import math
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline import losses, metrics, runtime
-from pipeline.features import FeatureLayout
-from pipeline.models import ModelConfig, build_model, load_model, save_model
-from pipeline.shards import ShardCollate, SoftLabelTargets
-from pipeline.spec import DistillSpec, TrainSpec
+from pipeline.models import build_model, load_model, save_model
+from pipeline.shards import ShardCollate
+from pipeline.train.batches import arrow_collate, asked_early, epoch_batches
+from pipeline.train.plan import TrainingRun
 from pipeline.train.engine import DistillModule, adamw, deepspeed_engine, full_state_dict, lr_lambda
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 PROGRESS_FILE = "progress.json"
 TERMS = ("loss", "hard_loss", "soft_loss", "hint_loss", "listwise_loss")  # what an epoch's history averages
-_END = object()  # the end of an iterator
-
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """What one training call trains, and how: everything a worker needs besides its dataset shard."""
-
-    role: str  # run name inside <run_dir>/train/, e.g. "teacher-<fingerprint>"
-    model: ModelConfig
-    layout: FeatureLayout
-    train: TrainSpec  # epochs and lr already resolved for this model
-    task: str  # binary or multiclass
-    label: str
-    rows: int  # rows in the dataset, for the lr schedule's length
-    group: str | None = None
-    distill: DistillSpec | None = None  # None: hard labels only
-    targets: SoftLabelTargets | None = None  # the teacher columns a distilled student reads
-    init_model: str | None = None  # a saved model of the same architecture to start from (warm start)
-    validate: bool = False  # score the "validation" dataset after every epoch (val_* metrics, early stopping)
-
-    @property
-    def total_steps(self) -> int:
-        steps_per_epoch = math.ceil(self.rows / (self.train.batch_size * self.train.num_workers))
-        return max(1, steps_per_epoch * self.train.epochs)
-
-    def to_config(self) -> dict:
-        """Plain dicts for `train_loop_config` (it crosses a process boundary)."""
-        return {"role": self.role, "model": self.model.to_dict(), "layout": self.layout.to_dict(),
-                "train": self.train.model_dump(), "task": self.task, "label": self.label, "rows": self.rows,
-                "group": self.group, "distill": self.distill.model_dump() if self.distill else None,
-                "targets": dataclasses.asdict(self.targets) if self.targets else None,
-                "init_model": self.init_model, "validate": self.validate}
-
-    @classmethod
-    def from_config(cls, config: dict) -> TrainingRun:
-        distill, targets = config["distill"], config["targets"]
-        return cls(**config | {"model": ModelConfig.from_dict(config["model"]),
-                               "layout": FeatureLayout.from_dict(config["layout"]),
-                               "train": TrainSpec(**config["train"]),
-                               "distill": DistillSpec(**distill) if distill else None,
-                               "targets": SoftLabelTargets(**targets) if targets else None})
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs in each Ray Train worker: resumes from Ray Train's latest checkpoint, if any, then trains the
-    remaining epochs and reports a checkpoint after each."""
+    """Runs in each Ray Train worker: every model of the pass reads the same batches (one read of the data),
+    each with its own DeepSpeed engine, optimizer, loss and epochs. Resumes from Ray Train's latest
+    checkpoint, if any, then trains the remaining epochs and reports a checkpoint after each."""
     import ray.train  # lazy: this module is imported by the driver too, before Ray starts
 
-    run = TrainingRun.from_config(config)
+    runs = [TrainingRun.from_config(c) for c in config["runs"]]
+    lead = runs[0].train  # the data settings every model of a pass shares (the driver checks)
     runtime.skip_deepspeed_inference_op()
-    torch.manual_seed(run.train.seed)
-    torch.set_num_threads(max(1, int(run.train.cpus_per_worker)))
-    batches_for = _epoch_batches(run, ray.train.get_dataset_shard("train"))
+    torch.set_num_threads(max(1, int(lead.cpus_per_worker)))
+    batches_for = epoch_batches(runs, ray.train.get_dataset_shard("train"))
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
-        progress = _progress(directory)
-        start_epoch = len(progress["history"])
+        progress = _progress(directory, runs)
+        members = [Member(run, progress["models"][run.role]) for run in runs]
+        start_epoch = progress["epochs"]
         # Ray Data's first batch takes seconds (read tasks, and with several workers a split coordinator,
-        # start in new worker processes): ask for it now, so the wait overlaps building model and DeepSpeed.
-        batches = _asked_early(batches_for(start_epoch)) if start_epoch < run.train.epochs else None
-        engine = _engine(run, resumed=directory is not None)
-        if directory:  # weights, optimizer and lr schedule of the last finished epoch
-            engine.load_checkpoint(directory)
+        # start in new worker processes): ask for it now, so the wait overlaps building models and DeepSpeed.
+        batches = asked_early(batches_for(start_epoch)) if _training(members, start_epoch) else None
+        for member in members:
+            member.build(directory)
+        if directory:
             log.warning("resumed from the checkpoint after epoch %d (restart %d)", start_epoch, progress["restarts"])
-    log_every = max(1, run.total_steps // 200)  # about 200 points per run for the loss curves
-    validation = ray.train.get_dataset_shard("validation") if run.validate else None
-    for epoch in range(start_epoch, run.train.epochs):
-        if _stopped_early(progress["history"], run.train.early_stopping):
-            break  # a resumed run that had already stopped
-        stats = _train_epoch(engine, batches, run, progress["steps"], log_every)
-        if validation is not None:
-            stats |= _validation_metrics(engine, run, validation)
-        progress["history"].append({"epoch": epoch + 1, **stats})
-        last = epoch + 1 == run.train.epochs or _stopped_early(progress["history"], run.train.early_stopping)
-        if not last:  # the next epoch's read starts while this one's checkpoint is saved
-            batches = _asked_early(batches_for(epoch + 1))
-        _report(engine, run, progress)
-        if last:
-            break
+    validation = ray.train.get_dataset_shard("validation") if runs[0].validate else None
+    epoch = start_epoch
+    while active := _training(members, epoch):
+        stats = _train_epoch(active, batches)
+        scores = _validation_metrics(active, validation) if validation is not None else {}
+        for member in active:
+            member.history.append({"epoch": epoch + 1, **stats[member.run.role], **scores.get(member.run.role, {})})
+        epoch = progress["epochs"] = epoch + 1
+        if _training(members, epoch):  # the next epoch's read starts while this one's checkpoint is saved
+            batches = asked_early(batches_for(epoch))
+        _report(members, active, progress)
+
+
+class Member:
+    """One model of a pass: its plan, DeepSpeed engine, history, and its own torch RNG stream, so that its
+    initial weights and dropout draws are those of a run of its own with the same seed."""
+
+    def __init__(self, run: TrainingRun, record: dict):
+        self.run, self.history, self.steps = run, record["history"], record["steps"]
+        self.log_every = max(1, run.total_steps // 200)  # about 200 points per run for the loss curves
+        self.engine = self.rng = None
+
+    def build(self, checkpoint_dir: str | None) -> None:
+        torch.manual_seed(self.run.train.seed)
+        self.engine = _engine(self.run, resumed=checkpoint_dir is not None)
+        if checkpoint_dir:  # weights, optimizer and lr schedule of the last finished epoch
+            self.engine.load_checkpoint(os.path.join(checkpoint_dir, self.run.role))
+        self.rng = torch.get_rng_state()
+
+    def active(self, epoch: int) -> bool:
+        return epoch < self.run.train.epochs and not _stopped_early(self.history, self.run.train.early_stopping)
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        torch.set_rng_state(self.rng)
+        yield
+        self.rng = torch.get_rng_state()
+
+
+def _training(members: list[Member], epoch: int) -> list[Member]:
+    """The models that train in `epoch`: not past their epochs and not stopped early."""
+    return [m for m in members if m.active(epoch)]
 
 
 def _stopped_early(history: list[dict], stopping) -> bool:
@@ -128,22 +111,30 @@ def _stopped_early(history: list[dict], stopping) -> bool:
     return len(values) - 1 - best_epoch >= stopping.patience
 
 
-def _validation_metrics(engine, run: TrainingRun, shard) -> dict:
-    """`val_auc` (or `val_accuracy`) and `val_log_loss` of the model on the whole validation split.
+def _validation_metrics(members: list[Member], shard) -> dict[str, dict]:
+    """{role: val_auc (or val_accuracy), val_log_loss, val_rows} of each model on the whole validation split,
+    read once for all of them.
 
     Every worker scores every validation row (the split is not sharded: under ZeRO-3 each forward needs
     all ranks), and rank 0's numbers are the ones every rank uses, so all ranks stop together.
     """
-    collate = _arrow_collate(ShardCollate(run.layout, run.label, None, None, run.task))
-    labels, logits = [], []
-    engine.eval()
+    lead = members[0].run
+    collate = arrow_collate(ShardCollate(lead.layout, lead.label, None, None, lead.task))
+    labels, logits = [], {m.run.role: [] for m in members}
+    for member in members:
+        member.engine.eval()
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=run.train.batch_size, collate_fn=collate):
-            out, _ = engine({k: v.to(engine.device) for k, v in batch.items()})
+        for batch in shard.iter_torch_batches(batch_size=lead.train.batch_size, collate_fn=collate):
             labels.append(batch["label"].numpy())
-            logits.append(out.float().cpu().numpy())
-    y, z = np.concatenate(labels), np.concatenate(logits)
-    if run.task == "multiclass":
+            for member in members:
+                out, _ = member.engine({k: v.to(member.engine.device) for k, v in batch.items()})
+                logits[member.run.role].append(out.float().cpu().numpy())
+    y = np.concatenate(labels)
+    return {role: _scores(y, np.concatenate(z), lead.task) for role, z in logits.items()}
+
+
+def _scores(y: np.ndarray, z: np.ndarray, task: str) -> dict:
+    if task == "multiclass":
         scores = metrics.multiclass_metrics(y, z)
         values = torch.tensor([scores["accuracy"], scores["log_loss"]], dtype=torch.float64)
         names = ("val_accuracy", "val_log_loss")
@@ -153,33 +144,6 @@ def _validation_metrics(engine, run: TrainingRun, shard) -> dict:
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(values, src=0)
     return dict(zip(names, values.tolist())) | {"val_rows": int(len(y))}
-
-
-def _epoch_batches(run: TrainingRun, shard):
-    """A function of the epoch giving that epoch's collated batches from this worker's dataset shard."""
-    listwise = run.distill is not None and run.distill.listwise_weight > 0
-    collate = _arrow_collate(ShardCollate(run.layout, run.label, run.targets if run.distill else None,
-                                          run.group if listwise else None, run.task))
-    train = run.train
-
-    def epoch_batches(epoch: int):
-        return shard.iter_torch_batches(
-            batch_size=train.batch_size, collate_fn=collate, prefetch_batches=train.prefetch_batches,
-            local_shuffle_buffer_size=train.shuffle_buffer_rows or None,
-            local_shuffle_seed=train.seed + epoch if train.shuffle_buffer_rows else None,
-        )
-
-    return epoch_batches
-
-
-def _arrow_collate(inner: ShardCollate):
-    from ray.data.collate_fn import ArrowBatchCollateFn
-
-    class _Collate(ArrowBatchCollateFn):  # Ray hands Arrow batches only to this subclass
-        def __call__(self, batch):
-            return inner(batch)
-
-    return _Collate()
 
 
 def _engine(run: TrainingRun, resumed: bool):
@@ -195,52 +159,44 @@ def _engine(run: TrainingRun, resumed: bool):
     return deepspeed_engine(module, optimizer, scheduler, run.train)
 
 
-def _asked_early(batches):
-    """Iterates `batches`, having started to fetch the first one on a background thread right away."""
-    iterator, first = iter(batches), concurrent.futures.Future()
-
-    def fetch():
-        try:
-            first.set_result(next(iterator, _END))
-        except BaseException as error:  # re-raised in the training loop, where it is handled
-            first.set_exception(error)
-
-    threading.Thread(target=fetch, name="first-batch", daemon=True).start()
-
-    def all_batches():
-        batch = first.result()
-        if batch is not _END:
-            yield batch
-            yield from iterator
-
-    return all_batches()
-
-
-def _train_epoch(engine, batches, run: TrainingRun, steps: list[dict], log_every: int) -> dict:
-    """One pass over this worker's shard; returns loss terms averaged over all workers' rows, and
-    appends a sample of (step, lr, loss terms) to `steps` every `log_every` optimizer steps."""
-    engine.train()
-    totals = torch.zeros(1 + len(TERMS), dtype=torch.float64)  # rows, then row-weighted sums of each term
-    seen: set[str] = {"loss", "hard_loss"}
-    waits = []  # seconds blocked on Ray Data before each step
+def _train_epoch(members: list[Member], batches) -> dict[str, dict]:
+    """One pass over this worker's shard, every model stepping on each batch; returns {role: loss terms
+    averaged over all workers' rows, and where the time went}, and appends a sample of (step, lr, loss
+    terms) to each model's steps every `log_every` optimizer steps."""
+    for member in members:
+        member.engine.train()
+    totals = {m.run.role: torch.zeros(1 + len(TERMS), dtype=torch.float64) for m in members}  # rows, term sums
+    seen: dict[str, set[str]] = {m.run.role: {"loss", "hard_loss"} for m in members}  # the terms each model has
+    waits = []  # seconds blocked on Ray Data before each batch
     start = asked = time.perf_counter()
     cpu = time.thread_time()
     for batch in batches:
         waits.append(time.perf_counter() - asked)
-        inputs = {k: v.to(engine.device) for k, v in batch.items()}
-        logits, hint_pred = engine(inputs)
-        terms = losses.distillation_loss(logits.float(), inputs, run.distill, run.task,
-                                         None if hint_pred is None else hint_pred.float())
-        engine.backward(terms["loss"])
-        engine.step()  # also steps the lr scheduler
-        rows, values = float(len(logits)), {k: v.item() for k, v in terms.items()}
-        seen |= set(values)
-        totals += torch.tensor([rows] + [rows * values.get(n, 0.0) for n in TERMS], dtype=torch.float64)
-        if engine.global_steps % log_every == 0:
-            steps.append({"step": engine.global_steps, "lr": engine.get_lr()[0], **values})
+        for member in members:
+            with member.own_rng():
+                values = _step(member, batch)
+            seen[member.run.role] |= set(values)
+            rows = float(len(batch["label"]))
+            totals[member.run.role] += torch.tensor([rows] + [rows * values.get(n, 0.0) for n in TERMS],
+                                                    dtype=torch.float64)
         asked = time.perf_counter()
-    return _epoch_stats(totals, seen, seconds=time.perf_counter() - start, waits=waits,
-                        loop_cpu=time.thread_time() - cpu)
+    timing = {"seconds": time.perf_counter() - start, "waits": waits, "loop_cpu": time.thread_time() - cpu}
+    return {role: _epoch_stats(total, seen[role], **timing) for role, total in totals.items()}
+
+
+def _step(member: Member, batch: dict) -> dict[str, float]:
+    """One optimizer step of one model on one batch; its loss terms."""
+    run, engine = member.run, member.engine
+    inputs = {k: v.to(engine.device) for k, v in batch.items()}
+    logits, hint_pred = engine(inputs)
+    terms = losses.distillation_loss(logits.float(), inputs, run.distill, run.task,
+                                     None if hint_pred is None else hint_pred.float())
+    engine.backward(terms["loss"])
+    engine.step()  # also steps the lr scheduler
+    values = {k: v.item() for k, v in terms.items()}
+    if engine.global_steps % member.log_every == 0:
+        member.steps.append({"step": engine.global_steps, "lr": engine.get_lr()[0], **values})
+    return values
 
 
 def _epoch_stats(totals: torch.Tensor, seen: set[str], *, seconds: float, waits: list[float],
@@ -261,27 +217,34 @@ def _epoch_stats(totals: torch.Tensor, seen: set[str], *, seconds: float, waits:
             "loop_cpu_seconds": loop_cpu}
 
 
-def _progress(checkpoint_dir: str | None) -> dict:
-    """The progress record (history, sampled steps, restarts) of Ray Train's latest checkpoint, or a new one."""
+def _progress(checkpoint_dir: str | None, runs: list[TrainingRun]) -> dict:
+    """The progress record of Ray Train's latest checkpoint (epochs done, restarts, and each model's
+    history and sampled steps), or a new one."""
     if checkpoint_dir is None:
-        return {"history": [], "steps": [], "restarts": 0}
+        return {"epochs": 0, "restarts": 0, "models": {r.role: {"history": [], "steps": []} for r in runs}}
     with open(os.path.join(checkpoint_dir, PROGRESS_FILE)) as handle:
         progress = json.load(handle)
     return progress | {"restarts": progress["restarts"] + 1}
 
 
-def _report(engine, run: TrainingRun, progress: dict) -> None:
-    """Saves DeepSpeed state on every rank and the exported model on rank 0, then reports."""
+def _report(members: list[Member], trained: list[Member], progress: dict) -> None:
+    """Saves every model's DeepSpeed state on every rank and its exported model on rank 0 (`<role>/`), then
+    reports the metrics of the models trained this epoch as `<role>/<metric>`."""
     import ray.train
     from ray.train import Checkpoint
 
-    state = full_state_dict(engine)  # collective under ZeRO-3: every rank calls it
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag="last")
+        for member in members:
+            state = full_state_dict(member.engine)  # collective under ZeRO-3: every rank calls it
+            folder = os.path.join(directory, member.run.role)
+            member.engine.save_checkpoint(folder, tag="last")
+            if rank == 0:
+                save_model(os.path.join(folder, MODEL_FILE), state, member.run.model, member.run.layout)
         if rank == 0:
-            save_model(os.path.join(directory, MODEL_FILE), state, run.model, run.layout)
+            models = {m.run.role: {"history": m.history, "steps": m.steps} for m in members}
             with open(os.path.join(directory, PROGRESS_FILE), "w") as handle:
-                json.dump({"role": run.role, **progress}, handle)
-        metrics = {k: v for k, v in progress["history"][-1].items() if v is not None}
-        ray.train.report(metrics | {"restarts": progress["restarts"]}, checkpoint=Checkpoint.from_directory(directory))
+                json.dump(progress | {"models": models}, handle)
+        reported = {f"{m.run.role}/{k}": v for m in trained for k, v in m.history[-1].items() if v is not None}
+        ray.train.report(reported | {"epoch": progress["epochs"], "restarts": progress["restarts"]},
+                         checkpoint=Checkpoint.from_directory(directory))
