@@ -114,6 +114,17 @@ def parquet_reader_v1():
         context.use_datasource_v2 = default
 
 
+def quiet_training_worker() -> None:
+    """In a Ray Train worker: no Ray Data progress bars (the validation split is read after every epoch, one
+    bar per read) and no INFO line per report (Ray Train logs the whole metrics dict, every model's, from
+    every rank). Warnings and errors still show."""
+    from ray.data import DataContext
+    from ray.train.v2._internal.execution import context
+
+    DataContext.get_current().enable_progress_bars = False
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its path
+
+
 def skip_deepspeed_inference_op() -> None:
     """Stops DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
 

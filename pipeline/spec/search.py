@@ -28,7 +28,7 @@ DEFAULT_SPACE = {
     "cross_layers": {"randint": [1, 4]},  # read by dcn_v2 only
     "dropout": {"uniform": [0.0, 0.3]},
     "lr": {"loguniform": [3e-4, 1e-2]},
-    "weight_decay": {"choice": [0.0, 1e-6, 1e-5]},
+    "weight_decay": {"choice": [0.0, 0.1, 1.0]},  # AdamW's decay is scaled by lr: smaller values do nothing
 }
 
 

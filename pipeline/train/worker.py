@@ -40,6 +40,7 @@ def train_loop_per_worker(config: dict) -> None:
     runs = [TrainingRun.from_config(c) for c in config["runs"]]
     lead = runs[0].train  # the data settings every model of a pass shares (the driver checks)
     runtime.skip_deepspeed_inference_op()
+    runtime.quiet_training_worker()
     torch.set_num_threads(max(1, int(lead.cpus_per_worker)))
     batches_for = epoch_batches(runs, ray.train.get_dataset_shard("train"))
     checkpoint = ray.train.get_checkpoint()
