@@ -22,6 +22,7 @@ from pipeline.errors import SpecError
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec
 from pipeline.spec.models import AUTO, MIN_BUCKETS, OTHER_FIELDS, check_bucket_fields
+from pipeline.stages.training import teacher_role
 
 PROFILE_FILE = "profile.json"
 # HyperLogLog (Apache DataSketches) rather than exact sets: a sketch is 2**LG_K registers whatever the
@@ -137,8 +138,7 @@ def _field_buckets(buckets, kind: str, categorical: list[str], profile: ClickLog
 
 def _sections(spec: JobSpec) -> list[tuple[str, object]]:
     """(role, model section): the roles name `models/<role>.pt`."""
-    single = len(spec.teacher) == 1
-    teachers = [("teacher" if single else f"teacher_{t.name}", t) for t in spec.teacher]
+    teachers = [(teacher_role(spec, t), t) for t in spec.teacher]
     return [*teachers, ("student", spec.student)]
 
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.report import trials_table
-from pipeline.data import clicklogs
 from pipeline.errors import SpecError, UserError
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec, TeacherSpec, TrainSpec
 from pipeline.spec.search import LIST_FIELDS, TRAIN_FIELDS, SpaceEntry, search_problem
 from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window, split_side
-from pipeline.stages.training import click_log_model, split_fingerprint, train_on_click_logs
+from pipeline.stages.training import (click_log_model, fit_inputs, split_fingerprint, teacher_role,
+                                      train_on_click_logs)
 from pipeline.train import TrainingRun, TrainRequest, train_model
 
 __all__ = ["search_teacher", "search_records", "trials_table"]
@@ -53,7 +53,7 @@ def search_teacher(spec: JobSpec, teacher: TeacherSpec) -> str:
     """The run's teacher chosen by `teacher.search` (or trained with a finished search's settings)."""
     if problem := search_problem(spec):
         raise SpecError(problem)
-    role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"  # as ensure_teacher names it
+    role = teacher_role(spec, teacher)
     if teacher.search.reuse:
         return _train_reused(spec, teacher, role)
     plan = _plan(spec, teacher, role)
@@ -74,8 +74,7 @@ def search_teacher(spec: JobSpec, teacher: TeacherSpec) -> str:
 
 
 def _plan(spec: JobSpec, teacher: TeacherSpec, role: str) -> SearchPlan:
-    inputs = {d.isoformat(): clicklogs.count_rows([p])
-              for d, p in clicklogs.partition_paths(spec.data.location, spec.data.fit_days()).items()}
+    inputs = fit_inputs(spec)
     depends_on = {"teacher": teacher.model_dump(mode="json"), "train": spec.train.model_dump(mode="json"),
                   "features": spec.features.model_dump(mode="json"), "inputs": inputs, **split_fingerprint(spec)}
     fingerprint = hashlib.sha256(json.dumps(depends_on, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -306,5 +305,5 @@ def search_records(spec: JobSpec) -> dict[str, dict]:
         single = len(spec.teacher) == 1
         path = storage.join(spec.run_dir, "search", *([] if single else [teacher.name]), "trials.json")
         if teacher.search and not teacher.search.reuse and storage.exists(path):
-            found["teacher" if single else f"teacher_{teacher.name}"] = storage.read_json(path)
+            found[teacher_role(spec, teacher)] = storage.read_json(path)
     return found

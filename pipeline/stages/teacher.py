@@ -11,7 +11,7 @@ from pipeline.errors import UserError
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec, TeacherSpec
 from pipeline.stages.search import search_teacher
-from pipeline.stages.training import Planned, click_log_model, train_on_click_logs
+from pipeline.stages.training import Planned, click_log_model, teacher_role, train_on_click_logs
 
 
 def ensure_teachers(spec: JobSpec, baseline: Planned | None = None) -> dict[str, str]:
@@ -50,6 +50,6 @@ def _given_or_searched(spec: JobSpec, teacher: TeacherSpec) -> str | None:
 def _teacher_model(spec: JobSpec, teacher: TeacherSpec) -> Planned:
     train = spec.train.model_copy(update={"epochs": teacher.epochs or spec.train.epochs,
                                           "lr": teacher.lr or spec.train.lr})
-    role = "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
+    role = teacher_role(spec, teacher)
     return click_log_model(spec, role, ModelConfig.from_section(teacher, spec.features.out_dim), train,
                            extra={"epochs": teacher.epochs, "lr": teacher.lr})

@@ -106,7 +106,7 @@ def split_fingerprint(spec: JobSpec) -> dict:
 def click_log_model(spec: JobSpec, role: str, model: ModelConfig, train: TrainSpec, extra: dict) -> Planned:
     """A model to train on hard labels straight from the click logs' fit rows: the teacher, or the
     hard-label student the teacher gate compares it with."""
-    inputs = _fit_inputs(spec)
+    inputs = fit_inputs(spec)
     run = TrainingRun(role=role, model=model, layout=FeatureLayout.from_spec(spec.features), train=train,
                       task=spec.features.task, label=spec.features.label, group=spec.features.group,
                       rows=round(sum(inputs.values()) * (1 - spec.data.held_out_fraction)))  # the lr schedule's
@@ -126,7 +126,12 @@ def train_on_click_logs(spec: JobSpec, planned: list[Planned]) -> dict[str, str]
             validation=lambda: read_validation(spec, columns))
 
 
-def _fit_inputs(spec: JobSpec) -> dict[str, int]:
+def teacher_role(spec: JobSpec, teacher) -> str:
+    """`models/<role>.pt` of a teacher: `teacher`, or `teacher_<name>` in an ensemble."""
+    return "teacher" if len(spec.teacher) == 1 else f"teacher_{teacher.name}"
+
+
+def fit_inputs(spec: JobSpec) -> dict[str, int]:
     """{day: rows} of the fit days' partitions (what a click-log model's fingerprint depends on)."""
     return {d.isoformat(): clicklogs.count_rows([p])
             for d, p in clicklogs.partition_paths(spec.data.location, spec.data.fit_days()).items()}
