@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     command("run", _run, "run the job end to end: data, teacher, soft labels, students, report")
-    command("validate", _validate, "check a job spec; exit 0 if valid, 2 with the problems otherwise")
+    validate = command("validate", _validate, "check a job spec; exit 0 if valid, 2 with the problems otherwise")
+    validate.add_argument("--data", action="store_true", help="also check the click logs: every day's files, "
+                          "their schemas and their first rows, every problem at once")
     command("generate", _generate, "write the spec's synthetic click log (data.source: synthetic)")
     report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
@@ -128,6 +130,12 @@ def _run(args) -> int:
 
 def _validate(args) -> int:
     spec = _load(args)
+    if args.data:
+        from pipeline.stages.click_logs import check_data, ensure_click_logs
+
+        ensure_click_logs(spec)  # a synthetic log is written first, as `run` would
+        check_data(spec)
+        print(f"{args.spec}: the click logs of every selected day pass the checks")
     print(f"{args.spec}: valid job spec {spec.name!r} (run directory {spec.run_dir})")
     return 0
 

@@ -258,7 +258,7 @@ def list_dir(uri: str) -> list[str]:
         return sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
-def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
+def list_files(uri: str, suffix: str | tuple[str, ...] = ".parquet") -> list[str]:
     """Files under `uri` (recursively) ending in `suffix`, as URIs of the same scheme, sorted.
 
     Hidden and temporary files (a leading `.` or `_`) are skipped: they are never complete data.
@@ -271,3 +271,19 @@ def list_files(uri: str, suffix: str = ".parquet") -> list[str]:
         found = fs.find(path) if fs.isdir(path) else [path]
     keep = [f for f in found if f.endswith(suffix) and not os.path.basename(f).startswith((".", "_"))]
     return sorted(prefix + f for f in keep)
+
+
+def file_version(uri: str) -> dict:
+    """What identifies a file's content without reading it: name, size, and modification time (local) or
+    ETag (S3)."""
+    fs, path = filesystem(uri)
+    with s3_errors(uri):
+        info = fs.info(path)
+    version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+    return {"name": uri.rsplit("/", 1)[-1], "size": info["size"], "version": str(version)}
+
+
+def version(uri: str) -> str:
+    """`file_version` as one string (a cache key)."""
+    info = file_version(uri)
+    return f"{info['size']}:{info['version']}"

@@ -142,5 +142,5 @@ def test_row_checks_run_in_the_read_tasks_not_in_the_teacher_actors(labelled_set
     dataset.explain()  # prints the plans; nothing runs
 
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
-    assert "TaskPoolMapOperator[ReadParquet->MapBatches(drop_bad_rows)]" in optimized
+    assert "TaskPoolMapOperator[ReadParquet->MapBatches(prepare_batch)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in optimized

@@ -1,77 +1,79 @@
-"""Click logs on Parquet: find the `date=YYYY-MM-DD` partitions a spec selects, check their schema,
-and open them as a streaming Ray Dataset with only the needed columns.
+"""Click logs: find the days a spec selects (`pipeline.data.sources`), check their schema, and open them as a
+streaming Ray Dataset with only the needed columns, bad rows handled and values normalised.
 
-The checks themselves (footers, dtypes, bad rows) live in `pipeline.data.validate`.
+The checks themselves (schemas, dtypes, bad rows) live in `pipeline.data.validate`; file reading in
+`pipeline.data.formats`; what the models get from a raw value in `pipeline.data.normalise`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import re
-
-import pyarrow.dataset as pads
 
 from pipeline import runtime, storage
-from pipeline.data.validate import check_columns, drop_bad_rows, parquet_files, read_footers
+from pipeline.data import formats
+from pipeline.data.normalise import Normaliser, normalise
+from pipeline.data.sources import DayInput, LogSource
+from pipeline.data.validate import check_columns, drop_bad_rows, read_footers
 from pipeline.errors import DataError
 
-__all__ = ["DataError", "available_days", "check_columns", "count_rows", "parquet_files", "partition_dataset",
-           "partition_fingerprint", "partition_paths", "read_click_logs"]
-
-_PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+__all__ = ["DataError", "DayInput", "LogSource", "available_days", "check_columns", "count_rows", "day_inputs",
+           "partition_dataset", "partition_fingerprint", "partition_paths", "read_click_logs"]
 
 
-def available_days(root: str | dict[dt.date, str]) -> dict[dt.date, str]:
-    """All `date=` partitions under `root`, as {day: partition path}; a dict (`data.partitions`) is that map."""
-    if isinstance(root, dict):
-        missing = {d.isoformat(): p for d, p in root.items() if not storage.exists(p)}
-        if missing:
-            raise DataError(f"data.partitions names paths that do not exist: {missing}; fix the paths "
-                            "(--set 'data.partitions={2026-01-01: /path/file.parquet}' overrides them)")
-        return dict(root)
-    if not storage.exists(root):
-        raise DataError(f"click-log path {root!r} does not exist; check data.path (or run `distill generate SPEC`)")
-    days = {}
-    for name in storage.list_dir(root):
-        match = _PARTITION.match(name)
-        if match:
-            days[dt.date.fromisoformat(match.group(1))] = storage.join(root, name)
-    if not days:
-        raise DataError(f"no date=YYYY-MM-DD partitions under {root!r}; expected e.g. {root}/date=2026-11-28/*.parquet")
-    return days
+def available_days(source: LogSource | str | dict) -> dict[dt.date, str]:
+    """Every day of the logs, as {day: partition path} (a flat log's days all map to its path)."""
+    return {d: day.path for d, day in LogSource.of(source).available().items()}
 
 
-def partition_paths(root: str | dict[dt.date, str], days: list[dt.date]) -> dict[dt.date, str]:
+def day_inputs(source: LogSource | str | dict, days: list[dt.date]) -> dict[dt.date, DayInput]:
+    """The `DayInput` (files, time window) of each day; names every missing day and what exists."""
+    return LogSource.of(source).inputs(days)
+
+
+def partition_paths(source: LogSource | str | dict, days: list[dt.date]) -> dict[dt.date, str]:
     """The partition paths for `days`; names every missing day and what exists."""
-    found = available_days(root)
-    missing = [d.isoformat() for d in days if d not in found]
-    if missing:
-        have = ", ".join(d.isoformat() for d in sorted(found))
-        raise DataError(f"missing click-log partitions under {root!r}: {', '.join(missing)}; available days: {have}")
-    return {d: found[d] for d in days}
+    return {d: day.path for d, day in day_inputs(source, days).items()}
 
 
-def partition_dataset(paths: list[str]) -> pads.Dataset:
-    """A pyarrow dataset over partition dirs: reads footers only until data is asked for."""
-    fs, _ = storage.filesystem(paths[0])
-    return pads.dataset([storage.filesystem(f)[1] for f in parquet_files(paths)], format="parquet", filesystem=fs)
+def partition_dataset(source: LogSource | str | dict, days: list[dt.date]):
+    """A pyarrow dataset over the days' files: reads footers (or CSV headers) only until data is asked for."""
+    import pyarrow.dataset as pads
+
+    source = LogSource.of(source)
+    files = [f for day in day_inputs(source, days).values() for f in day.files]
+    fs, _ = storage.filesystem(files[0])
+    return pads.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs,
+                        format="parquet" if source.format == "parquet" else
+                        pads.CsvFileFormat(**{k: v for k, v in formats.csv_options(source).items()
+                                              if k != "read_options"}, read_options=formats.csv_options(source)["read_options"]))
 
 
-def partition_fingerprint(path: str) -> dict:
-    """What identifies a partition's content without reading it: its files' names and sizes, and
-    their modification times (local) or ETags (S3), plus the row count from the Parquet footers."""
-    fs, _ = storage.filesystem(path)
-    files = []
-    for uri in parquet_files([path]):
-        info = fs.info(storage.filesystem(uri)[1])
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        files.append({"name": uri.rsplit("/", 1)[-1], "size": info["size"], "version": str(version)})
-    return {"path": path, "rows": count_rows([path]), "files": files}
+def partition_fingerprint(source: LogSource | str | dict, day: DayInput | str) -> dict:
+    """What identifies a day's content without reading it: its files' names, sizes and modification times
+    (local) or ETags (S3), plus its row count (Parquet footers; a CSV's records; a flat log's rows of the day)."""
+    source = LogSource.of(source)
+    if isinstance(day, str):  # a partition path
+        day = DayInput(dt.date.min, day, tuple(source.files(day)))
+    return {"path": day.path, "rows": count_rows(source, [day]), "files": [storage.file_version(f) for f in day.files]}
 
 
-def count_rows(paths: list[str]) -> int:
-    """Row count from Parquet footers, without reading data pages."""
-    return sum(footer.rows for footer in read_footers(paths))
+def count_rows(source: LogSource | str | dict | list, inputs: list[DayInput] | None = None) -> int:
+    """Rows of the days, without reading data pages where the format allows (Parquet footers).
+
+    `count_rows([partition paths])` (a bare list) counts Parquet partitions, as it always did.
+    """
+    if inputs is None:  # the old form: Parquet partition paths
+        return sum(footer.rows for footer in read_footers(source))
+    source = LogSource.of(source)
+    total = 0
+    for day in inputs:
+        if day.time is not None:
+            from pipeline.data.sources import rows_by_day
+
+            total += rows_by_day(source, day.files).get(day.day, 0)
+        else:
+            total += sum(formats.file_rows(source, f) for f in day.files)
+    return total
 
 
 def read_named_files(files: list[str], filesystem):
@@ -88,27 +90,33 @@ def read_named_files(files: list[str], filesystem):
         return ray.data.read_parquet(files, filesystem=filesystem, override_num_blocks=len(files))
 
 
-def read_click_logs(root: str | dict[dt.date, str], days: list[dt.date], columns: list[str], rules=None,
-                    fail: bool = True, quarantine_dir: str | None = None):
+def prepare_batch(batch, rules, fail: bool, quarantine_dir: str | None, normaliser: Normaliser | None):
+    """A read task's step: the bad-row policy on the raw values, then the values normalised."""
+    if rules is not None:
+        batch = drop_bad_rows(batch, rules, fail, quarantine_dir)
+    return normalise(batch, normaliser) if normaliser is not None else batch
+
+
+def read_click_logs(source: LogSource | str | dict, days: list[dt.date], columns: list[str], rules=None,
+                    fail: bool = True, quarantine_dir: str | None = None, normaliser: Normaliser | None = None):
     """Streams the selected days as a Ray Dataset with only `columns`.
 
     Args:
         rules: `validate.RowRules`; bad rows are dropped (written to `quarantine_dir` first, when given),
             or stop the read when `fail`. None: no row checks. The checks run in the read tasks, so an
             actor pool downstream (the teacher) spends its time on the model alone.
+        normaliser: string ids hashed, nulls filled (`pipeline.data.normalise`); None: raw values.
     """
-    import ray.data  # lazy here and above: the footer checks run before Ray starts
-
-    paths = list(partition_paths(root, days).values())
-    check_columns(paths, columns)
-    files, filesystem = storage.arrow_paths(parquet_files(paths))  # on S3, carries the endpoint to Ray's readers
-    dataset = read_named_files(files, filesystem)
-    dataset = dataset.select_columns(columns)  # pushed down into the Parquet read: only these columns are decoded
-    if rules is not None:
+    source = LogSource.of(source)
+    inputs = list(day_inputs(source, days).values())
+    check_columns(inputs, columns, source)
+    ragged = formats.RaggedRows(fail=fail, quarantine_dir=quarantine_dir)
+    dataset = formats.read_days(source, inputs, columns, ragged)  # only `columns` are decoded
+    if rules is not None or normaliser is not None:
         # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
         env = storage.worker_env() if quarantine_dir else {}
         extra = {"runtime_env": {"env_vars": env}} if env else {}
-        dataset = dataset.map_batches(drop_bad_rows, batch_format="pyarrow", zero_copy_batch=True,
-                                      fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir},
-                                      **extra)
+        dataset = dataset.map_batches(prepare_batch, batch_format="pyarrow", zero_copy_batch=True,
+                                      fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir,
+                                                 "normaliser": normaliser}, **extra)
     return dataset

@@ -1,8 +1,10 @@
 """What a bad row is: vectorised `pyarrow.compute` rules from the spec, no I/O.
 
-A null or out-of-range label, NaN/inf/null dense values, null, negative or absurd (> `data.max_id`)
-ids, in a column or inside the behaviour sequence. `pipeline.data.validate` finds, reports and
-quarantines the rows these rules reject.
+A null or out-of-range label, an infinite dense value, a null row id, a negative or absurd
+(> `data.max_id`) integer id, in a column or inside the behaviour sequence. Missing values are data,
+not bad rows: a null categorical id, a null or NaN dense value and a null sequence are filled in
+afterwards (`pipeline.data.normalise`). `pipeline.data.validate` finds, reports and quarantines the
+rows these rules reject.
 """
 
 from __future__ import annotations
@@ -24,13 +26,16 @@ class RowRules:
     dense: tuple[str, ...]
     sequence: str | None
     max_id: int
+    row_id: str | None = None  # a null row id is bad: the shards' exactly-once check counts ids
+    label_threshold: float | None = None  # a numeric label thresholded later: only null or NaN is bad
 
     @classmethod
     def from_spec(cls, spec) -> RowRules:
         features = spec.features
         return cls(label=features.label, num_classes=features.num_classes or 2,
                    ids=tuple(dict.fromkeys(c for c in [features.id, *features.categorical] if c)), dense=tuple(features.dense),
-                   sequence=features.sequence.column if features.sequence else None, max_id=spec.data.max_id)
+                   sequence=features.sequence.column if features.sequence else None, max_id=spec.data.max_id,
+                   row_id=features.id, label_threshold=features.label_threshold)
 
     @property
     def columns(self) -> list[str]:
@@ -46,9 +51,13 @@ def bad_row_reasons(table: pa.Table, rules: RowRules) -> pa.Array:
     present = set(table.column_names)
     checks = []
     if rules.label in present:
-        checks += _label_checks(_column(table, rules.label), rules.label, rules.num_classes)
+        checks += _label_checks(_column(table, rules.label), rules.label, rules.num_classes, rules.label_threshold)
     for name in (n for n in rules.ids if n in present):
-        checks += _id_checks(_column(table, name), name, rules.max_id)
+        values = _column(table, name)
+        if name == rules.row_id:
+            checks.append((pc.is_null(values), f"{name}: null"))
+        if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):  # text ids are hashed
+            checks += _id_checks(values, name, rules.max_id)
     for name in (n for n in rules.dense if n in present):
         checks += _dense_checks(_column(table, name), name)
     if rules.sequence in present:
@@ -82,7 +91,10 @@ def _first_reason(checks: list[tuple], rows: int) -> pa.Array:
     return reasons
 
 
-def _label_checks(values: pa.Array, name: str, num_classes: int) -> list[tuple]:
+def _label_checks(values: pa.Array, name: str, num_classes: int, threshold: float | None = None) -> list[tuple]:
+    if threshold is not None:
+        nan = pc.is_nan(values) if pa.types.is_floating(values.type) else pa.nulls(len(values), pa.bool_())
+        return [(pc.is_null(values), f"{name}: null"), (nan, f"{name}: NaN")]
     allowed = pa.array(range(num_classes)).cast(values.type)
     outside = pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, value_set=allowed)))
     wanted = " not in {0,1}" if num_classes == 2 else f" not in 0..{num_classes - 1} (features.num_classes)"
@@ -90,7 +102,8 @@ def _label_checks(values: pa.Array, name: str, num_classes: int) -> list[tuple]:
 
 
 def _id_checks(values: pa.Array, name: str, max_id: int) -> list[tuple]:
-    checks = [(pc.is_null(values), f"{name}: null")]
+    """Integer (or float) ids: NaN, < 0 or > max_id. A null is a missing id, not a bad one."""
+    checks = []
     kind = values.type
     if pa.types.is_floating(kind):
         checks.append((pc.is_nan(values), f"{name}: NaN"))
@@ -103,18 +116,22 @@ def _id_checks(values: pa.Array, name: str, max_id: int) -> list[tuple]:
 
 
 def _dense_checks(values: pa.Array, name: str) -> list[tuple]:
-    checks = [(pc.is_null(values), f"{name}: null")]
-    if pa.types.is_floating(values.type):
-        checks += [(pc.is_nan(values), f"{name}: NaN"), (pc.is_inf(values), _text(name, values))]
-    return checks
+    """An infinite value (a division by zero upstream); null and NaN are missing values, filled later."""
+    return [(pc.is_inf(values), _text(name, values))] if pa.types.is_floating(values.type) else []
 
 
 def _sequence_checks(values: pa.Array, name: str, max_id: int) -> list[tuple]:
-    """A null list, or the first bad id of each list (null, < 0 or > max_id; 0 is padding)."""
+    """The first bad integer id of each list (< 0 or > max_id; 0 is padding). A null list is an empty
+    history, and text ids (a list of strings, or a delimited string) are hashed."""
+    if not pa.types.is_list(values.type) and not pa.types.is_large_list(values.type) \
+            and not pa.types.is_fixed_size_list(values.type):
+        return []
     flat = pc.list_flatten(values)
+    if not (pa.types.is_integer(flat.type) or pa.types.is_floating(flat.type)):
+        return []
     element = _first_reason(_id_checks(flat, name, max_id), len(flat))
     bad = pc.is_valid(element)
-    checks = [(pc.is_null(values), f"{name}: null")]
+    checks = []
     if pc.any(bad).as_py():
         parents = pc.list_parent_indices(values).filter(bad).to_numpy()
         first = np.full(len(values), -1)

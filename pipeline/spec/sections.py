@@ -47,11 +47,37 @@ class SyntheticSpec(Section):
     drift: float = Field(0.0, ge=0, le=1, description="radians a day by which user tastes rotate")
 
 
+class CsvSpec(Section):
+    """How CSV/TSV click logs are parsed (pyarrow's CSV reader; `.gz` files are decompressed)."""
+
+    delimiter: str = Field(",", min_length=1, max_length=1, description="field separator; \\t for TSV")
+    header: bool = Field(True, description="the first line names the columns")
+    column_names: list[str] | None = Field(None, min_length=1, description="names for a headerless file")
+    null_values: list[str] | None = Field(None, description="strings read as null (default: pyarrow's: '', "
+                                          "NULL, NA, N/A, NaN, null, ...)")
+
+    @model_validator(mode="after")
+    def _names(self) -> CsvSpec:
+        if not self.header and not self.column_names:
+            raise ValueError("csv.header is false: give csv.column_names, the columns in file order")
+        return self
+
+
 class DataSpec(Section):
-    source: Literal["synthetic", "parquet"] = "synthetic"
-    path: str | None = Field(None, min_length=1, description="root holding date=YYYY-MM-DD partitions (local or s3://)")
+    source: Literal["synthetic", "parquet", "csv"] = Field(
+        "synthetic", description="synthetic: the built-in log; parquet or csv: the files under data.path")
+    path: str | None = Field(None, min_length=1, description="root of day partitions (date=, dt=, ds=, day=, pt=), "
+                             "or with data.time_column a file or folder of files (local or s3://)")
     partitions: dict[dt.date, str] | None = Field(
-        None, description="logs not laid out as date= partitions: {day: Parquet file or directory}")
+        None, description="logs not laid out as day partitions: {day: file or directory}")
+    partition_key: str | None = Field(None, min_length=1, description="the partition folders' key, e.g. dt for "
+                                      "dt=20261128 (default: whichever of date, dt, ds, day, pt is there)")
+    time_column: str | None = Field(None, min_length=1, description="flat logs: the column the days come from "
+                                    "(unix seconds or ms, an Arrow timestamp or ISO-8601 text)")
+    time_unit: Literal["auto", "s", "ms"] = Field("auto", description="unit of an integer time_column "
+                                                  "(auto: ms when values pass 10^11)")
+    timezone: str = Field("UTC", description="IANA zone whose midnight starts a day, e.g. Asia/Shanghai")
+    csv: CsvSpec = Field(default_factory=CsvSpec)
     train_days: DayRange
     eval_days: DayRange
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
@@ -72,8 +98,24 @@ class DataSpec(Section):
             raise ValueError("give data.path (a root of date=YYYY-MM-DD partitions) or data.partitions "
                              "({day: file or directory}), not both or neither")
         if self.partitions is not None and self.source == "synthetic":
-            raise ValueError("data.partitions names existing files: use it with data.source: parquet")
+            raise ValueError("data.partitions names existing files: use it with data.source: parquet or csv")
+        if self.time_column and (self.partitions is not None or self.partition_key or self.source == "synthetic"):
+            raise ValueError("data.time_column derives the days of a flat log under data.path: remove "
+                             "data.partitions / data.partition_key, or the time_column")
+        if self.csv != CsvSpec() and self.source != "csv":
+            raise ValueError("data.csv configures CSV parsing: set data.source: csv, or remove data.csv")
         return self
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, zone: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {zone!r}; use an IANA name such as UTC or Europe/Berlin") from None
+        return zone
 
     @model_validator(mode="after")
     def _disjoint(self) -> DataSpec:
@@ -109,6 +151,8 @@ class SequenceSpec(Section):
     column: str
     length: int = Field(10, ge=1, le=200)
     embedding_of: str = Field(description="categorical column whose embedding table the sequence shares")
+    delimiter: str | None = Field(None, min_length=1, description="a text column of ids joined by this, "
+                                  "e.g. ^ for 1^2^3 (a list column needs none)")
 
 
 class FeaturesSpec(Section):
@@ -120,6 +164,9 @@ class FeaturesSpec(Section):
     categorical: list[str] = Field(min_length=1)
     dense: list[str] = []
     sequence: SequenceSpec | None = None
+    label_threshold: float | None = Field(None, description="label is 1 where the label column >= this "
+                                          "(e.g. 4 for rating >= 4), else 0")
+    dense_fill: float = Field(0.0, description="what a null or NaN dense value becomes")
 
     @model_validator(mode="after")
     def _consistent(self) -> FeaturesSpec:
@@ -131,6 +178,8 @@ class FeaturesSpec(Section):
             raise ValueError(f"label column {self.label!r} is also a feature; remove it from the feature lists")
         if (self.task == "multiclass") != (self.num_classes is not None):
             raise ValueError("task: multiclass needs num_classes (labels 0..num_classes-1); task: binary takes none")
+        if self.label_threshold is not None and self.task == "multiclass":
+            raise ValueError("label_threshold makes a 0/1 label: use it with task: binary")
         if self.sequence and self.sequence.embedding_of not in self.categorical:
             raise ValueError(
                 f"sequence.embedding_of {self.sequence.embedding_of!r} is not a categorical column; "

@@ -6,19 +6,28 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 
+import pyarrow.compute as pc
+
 from pipeline import storage
-from pipeline.data import clicklogs, validate
+from pipeline.data import clicklogs, formats, validate
+from pipeline.data.normalise import Normaliser
+from pipeline.data.sources import LogSource
 from pipeline.data.split import keep_side
 from pipeline.data.synthetic import generate_click_logs
 from pipeline.errors import DataError, UserError
 from pipeline.spec import JobSpec
 
 
+def log_source(spec: JobSpec) -> LogSource:
+    """Where and how the spec's click logs are read (layout, format, time column)."""
+    return LogSource.from_spec(spec)
+
+
 def ensure_click_logs(spec: JobSpec) -> None:
     """For `data.source: synthetic`, generates the spec's days when they are not on disk yet."""
     if spec.data.source != "synthetic":
         return
-    present = clicklogs.available_days(spec.data.path) if storage.exists(spec.data.path) else {}
+    present = clicklogs.available_days(log_source(spec)) if storage.exists(spec.data.path) else {}
     missing = [d for d in spec.data.all_days() if d not in present]
     if missing:
         generate(spec, missing)  # only what is missing: existing partitions keep their fingerprints
@@ -26,13 +35,19 @@ def ensure_click_logs(spec: JobSpec) -> None:
 
 def check_inputs(spec: JobSpec) -> None:
     """Fails before Ray starts when a selected day, a needed column or a file is missing, unreadable or of
-    the wrong type (footers only: no data is read here)."""
+    the wrong type, with every such problem in one error (schemas only: no data is read here)."""
     needed = [spec.features.label, spec.features.group, *spec.features.input_columns()]
     if spec.validation_key:
         needed.append(spec.validation_key)  # a row split hashes it
+    source, problems = log_source(spec), []
     for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
-        paths = clicklogs.partition_paths(spec.data.location, days)
-        validate.check_partitions(paths, spec.features, [c for c in needed + extra if c])
+        try:
+            inputs = clicklogs.day_inputs(source, days)
+            validate.check_partitions(inputs, spec.features, [c for c in needed + extra if c], source)
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 or problems[0] == problems[1] else "\n".join(problems))
 
 
 def generate(spec: JobSpec, days: list[dt.date] | None = None) -> list[str]:
@@ -56,8 +71,24 @@ def read_window(spec: JobSpec, days: list[dt.date], columns: list[str], quaranti
     """The days' click logs as a lazy Ray Dataset of `columns`, with the spec's row checks in the read tasks:
     a bad row stops the read (`on_bad_rows: fail`), or is dropped (and written to `quarantine_dir`)."""
     fail = spec.data.on_bad_rows == "fail"
-    return clicklogs.read_click_logs(spec.data.location, days, columns, rules=validate.RowRules.from_spec(spec),
-                                     fail=fail, quarantine_dir=None if fail else quarantine_dir)
+    return clicklogs.read_click_logs(log_source(spec), days, columns, rules=validate.RowRules.from_spec(spec),
+                                     fail=fail, quarantine_dir=None if fail else quarantine_dir,
+                                     normaliser=Normaliser.from_spec(spec))
+
+
+def sample_rows(spec: JobSpec, days: list[dt.date], columns: list[str], rows: int):
+    """About `rows` normalised rows from the first file of `days` (latency samples; no bad-row checks)."""
+    from pipeline.data.normalise import normalise
+
+    source = log_source(spec)
+    first = next(iter(clicklogs.day_inputs(source, days).values())).files[0]
+    return normalise(formats.head(source, first, rows).select(columns), Normaliser.from_spec(spec)).slice(0, rows)
+
+
+def schema_names(spec: JobSpec, days: list[dt.date]) -> list[str]:
+    """The columns of the first file of `days`."""
+    source = log_source(spec)
+    return formats.file_schema(source, next(iter(clicklogs.day_inputs(source, days).values())).files[0]).names
 
 
 def split_side(dataset, spec: JobSpec, validation: bool):
@@ -87,8 +118,59 @@ def bad_rows_located(spec: JobSpec, days: list[dt.date], columns: list[str]):
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, UserError) or validate.BAD_ROWS_MARKER not in str(exc):
+        if isinstance(exc, UserError):
             raise
-        paths = list(clicklogs.partition_paths(spec.data.location, days).values())
-        validate.check_rows(clicklogs.parquet_files(paths), validate.RowRules.from_spec(spec), columns)
+        source = log_source(spec)
+        files = list(dict.fromkeys(f for day in clicklogs.day_inputs(source, days).values() for f in day.files))
+        if source.format == "csv" and formats.CSV_ERROR_MARKER in str(exc):
+            formats.locate_csv_error(source, files)
+            raise DataError(f"a CSV row stopped the stage but could not be located again: {exc}") from None
+        if validate.BAD_ROWS_MARKER not in str(exc):
+            raise
+        validate.check_rows(files, validate.RowRules.from_spec(spec), columns, source)
         raise DataError(f"a bad row stopped the stage but could not be located again: {exc}") from None
+
+
+def check_data(spec: JobSpec, rows_per_file: int = 10_000) -> None:
+    """`distill validate --data`: the file checks, then a bounded read of the first rows of every file
+    (bad rows, the time column, the sequence delimiter, string ids), every problem in one error."""
+    from pipeline.data.normalise import delimiter_splits, normalise
+
+    problems = []
+    try:
+        check_inputs(spec)
+    except DataError as exc:
+        problems.append(str(exc))
+    source, rules, normaliser = log_source(spec), validate.RowRules.from_spec(spec), Normaliser.from_spec(spec)
+    try:
+        files = list(dict.fromkeys(f for day in clicklogs.day_inputs(source, spec.data.all_days()).values()
+                                   for f in day.files))
+    except DataError:
+        files = []  # the missing days are reported above
+    sequence = spec.features.sequence
+    for uri in files:
+        try:
+            ragged = formats.RaggedRows(fail=False)
+            sample = formats.head(source, uri, rows_per_file, ragged)
+            if ragged.skipped and spec.data.on_bad_rows == "fail":
+                formats.locate_csv_error(source, [uri])
+            if source.time is not None and source.time.column in sample.column_names:
+                source.time.seconds(sample.column(source.time.column), f" in {uri!r}")
+            reasons = validate.bad_row_reasons(sample, rules)
+            if reasons.null_count < len(reasons) and spec.data.on_bad_rows == "fail":
+                first = reasons.filter(pc.is_valid(reasons))
+                problems.append(f"{uri}: {len(first)} of the first {sample.num_rows} rows are bad rows (first: "
+                                f"{first[0].as_py()}); {validate.BAD_ROWS_FIX}")
+            if sequence and sequence.delimiter and sequence.column in sample.column_names \
+                    and not delimiter_splits(sample.column(sequence.column), sequence.delimiter):
+                shown = sample.column(sequence.column).drop_null()
+                problems.append(f"features.sequence.delimiter {sequence.delimiter!r} splits nothing in column "
+                                f"{sequence.column!r} of {uri!r} (e.g. {shown[0].as_py() if len(shown) else None!r}); "
+                                "set it to the character between the ids")
+            normalise(sample, normaliser)
+        except DataError as exc:
+            problems.append(str(exc))
+    if problems:
+        problems = list(dict.fromkeys(problems))
+        raise DataError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the click logs:\n"
+                        + "\n".join(f"  - {p}" for p in problems))

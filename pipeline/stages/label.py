@@ -27,7 +27,7 @@ from pipeline.errors import DataError, UserError
 from pipeline.features import table_to_inputs
 from pipeline.models import load_model
 from pipeline.shards import Manifest, ShardSet, TeacherIdentity, TeacherMember
-from pipeline.stages.click_logs import bad_rows_located, read_window
+from pipeline.stages.click_logs import bad_rows_located, log_source, read_window
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +128,16 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
     """
     if isinstance(teachers, str):
         teachers = {spec.teacher[0].name: teachers}
-    paths = clicklogs.partition_paths(spec.data.location, days)
+    source = log_source(spec)
+    paths = clicklogs.day_inputs(source, days)
     columns = label_columns(spec)
-    clicklogs.check_columns(list(paths.values()), columns)
+    clicklogs.check_columns(list(paths.values()), columns, source)
     teacher = teacher_identity(spec, teachers)
     fingerprint = spec.fingerprint("features", "label")
     manifests, relabelled, reused = [], [], []
     for day, path in paths.items():
         day_dir = storage.join(shard_root, f"date={day.isoformat()}")
-        inputs = {day.isoformat(): clicklogs.partition_fingerprint(path)}
+        inputs = {day.isoformat(): clicklogs.partition_fingerprint(source, path)}
         existing = shards.read_manifest(day_dir)
         if existing and existing.is_reusable(teacher_sha256=teacher.checkpoint_sha256,
                                              label_fingerprint=fingerprint, inputs=inputs):
@@ -193,6 +194,11 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
     storage.remove_tree(day_dir)  # partial or stale shards: redo the day, never mix
     storage.remove_tree(quarantine_dir)
+    if not sum(i["rows"] for i in inputs.values()):  # a quiet day of a flat log: nothing to label
+        manifest = shards.build_manifest(teacher=teacher, label_fingerprint=fingerprint, spec_hash=spec.fingerprint(),
+                                         inputs=inputs, shard_files=[], quarantine_files=[])
+        shards.write_manifest(day_dir, manifest)
+        return manifest
     labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir)
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):

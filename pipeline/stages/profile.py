@@ -18,6 +18,8 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data import clicklogs
+from pipeline.data.normalise import sequence_ids
+from pipeline.stages.click_logs import log_source
 from pipeline.errors import SpecError
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec
@@ -153,8 +155,9 @@ def profile_click_logs(spec: JobSpec) -> ClickLogProfile:
     """The training window's profile: `<run_dir>/profile.json` when it was made from the same partitions
     (file names, sizes, versions, row counts) and columns, else measured now in one pass and written."""
     days = spec.data.train_days.days()
-    paths = clicklogs.partition_paths(spec.data.location, days)
-    inputs = {"partitions": {d.isoformat(): clicklogs.partition_fingerprint(p) for d, p in paths.items()},
+    source = log_source(spec)
+    paths = clicklogs.day_inputs(source, days)
+    inputs = {"partitions": {d.isoformat(): clicklogs.partition_fingerprint(source, p) for d, p in paths.items()},
               "columns": _columns(spec), "lg_k": LG_K}
     path = storage.join(spec.run_dir, PROFILE_FILE)
     if storage.exists(path):
@@ -185,9 +188,10 @@ def _measure(spec: JobSpec, days) -> tuple[int, dict[str, ColumnProfile], dict[s
 
     kinds = _columns(spec)
     names = [name for group in kinds.values() for name in group]
-    dataset = clicklogs.read_click_logs(spec.data.location, days, names)  # raw values: nulls not yet filled
+    dataset = clicklogs.read_click_logs(log_source(spec), days, names)  # raw values: nulls not yet filled
     sketches = dataset.map_batches(sketch_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-                                   fn_kwargs={"kinds": kinds})
+                                   fn_kwargs={"kinds": kinds, "delimiter": spec.features.sequence.delimiter
+                                              if spec.features.sequence else None})
     counted = [*kinds["categorical"], *kinds["sequence"]]
     unions = {name: datasketches.hll_union(LG_K) for name in counted}
     nulls, rows = dict.fromkeys(names, 0), 0
@@ -223,7 +227,7 @@ def _estimate(union) -> int:
     return round(union.get_result().get_estimate())
 
 
-def sketch_block(block: pa.Table, kinds: dict[str, list[str]]) -> pa.Table:
+def sketch_block(block: pa.Table, kinds: dict[str, list[str]], delimiter: str | None = None) -> pa.Table:
     """One row for a block: its row count, each column's nulls, and an HLL sketch of each id column."""
     import datasketches
 
@@ -233,8 +237,8 @@ def sketch_block(block: pa.Table, kinds: dict[str, list[str]]) -> pa.Table:
     for kind in ("categorical", "sequence"):
         for name in kinds[kind]:
             values = block[name]
-            if kind == "sequence":  # the ids of the lists, less 0 (padding); a delimited string is not counted
-                values = pc.list_flatten(values) if pa.types.is_list(values.type) else pa.chunked_array([], pa.int64())
+            if kind == "sequence":  # the ids of the lists (text ones hashed), less 0 (padding)
+                values = pc.list_flatten(sequence_ids(values, delimiter, text_items=True, name=name))
                 values = pc.filter(values, pc.not_equal(values, 0))
             sketch = datasketches.hll_sketch(LG_K)
             for value in pc.unique(values.drop_null()).to_pylist():  # distinct ones only: far fewer updates

@@ -15,7 +15,7 @@ from pipeline.data import clicklogs
 from pipeline.features import table_to_inputs
 from pipeline.models import count_parameters, load_model, model_bytes
 from pipeline.spec import JobSpec
-from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window
+from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window, sample_rows, schema_names
 from pipeline.stages.label import Ensemble, Labelled, map_with_teachers
 from pipeline.stages.search import search_records
 from pipeline.stages.students import DISTILLED, HARD, Students
@@ -198,9 +198,8 @@ def _logits(column: pa.ChunkedArray) -> np.ndarray:
 
 def _latency_sample(spec: JobSpec) -> pa.Table:
     """Up to `eval.batch_size` (at most 4096) rows of the first eval day, for latency and throughput."""
-    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()[:1]).values())
-    return clicklogs.partition_dataset(paths).head(min(spec.eval.batch_size, 4096),
-                                                   columns=spec.features.input_columns())
+    return sample_rows(spec, spec.data.eval_days.days()[:1], spec.features.input_columns(),
+                       min(spec.eval.batch_size, 4096))
 
 
 def _describe_model(spec: JobSpec, path: str, sample: pa.Table) -> dict:
@@ -227,8 +226,7 @@ def _ensemble_description(members: list[dict]) -> dict:
 
 def _eval_columns(spec: JobSpec) -> list[str]:
     """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
-    paths = list(clicklogs.partition_paths(spec.data.location, spec.data.eval_days.days()).values())
-    present = clicklogs.partition_dataset(paths).schema.names
+    present = schema_names(spec, spec.data.eval_days.days())
     wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
     if "true_ctr" in present:
         wanted.append("true_ctr")

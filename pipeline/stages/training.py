@@ -17,7 +17,7 @@ from pipeline.data import clicklogs
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.spec import JobSpec, TrainSpec
-from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window, split_side
+from pipeline.stages.click_logs import bad_rows_located, log_source, read_validation, read_window, split_side
 from pipeline.train import TrainingRun, TrainPass, TrainResult, train_pass
 
 
@@ -133,5 +133,6 @@ def teacher_role(spec: JobSpec, teacher) -> str:
 
 def fit_inputs(spec: JobSpec) -> dict[str, int]:
     """{day: rows} of the fit days' partitions (what a click-log model's fingerprint depends on)."""
-    return {d.isoformat(): clicklogs.count_rows([p])
-            for d, p in clicklogs.partition_paths(spec.data.location, spec.data.fit_days()).items()}
+    source = log_source(spec)
+    return {d.isoformat(): clicklogs.count_rows(source, [day])
+            for d, day in clicklogs.day_inputs(source, spec.data.fit_days()).items()}

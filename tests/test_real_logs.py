@@ -1,0 +1,210 @@
+"""Real click logs as they are: partition keys, time columns, CSV, string ids, nulls as values, label forms."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import clicklogs, formats, validate
+from pipeline.data.ids import MISSING_ID, as_int_ids, hash_string_ids
+from pipeline.data.normalise import Normaliser, normalise, sequence_ids
+from pipeline.data.sources import CsvOptions, LogSource, TimeColumn
+from pipeline.errors import DataError
+
+DAYS = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
+
+
+def _table(rows: int, day: int = 0, seed: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed + day)
+    return pa.table({
+        "ev_id": [f"ev-{day}-{i}" for i in range(rows)],
+        "device": pa.array(rng.choice(["ios", "android", None], rows).tolist()),
+        "sku": [f"SKU{v:05d}" for v in rng.integers(0, 50, rows)],
+        "price": pa.array([None if i % 7 == 0 else float(v) for i, v in enumerate(rng.random(rows))]),
+        "clicked": rng.integers(0, 2, rows),
+    })
+
+
+# ---------------------------------------------------------------------------- the id hash, pinned
+
+
+def test_string_id_hash_is_pinned_for_serving_systems():
+    """The documented function: pandas' SipHash (key 0123456789123456) of the UTF-8 bytes, >> 1."""
+    assert hash_string_ids(pa.array(["68fd1e64", "", "a", None])).to_pylist() == [
+        4360171819779719520, 880122920902532387, 6975175471489867752, None]
+    same = [pa.array([b"68fd1e64"]), pa.array(["68fd1e64"], pa.large_string()),
+            pa.array(["68fd1e64"]).dictionary_encode(), pa.chunked_array([["x"], ["68fd1e64"]])]
+    assert [as_int_ids(v).to_pylist()[-1] for v in same] == [4360171819779719520] * 4
+
+
+def test_int_ids_pass_through_and_nulls_become_the_missing_id():
+    assert as_int_ids(pa.array([7, None, 2**40], pa.int32() if False else pa.int64())).to_pylist() == [7, MISSING_ID, 2**40]
+    assert as_int_ids(pa.array(["a", None])).to_pylist()[1] == MISSING_ID
+    assert (hash_string_ids(pa.array([f"u{i}" for i in range(10_000)])).to_numpy() >= 0).all()
+
+
+# ---------------------------------------------------------------------------- normalising values
+
+
+def _plan(**kw) -> Normaliser:
+    base = dict(ids=("ev_id", "device", "sku"), dense=("price",), dense_fill=0.0, label="clicked",
+                label_threshold=None, sequence=None, sequence_of=None, delimiter=None)
+    return Normaliser(**(base | kw))
+
+
+def test_nulls_are_values_and_no_row_is_dropped():
+    table = _table(700)
+    out = normalise(table, _plan(dense_fill=-1.0))
+    assert out.num_rows == table.num_rows
+    assert out.schema.field("device").type == pa.int64() and out.schema.field("price").type == pa.float32()
+    nulls = table.column("device").null_count
+    assert nulls > 0 and pc.sum(pc.equal(out.column("device"), MISSING_ID)).as_py() == nulls
+    assert pc.sum(pc.equal(out.column("price"), -1.0)).as_py() == table.column("price").null_count == 100
+    assert len(set(out.column("ev_id").to_pylist())) == 700  # distinct string row ids stay distinct
+
+
+@pytest.mark.parametrize(("values", "threshold", "expected"), [
+    (pa.array([0, 1, 1]), None, [0, 1, 1]),
+    (pa.array([True, False, True]), None, [True, False, True]),
+    (pa.array([0.0, 1.0, 0.0]), None, [0.0, 1.0, 0.0]),
+    (pa.array([3.5, 4.0, 5.0]), 4.0, [0, 1, 1]),  # rating >= 4
+])
+def test_label_forms(values, threshold, expected):
+    out = normalise(pa.table({"clicked": values}), _plan(label_threshold=threshold))
+    assert out.column("clicked").to_pylist() == expected
+
+
+def test_delimited_sequences_hash_text_ids_and_parse_integer_ones():
+    text = sequence_ids(pa.array(["a^b", "", None, "b"]), "^", text_items=True)
+    a, b = hash_string_ids(pa.array(["a", "b"])).to_pylist()
+    assert text.to_pylist() == [[a, b], [0], [], [b]]
+    assert sequence_ids(pa.array(["1^2", "3"]), "^", text_items=False).to_pylist() == [[1, 2], [3]]
+    assert sequence_ids(pa.array([["a"], None]), None).to_pylist() == [[a], []]
+    with pytest.raises(DataError, match="set features.sequence.delimiter"):
+        sequence_ids(pa.array(["1^2"]), None)
+    # the items follow the type of the column the sequence shares an embedding with
+    table = pa.table({"item": ["a", "b"], "hist": ["a^b", "b"]})
+    out = normalise(table, _plan(ids=("item",), sequence="hist", sequence_of="item", delimiter="^"))
+    assert out.column("hist").to_pylist() == [[a, b], [b]] and out.column("item").to_pylist() == [a, b]
+
+
+def test_bad_rows_are_what_really_is_bad():
+    rules = validate.RowRules(label="clicked", num_classes=2, ids=("ev_id", "device"), dense=("price",),
+                              sequence=None, max_id=100, row_id="ev_id")
+    table = pa.table({"ev_id": ["a", None, "c", "d"], "device": ["x", "y", None, "z"],
+                      "price": [1.0, 2.0, float("nan"), float("inf")], "clicked": [1, 0, 1, 0]})
+    assert validate.bad_row_reasons(table, rules).to_pylist() == [None, "ev_id: null", None, "price: inf"]
+
+
+# ---------------------------------------------------------------------------- partitions
+
+
+@pytest.mark.parametrize(("key", "form"), [("dt", "%Y%m%d"), ("ds", "%Y-%m-%d"), ("day", "%Y%m%d"),
+                                           ("date", "%Y-%m-%d"), ("pt", "%Y%m%d")])
+def test_partition_keys_are_detected(tmp_path, key, form):
+    for i, day in enumerate(DAYS):
+        (tmp_path / f"{key}={day.strftime(form)}").mkdir()
+        pq.write_table(_table(10 + i, i), tmp_path / f"{key}={day.strftime(form)}" / "part-0.parquet")
+    (tmp_path / "_SUCCESS").touch()
+    source = LogSource(str(tmp_path))
+    assert sorted(source.available()) == DAYS
+    assert clicklogs.count_rows(source, list(source.inputs(DAYS).values())) == 21
+
+
+def test_partition_key_that_matches_nothing_lists_what_is_there(tmp_path):
+    (tmp_path / "dt=20261101").mkdir()
+    with pytest.raises(DataError, match=r"no day partitions \(hour= folders.*found: dt=20261101.*partition_key"):
+        LogSource(str(tmp_path), partition_key="hour").available()
+    (tmp_path / "ds=2026-11-01").mkdir()
+    with pytest.raises(DataError, match="use several keys .*ds, dt.*set data.partition_key"):
+        LogSource(str(tmp_path)).available()
+    assert list(LogSource(str(tmp_path), partition_key="ds").partitions(str(tmp_path))) == [DAYS[0]]
+
+
+# ---------------------------------------------------------------------------- time columns
+
+
+def _flat(tmp_path, times, name="log.parquet") -> str:
+    table = _table(len(times)).append_column("ts", times)
+    pq.write_table(table, tmp_path / name)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("make", [
+    lambda s: pa.array(s, pa.int64()),  # unix seconds
+    lambda s: pa.array([v * 1000 for v in s], pa.int64()),  # unix ms, detected
+    lambda s: pa.array(s, pa.int64()).cast(pa.timestamp("s", "UTC")),
+    lambda s: pa.array([dt.datetime.fromtimestamp(v, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") for v in s]),
+])
+def test_time_column_forms_give_the_same_days(tmp_path, make):
+    midnight = int(dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc).timestamp())
+    seconds = [midnight - 3600, midnight - 1, midnight, midnight + 5, midnight + 86400]
+    source = LogSource(_flat(tmp_path, make(seconds)), time=TimeColumn("ts"))
+    assert rows_of(source) == {dt.date(2026, 11, 1): 2, dt.date(2026, 11, 2): 2, dt.date(2026, 11, 3): 1}
+
+
+def rows_of(source: LogSource) -> dict:
+    return {d: clicklogs.count_rows(source, [i]) for d, i in source.available().items()}
+
+
+def test_time_zone_moves_the_day_boundary(tmp_path):
+    # 2026-11-01 20:00 UTC is 2026-11-02 04:00 in Shanghai
+    seconds = [int(dt.datetime(2026, 11, 1, 20, tzinfo=dt.timezone.utc).timestamp())]
+    path = _flat(tmp_path, pa.array(seconds, pa.int64()))
+    assert list(LogSource(path, time=TimeColumn("ts")).available()) == [dt.date(2026, 11, 1)]
+    assert list(LogSource(path, time=TimeColumn("ts", timezone="Asia/Shanghai")).available()) == [dt.date(2026, 11, 2)]
+
+
+def test_unparseable_time_column_names_file_and_column(tmp_path):
+    path = _flat(tmp_path, pa.array(["2026-11-01 10:00:00", "yesterday", "2026-11-02 01:00:00"]))
+    with pytest.raises(DataError, match=r"data.time_column 'ts' in '.*log.parquet' holds text that is not a time, "
+                                        r"e.g. 'yesterday'"):
+        LogSource(path, time=TimeColumn("ts")).available()
+
+
+# ---------------------------------------------------------------------------- CSV
+
+
+def _csv(path, table: pa.Table, delimiter=",", header=True, gz=False):
+    buffer = pa.BufferOutputStream()
+    pacsv.write_csv(table, buffer, pacsv.WriteOptions(delimiter=delimiter, include_header=header))
+    data = buffer.getvalue().to_pybytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return str(path)
+
+
+def test_csv_schema_reads_ids_as_text_and_counts_rows(tmp_path):
+    table = _table(50).set_column(1, "device", pa.array([str(i % 3) for i in range(50)]))  # all-digit ids
+    source = LogSource(str(tmp_path), format="csv",
+                       csv=CsvOptions(delimiter="\t", text_columns=("ev_id", "device", "sku")))
+    uri = _csv(tmp_path / "day.tsv.gz", table, delimiter="\t", gz=True)
+    schema = formats.file_schema(source, uri)
+    assert schema.field("device").type == pa.string() and schema.field("price").type == pa.float64()
+    assert formats.file_rows(source, uri) == 50
+    assert formats.read_columns(source, uri, ["price"]).column("price").null_count == 8  # empty cells
+
+
+def test_headerless_csv_takes_column_names(tmp_path):
+    uri = _csv(tmp_path / "x.csv", _table(5), header=False)
+    source = LogSource(str(tmp_path), format="csv",
+                       csv=CsvOptions(header=False, column_names=("ev_id", "device", "sku", "price", "clicked")))
+    assert formats.file_schema(source, uri).names == ["ev_id", "device", "sku", "price", "clicked"]
+    assert formats.file_rows(source, uri) == 5
+
+
+def test_ragged_csv_row_names_file_and_line(tmp_path):
+    uri = _csv(tmp_path / "x.csv", _table(5))
+    lines = open(uri).read().splitlines()
+    lines[3] = lines[3] + ",extra"
+    (tmp_path / "x.csv").write_text("\n".join(lines) + "\n")
+    source = LogSource(str(tmp_path), format="csv")
+    with pytest.raises(DataError, match=r"x.csv, line 4: ragged CSV row, 6 fields where the header has 5"):
+        formats.locate_csv_error(source, [uri])
+    assert formats.file_rows(source, uri) == 5  # the ragged row still counts as an input row
