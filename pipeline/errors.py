@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints their message (no traceback) and exits 2 (1 for a weak teacher)."""
 
+from __future__ import annotations
+
 
 class UserError(Exception):
     """Something the user must fix: the message says what, where, and how."""
@@ -11,6 +13,20 @@ class SpecError(UserError):
 
 class DataError(UserError):
     """The click logs or shards are missing, malformed, or inconsistent with the spec."""
+
+    @classmethod
+    def of_all(cls, problems: list[str]) -> DataError:
+        """One error listing every problem (each once); `.problems` keeps them for a caller that adds more."""
+        problems = list(dict.fromkeys(problems))
+        listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
+        error = cls(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the click logs:\n{listed}")
+        error.problems = problems
+        return error
+
+    @property
+    def each(self) -> list[str]:
+        """The problems this error lists (itself, if it lists none)."""
+        return getattr(self, "problems", [str(self)])
 
 
 class WeakTeacher(Exception):

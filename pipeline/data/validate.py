@@ -142,12 +142,8 @@ def check_partitions(days, features, columns: list[str] | None = None, source: L
 
 
 def _raise_all(problems: list[str]) -> None:
-    problems = list(dict.fromkeys(problems))
-    if len(problems) == 1:
-        raise DataError(problems[0])
     if problems:
-        listed = "\n".join(f"  {i}. {p}" for i, p in enumerate(problems, 1))
-        raise DataError(f"{len(problems)} problems with the click logs:\n{listed}")
+        raise DataError.of_all(problems)
 
 
 def _missing_columns(footers: list[Footer], needed: list[str]) -> list[str]:

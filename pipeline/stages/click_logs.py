@@ -45,9 +45,9 @@ def check_inputs(spec: JobSpec) -> None:
             inputs = clicklogs.day_inputs(source, days)
             validate.check_partitions(inputs, spec.features, [c for c in needed + extra if c], source)
         except DataError as exc:
-            problems.append(str(exc))
+            problems += exc.each
     if problems:
-        raise DataError(problems[0] if len(problems) == 1 or problems[0] == problems[1] else "\n".join(problems))
+        raise DataError.of_all(problems)
 
 
 def generate(spec: JobSpec, days: list[dt.date] | None = None) -> list[str]:
@@ -140,7 +140,7 @@ def check_data(spec: JobSpec, rows_per_file: int = 10_000) -> None:
     try:
         check_inputs(spec)
     except DataError as exc:
-        problems.append(str(exc))
+        problems += exc.each
     source, rules, normaliser = log_source(spec), validate.RowRules.from_spec(spec), Normaliser.from_spec(spec)
     try:
         files = list(dict.fromkeys(f for day in clicklogs.day_inputs(source, spec.data.all_days()).values()
@@ -167,10 +167,11 @@ def check_data(spec: JobSpec, rows_per_file: int = 10_000) -> None:
                 problems.append(f"features.sequence.delimiter {sequence.delimiter!r} splits nothing in column "
                                 f"{sequence.column!r} of {uri!r} (e.g. {shown[0].as_py() if len(shown) else None!r}); "
                                 "set it to the character between the ids")
-            normalise(sample, normaliser)
+            try:
+                normalise(sample, normaliser)
+            except DataError as exc:
+                problems.append(f"{uri}: {exc}")  # a batch knows no file name
         except DataError as exc:
-            problems.append(str(exc))
+            problems += exc.each
     if problems:
-        problems = list(dict.fromkeys(problems))
-        raise DataError(problems[0] if len(problems) == 1 else f"{len(problems)} problems with the click logs:\n"
-                        + "\n".join(f"  - {p}" for p in problems))
+        raise DataError.of_all(problems)
