@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     validate = command("validate", _validate, "check a job spec; exit 0 if valid, 2 with the problems otherwise")
     validate.add_argument("--data", action="store_true", help="also check the click logs: every day's files, "
                           "their schemas and their first rows, every problem at once")
+    inspect = command("inspect", _inspect, "summarise a click log (partitions, rows, per-column types, nulls, "
+                      "distinct counts) and propose a features: section", with_spec=False)
+    inspect.add_argument("target", metavar="PATH_OR_SPEC", help="a log file or folder (local or s3://), or a job spec")
+    inspect.add_argument("--rows", type=int, default=100_000, help="rows sampled for the column profiles")
+    inspect.add_argument("--format", choices=["parquet", "csv"], help="default: from the files' suffixes")
+    inspect.add_argument("--partition-key", help="the day folders' key (default: date, dt, ds, day or pt)")
+    inspect.add_argument("--time-column", help="a flat log's event-time column, to derive its days")
+    inspect.add_argument("--timezone", default="UTC", help="the zone whose midnight starts a day")
+    inspect.add_argument("--delimiter", help="CSV field separator (default: ',', or a tab for .tsv)")
     command("generate", _generate, "write the spec's synthetic click log (data.source: synthetic)")
     report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
@@ -137,6 +146,27 @@ def _validate(args) -> int:
         check_data(spec)
         print(f"{args.spec}: the click logs of every selected day pass the checks")
     print(f"{args.spec}: valid job spec {spec.name!r} (run directory {spec.run_dir})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from pipeline.data.inspect import source_for_path, summarise, with_time_column
+    from pipeline.data.inspect_text import render
+    from pipeline.data.propose import propose
+    from pipeline.data.sources import LogSource
+
+    if args.rows < 1:
+        raise UserError(f"--rows must be at least 1, got {args.rows}")
+    if args.target.endswith((".yaml", ".yml")):
+        source = LogSource.from_spec(load_spec(args.target))
+    else:
+        source = source_for_path(args.target, args.format, args.partition_key, args.time_column, args.timezone,
+                                 args.delimiter)
+    summary = summarise(source, args.rows)
+    proposal = propose(summary)
+    if summary.days is None and proposal.time_column:  # a flat log with an event time: show its days
+        summary = with_time_column(summary, proposal.time_column, args.timezone)
+    print(render(args.target, summary, proposal), end="")
     return 0
 
 
