@@ -30,7 +30,7 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 # Planted in the first training day: (row, column, value, expected reason prefix).
 BAD_ROWS = [(3, "clicked", 2, "clicked: 2"), (10, "clicked", None, "clicked: null"),
-            (20, "price", float("nan"), "price: NaN"), (30, "user_id", -4, "user_id: -4")]
+            (20, "price", float("inf"), "price: inf"), (30, "user_id", -4, "user_id: -4")]
 
 
 def _shrunk(name: str, out, **overrides) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,8 @@ from pipeline.data.sources import CsvOptions, LogSource, TimeColumn
 from pipeline.errors import DataError
 
 DAYS = [dt.date(2026, 11, 1), dt.date(2026, 11, 2)]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared real samples are absent ({SHARED})")
 
 
 def _table(rows: int, day: int = 0, seed: int = 0) -> pa.Table:
@@ -162,6 +165,32 @@ def test_time_zone_moves_the_day_boundary(tmp_path):
     assert list(LogSource(path, time=TimeColumn("ts", timezone="Asia/Shanghai")).available()) == [dt.date(2026, 11, 2)]
 
 
+@pytest.mark.parametrize("kind", [pa.int64(), "ms", pa.timestamp("s", "UTC"), pa.timestamp("us")])
+def test_a_time_window_is_pushed_into_the_parquet_scan(tmp_path, kind):
+    """A row group per day: the window's filter keeps only its day's row group, and filter + mask keep the
+    same rows as the mask alone."""
+    import pyarrow.dataset as pads
+
+    days = [dt.date(2026, 11, d) for d in (1, 2, 3)]
+    time = TimeColumn("ts", timezone="Europe/Berlin")
+    seconds = np.concatenate([np.arange(*time.day_bounds(d), 7200) for d in days])  # 12 rows a day
+    values = pa.array(seconds * 1000 if kind == "ms" else seconds, pa.int64())
+    if isinstance(kind, pa.DataType) and pa.types.is_timestamp(kind):
+        values = values.cast(pa.timestamp("s", "UTC")).cast(kind)
+        if kind.tz is None:  # naive: Berlin wall-clock time
+            values = pa.array([v.astimezone(dt.timezone(dt.timedelta(hours=1))).replace(tzinfo=None)
+                               for v in values.to_pylist()], kind)
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"ts": values}), path, row_group_size=12)
+    (fragment,) = pads.dataset(path).get_fragments()
+    expression = time.pushdown(values.type, [days[1]]).to_pyarrow()
+    assert [g.id for g in fragment.subset(filter=expression).row_groups] == [1]
+    scanned = pads.dataset(path).to_table(filter=expression).column("ts")
+    everything = pq.read_table(path).column("ts")
+    assert time.mask(scanned, [days[1]]).sum() == time.mask(everything, [days[1]]).sum() == 12 == len(scanned)
+    assert time.pushdown(pa.string(), [days[1]]) is None  # text times are parsed, not pruned
+
+
 def test_unparseable_time_column_names_file_and_column(tmp_path):
     path = _flat(tmp_path, pa.array(["2026-11-01 10:00:00", "yesterday", "2026-11-02 01:00:00"]))
     with pytest.raises(DataError, match=r"data.time_column 'ts' in '.*log.parquet' holds text that is not a time, "
@@ -208,3 +237,69 @@ def test_ragged_csv_row_names_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"x.csv, line 4: ragged CSV row, 6 fields where the header has 5"):
         formats.locate_csv_error(source, [uri])
     assert formats.file_rows(source, uri) == 5  # the ragged row still counts as an input row
+
+
+# ---------------------------------------------------------------------------- through Ray Data
+
+
+def _rules(**kw) -> validate.RowRules:
+    base = dict(label="clicked", num_classes=2, ids=("ev_id", "device", "sku"), dense=("price",), sequence=None,
+                max_id=2**62, row_id="ev_id")
+    return validate.RowRules(**(base | kw))
+
+
+@pytest.mark.ray
+def test_a_ragged_csv_row_is_quarantined_and_the_rest_is_read_normalised(ray_cluster, tmp_path):
+    for i, day in enumerate(DAYS):
+        (tmp_path / "log" / f"dt={day:%Y%m%d}").mkdir(parents=True)
+        _csv(tmp_path / "log" / f"dt={day:%Y%m%d}" / "part-0.csv.gz", _table(40, day=i), gz=True)
+    first = tmp_path / "log" / f"dt={DAYS[0]:%Y%m%d}" / "part-0.csv.gz"
+    lines = gzip.decompress(first.read_bytes()).decode().splitlines()
+    lines[5] += ",surplus"
+    first.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    source = LogSource(str(tmp_path / "log"), format="csv", csv=CsvOptions(text_columns=("ev_id", "device", "sku")))
+    columns = ["ev_id", "device", "sku", "price", "clicked"]
+    dataset = clicklogs.read_click_logs(source, DAYS, columns, rules=_rules(), fail=False,
+                                        quarantine_dir=str(tmp_path / "bad"), normaliser=_plan())
+    table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow"))
+    assert table.num_rows == 80 - 1  # only the ragged row is gone: nulls are values
+    assert all(table.schema.field(c).type == pa.int64() for c in ("ev_id", "device", "sku"))
+    assert pc.count(table.column("ev_id"), mode="all").as_py() == len(set(table.column("ev_id").to_pylist()))
+    assert pc.sum(pc.equal(table.column("device"), MISSING_ID)).as_py() > 0 and table.column("price").null_count == 0
+    quarantined = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "bad").glob("*.parquet"))
+    assert quarantined.column("text").to_pylist() == [lines[5]] and quarantined.column("line").to_pylist() == [6]
+
+
+@pytest.mark.ray
+def test_a_flat_parquet_log_reads_each_day_by_its_time_column(ray_cluster, tmp_path):
+    time = TimeColumn("ts", timezone="America/New_York")
+    seconds = np.concatenate([np.arange(*time.day_bounds(d), 3600) for d in DAYS])  # a row an hour
+    path = tmp_path / "flat.parquet"
+    pq.write_table(_table(len(seconds)).append_column("ts", pa.array(seconds, pa.int64())), path, row_group_size=24)
+    hours = {DAYS[0]: 25, DAYS[1]: 24}  # New York leaves summer time on 2026-11-01
+    source = LogSource(str(path), time=time)
+    for day in DAYS:
+        dataset = clicklogs.read_click_logs(source, [day], ["ev_id", "clicked"], rules=_rules(ids=("ev_id",),
+                                            dense=()), normaliser=_plan(ids=("ev_id",), dense=()))
+        assert dataset.count() == hours[day]
+
+
+@needs_shared
+@pytest.mark.ray
+def test_criteo_raw_hex_ids_and_nulls_read_as_they_are(ray_cluster):
+    path = str(SHARED / "criteo" / "criteo_raw_tiny.parquet")
+    raw = pq.read_table(path)
+    source = LogSource({dt.date(2026, 1, 1): path})
+    categorical, dense = [f"C{i}" for i in range(1, 27)], [f"I{i}" for i in range(1, 14)]
+    plan = Normaliser(ids=("Id", *categorical), dense=tuple(dense), dense_fill=0.0, label="Label",
+                      label_threshold=None, sequence=None, sequence_of=None, delimiter=None)
+    dataset = clicklogs.read_click_logs(source, [dt.date(2026, 1, 1)], ["Id", "Label", *categorical, *dense],
+                                        rules=_rules(label="Label", ids=("Id", *categorical), dense=tuple(dense),
+                                                     row_id="Id"), normaliser=plan)
+    table = pa.concat_tables(dataset.iter_batches(batch_format="pyarrow"))
+    assert table.num_rows == raw.num_rows == 1999
+    for column in categorical:
+        assert table.schema.field(column).type == pa.int64()
+        assert (pc.sum(pc.equal(table.column(column), MISSING_ID)).as_py() or 0) == raw.column(column).null_count
+        assert pc.count_distinct(table.column(column)).as_py() == pc.count_distinct(raw.column(column), mode="all").as_py()
+    assert table.column("I12").null_count == 0 and pc.sum(pc.equal(table.column("I12"), 0.0)).as_py() >= 1554

@@ -133,6 +133,12 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
         with runtime.parquet_reader_v1():  # one read task per file: see clicklogs.read_named_files
             dataset = ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
                                             columns=wanted)
+        # A flat log's time window goes into the scan (Ray Data's predicate pushdown): row groups outside it
+        # are not read.
+        pushdown = time.pushdown(file_schema(source, files[0]).field(time.column).type, [d.day for d in inputs]) \
+            if time is not None and files else None
+        if pushdown is not None:
+            dataset = dataset.filter(expr=pushdown)
     else:
         dataset = ray.data.read_csv(paths, filesystem=filesystem, override_num_blocks=len(paths),
                                     file_extensions=None, **csv_options(source, wanted, rows))

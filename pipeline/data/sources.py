@@ -90,6 +90,28 @@ class TimeColumn:
         raise DataError(f"data.time_column {self.column!r}{where} holds text that is not a time, e.g. {bad!r}; "
                         "write ISO-8601 times (2026-11-28 13:45:00), unix seconds or ms, or fix the bad values")
 
+    def pushdown(self, kind: pa.DataType, days: list[dt.date]):
+        """A Ray Data predicate keeping `days`' rows, for Parquet logs to push into the scan, or None for text
+        times (parsed per row).
+
+        It prunes row groups by their statistics; `mask` still decides each row. An integer column of unknown
+        unit gets both the seconds and the milliseconds window: for any real date they cannot overlap."""
+        from ray.data.expressions import col, lit
+
+        start, end = self.day_bounds(min(days))[0], self.day_bounds(max(days))[1]
+        field = col(self.column)
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind):
+            units = {"s": [1], "ms": [1000], "auto": [1, 1000]}[self.unit]
+            windows = [(field >= lit(start * u)) & (field < lit(end * u)) for u in units]
+            return windows[0] if len(windows) == 1 else windows[0] | windows[1]
+        if pa.types.is_timestamp(kind):
+            zone = zoneinfo.ZoneInfo(self.timezone)
+            low, high = (dt.datetime.fromtimestamp(t, zone) for t in (start, end))
+            if kind.tz is None:  # naive: wall-clock time in the zone
+                low, high = low.replace(tzinfo=None), high.replace(tzinfo=None)
+            return (field >= lit(pa.scalar(low, type=kind))) & (field < lit(pa.scalar(high, type=kind)))
+        return None
+
     def mask(self, values: pa.Array | pa.ChunkedArray, days: list[dt.date], where: str = "") -> np.ndarray:
         """True for the rows that fall on one of `days`."""
         seconds = self.seconds(values, where)
