@@ -1,0 +1,82 @@
+"""The shipped jobs for the real samples, end to end on real Ray and DeepSpeed, read as shipped: the Taobao CSV
+with the `features:` section `distill inspect` proposes, and the MovieLens flat log with time-derived days.
+
+They are schema fixtures, not quality benchmarks (a few thousand rows at most), so the assertions are about
+rows and the run's honesty, not about AUC floors: every row in is labelled or quarantined, and a teacher that
+is no better than the hard-label student is named as such and not distilled into the recommendation."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline import shards, storage
+from pipeline.cli import main
+from pipeline.job import run_job
+from pipeline.spec import parse_spec
+from tests.conftest import ROOT
+
+SHARED = ROOT.parent / "shared" / "data"
+pytestmark = [pytest.mark.ray, pytest.mark.e2e,
+              pytest.mark.skipif(not SHARED.is_dir(), reason=f"the shared real samples are absent ({SHARED})")]
+
+
+def _job(name: str, tmp_path, monkeypatch) -> dict:
+    monkeypatch.chdir(ROOT)  # the jobs' data paths are relative to the project root
+    raw = yaml.safe_load((ROOT / "jobs" / f"{name}.yaml").read_text())
+    raw["output"]["root"] = str(tmp_path / "runs")
+    raw["train"]["epochs"] = raw["teacher"]["epochs"] = 1
+    return raw
+
+
+def _manifest(spec, day: str):
+    return shards.read_manifest(storage.join(spec.run_dir, "shards", f"date={day}"))
+
+
+def _honest_about_a_weak_teacher(metrics: dict) -> None:
+    gate, summary = metrics["selection"]["gate"], metrics["summary"]
+    if not gate["passed"]:  # warned, not stopped (on_weak_teacher: warn), and never the recommended student
+        assert metrics["selection"]["recommended"] == "student_hard"
+    for model in ("teacher", "student_distilled", "student_hard"):
+        assert 0.0 <= metrics["models"][model]["auc"] <= 1.0
+    if summary["gap_recovery"] is None:
+        assert "not better than the hard-label student" in summary["gap_recovery_reason"]
+
+
+def test_taobao_csv_runs_with_the_features_inspect_proposes(ray_cluster, tmp_path, monkeypatch, capsys):
+    raw = _job("taobao", tmp_path, monkeypatch)
+    assert main(["inspect", raw["data"]["partitions"][dt.date(2017, 5, 6)]]) == 0
+    proposed = yaml.safe_load(capsys.readouterr().out)["features"]
+    assert proposed["sequence"]["delimiter"] == "^"
+    raw["features"] = proposed
+    spec = parse_spec(raw)
+    metrics = run_job(spec)
+    manifest = _manifest(spec, "2017-05-06")
+    assert manifest.input_rows == 100 and manifest.total_rows == 100 and manifest.quarantined_rows == 0
+    table = pa.concat_tables(pq.read_table(s.path) for s in manifest.shards)
+    for column in ("pid", "userid"):  # text ids arrive hashed, as the student and the exported model read them
+        assert table.schema.field(column).type == pa.int64()
+    assert metrics["eval"]["rows"] == 100 and metrics["eval"]["positives"] == 4
+    _honest_about_a_weak_teacher(metrics)
+
+
+def test_movielens_flat_log_runs_on_days_from_its_timestamp(ray_cluster, tmp_path, monkeypatch):
+    raw = _job("movielens", tmp_path, monkeypatch)
+    raw["data"] |= {"train_days": {"start": "2017-05-08", "end": "2017-05-14"},
+                    "eval_days": {"start": "2017-05-15", "end": "2017-05-31"}, "validation": {"days": 2}}
+    spec = parse_spec(raw)
+    metrics = run_job(spec)
+    ratings = pq.read_table(SHARED / "movielens" / "ml_latest_small_ratings.parquet", columns=["timestamp", "rating"])
+    days = np.array([dt.datetime.fromtimestamp(t, dt.timezone.utc).date() for t in ratings.column("timestamp").to_pylist()])
+    fit = [d for d in spec.data.fit_days()]
+    for day in fit:
+        assert _manifest(spec, day.isoformat()).input_rows == int((days == day).sum())
+    in_eval = (days >= dt.date(2017, 5, 15)) & (days <= dt.date(2017, 5, 31))
+    assert metrics["eval"]["rows"] == int(in_eval.sum())
+    assert metrics["eval"]["positives"] == int((ratings.column("rating").to_numpy()[in_eval] >= 4).sum())
+    _honest_about_a_weak_teacher(metrics)
