@@ -71,6 +71,35 @@ def click_log(rows: int, days: int = 1) -> tuple[Path, list[dt.date]]:
     return root, dates
 
 
+def string_id_log(root: Path, id_columns: list[str], sequence: str | None) -> Path:
+    """`root`'s log with its ids written as text, as many shops' tools write them: each id column (and the
+    sequence's items) as the hex text of the demo's integer id, e.g. 1234 -> "sku-4d2". Same rows, same days."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def text(values: pa.ChunkedArray) -> pa.Array:
+        numbers = values.combine_chunks().to_numpy(zero_copy_only=False)
+        return pa.array(np.char.add("sku-", np.char.mod("%x", numbers)).astype(object), pa.string())
+
+    target = root.with_name(root.name + "-string-ids")
+    if not target.exists():
+        tmp = target.with_name(target.name + ".tmp")
+        for path in sorted(root.rglob("*.parquet")):
+            table = pq.read_table(path)
+            for name in id_columns:
+                table = table.set_column(table.schema.get_field_index(name), name, text(table.column(name)))
+            if sequence:
+                lists = table.column(sequence).combine_chunks()
+                items = pa.ListArray.from_arrays(lists.offsets, text(pa.chunked_array([lists.flatten()])))
+                table = table.set_column(table.schema.get_field_index(sequence), sequence, items)
+            out = tmp / path.relative_to(root)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, out)
+        tmp.rename(target)
+    return target
+
+
 def _generated_files(count: int, file_rows: int) -> list[Path]:
     """`count` generated days of `file_rows` rows (demo world); generates the missing ones, timed."""
     from pipeline.data.synthetic import generate_click_logs

@@ -9,6 +9,7 @@ Same teacher (the demo's DCN-v2, untrained), same log, same batch size and torch
       and the stage runs twice: right after `ray.init`, then again in the same Ray (as in a job).
 
     .venv/bin/python bench/label_throughput.py                  # 5M rows (one day, 5 files of 1M rows), recorded (bench/results.py)
+    .venv/bin/python bench/label_throughput.py --string-ids     # the same log with text ids (hashed), recorded
     .venv/bin/python bench/label_throughput.py --rows 200000 --no-append   # smoke check
 """
 
@@ -27,20 +28,27 @@ import torch
 
 import common
 import results as bench_results
+from pipeline.data.normalise import Normaliser
 
 TARGET = "pipeline rows/s over the bare loop's (b/a) >= 0.8, after `ray.init`"
+HASH_TARGET = "hashing the ids costs <= 10% of the teacher's time per row"
+TEXT_IDS = "; ids written as text (e.g. sku-4d2), hashed in the read and, in (a), by the same normalise()"
 COSTS_TARGET = "none, a diagnostic: the per-core CPU costs `docs/SCALING.md` sizes a cluster with"
 
 
 def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, batch_size: int, threads: int,
-               logit_dtype: str, shard_rows: int) -> dict:
-    """(a) One process, no Ray: read batches, run the teacher, write shards of about `shard_rows` rows."""
+               logit_dtype: str, shard_rows: int, plan=None) -> dict:
+    """(a) One process, no Ray: read batches, run the teacher, write shards of about `shard_rows` rows.
+
+    `plan`: a `Normaliser` (string ids): each batch is normalised as the pipeline's read does it, by the
+    same function (`pipeline.data.normalise`), timed on its own as "hash"."""
+    from pipeline.data.normalise import normalise
     from pipeline.features import table_to_inputs
     from pipeline.models import load_model
 
     torch.set_num_threads(threads)
     model, _, layout = load_model(teacher)
-    seconds = {"read": 0.0, "teacher": 0.0, "write": 0.0}
+    seconds = {"read": 0.0, "hash": 0.0, "teacher": 0.0, "write": 0.0}
     rows = 0
     started, cpu = time.perf_counter(), time.process_time()
     for day in days:
@@ -57,6 +65,11 @@ def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, ba
             if batch is None:
                 break
             table = pa.Table.from_batches([batch])
+            if plan is not None:
+                table = normalise(table, plan)
+                hashed = time.perf_counter()
+                seconds["hash"] += hashed - t1
+                t1 = hashed
             with torch.inference_mode():
                 logits = model(table_to_inputs(table, layout)).float().numpy()  # (B,)
             table = table.append_column("teacher_logit", pa.array(logits.astype(logit_dtype)))
@@ -147,6 +160,9 @@ def main() -> None:
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--logit-dtype", default="float32")
     parser.add_argument("--shard-rows", type=int, default=250_000)
+    parser.add_argument("--string-ids", action="store_true", help="the same log with its ids (row id, "
+                        "categorical ids, sequence items) written as text, hashed by the pipeline; recorded "
+                        "as label_throughput_string_ids")
     parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     parser.add_argument("--costs", action="store_true", help="only the per-step CPU cost (1 thread, first "
                         "1M rows): decode, teacher, write, in CPU seconds per million rows")
@@ -157,24 +173,28 @@ def main() -> None:
     load_before = os.getloadavg()
     data_root, days = common.click_log(args.rows, args.days)
     teacher = common.ensure_teacher()
+    if args.string_ids:
+        features = common.bench_spec(data_root, days, common.DATA / "runs").features
+        data_root = common.string_id_log(data_root, [features.id, *features.categorical], features.sequence.column)
     spec = common.bench_spec(data_root, days, common.DATA / "runs", label={
         "batch_size": args.batch_size, "actors": [args.actors, args.actors], "cpus_per_actor": args.threads,
         "logit_dtype": args.logit_dtype, "shard_rows": args.shard_rows})
+    plan = Normaliser.from_spec(spec) if args.string_ids else None
     columns = [spec.features.id, spec.features.label] + spec.features.input_columns()
     out = common.DATA / "label-out"
     shutil.rmtree(out, ignore_errors=True)
 
     bare = bare_label(data_root, days, teacher, columns, out / "bare", batch_size=args.batch_size,
-                      threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
+                      threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows, plan=plan)
     print(f"(a) bare: {bare}", flush=True)
     with common.reader_beside(sorted(data_root.rglob("*.parquet"))):
         beside = bare_label(data_root, days, teacher, columns, out / "bare-beside", batch_size=args.batch_size,
-                            threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
+                            threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows, plan=plan)
     print(f"(a') bare beside a reader: {beside}", flush=True)
     piped, again = pipeline_label(spec, teacher, out / "pipeline", days, args.num_cpus)
     print(f"(b) pipeline: {piped}\n(b) again: {again}", flush=True)
     after = bare_label(data_root, days, teacher, columns, out / "bare-after", batch_size=args.batch_size,
-                       threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows)
+                       threads=args.threads, logit_dtype=args.logit_dtype, shard_rows=args.shard_rows, plan=plan)
     print(f"(a) bare, after the pipeline runs: {after}", flush=True)
     assert bare["rows"] == piped["rows"] == again["rows"], (bare["rows"], piped["rows"], again["rows"])
     bench_results.publish(render(args, bare, after, beside, piped, again, load_before, os.getloadavg()),
@@ -208,6 +228,7 @@ def print_costs(args) -> None:
 def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict, load_before, load_after) -> dict:
     """The run as `bench_results.record`'s arguments: its figures, and its settings, table and ratios in Markdown."""
     rows = bare["rows"]
+    strings = args.string_ids
     # The bare loop before and after the pipeline runs: the machine's speed drifts over minutes (other
     # tenants), and the pipeline runs sit between the two.
     a = 2 * rows / (bare["seconds"] + after["seconds"])
@@ -218,13 +239,14 @@ def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict
                "(1-minute; other agents shared the machine, so not guaranteed idle)")
     lines = [
         f"Log: {rows:,} rows in {args.days} date= partition(s), files of up to 1M rows (synthetic, demo "
-        f"world); teacher: demo DCN-v2 (untrained); "
+        f"world{TEXT_IDS if strings else ''}); teacher: demo DCN-v2 (untrained); "
         f"batch {args.batch_size}, torch threads {args.threads}, actors {args.actors}, Ray num_cpus "
         f"{args.num_cpus}, logit {args.logit_dtype}, shard_rows {args.shard_rows:,}.",
         "",
         common.table([
             ("(a) bare loop, one process", f"{bare['seconds']:.1f}", f"{rows / bare['seconds']:,.0f}",
-             f"read {bare['read']:.1f} s, teacher {bare['teacher']:.1f} s, write {bare['write']:.1f} s"),
+             f"read {bare['read']:.1f} s, " + (f"hash {bare['hash']:.1f} s, " if strings else "")
+             + f"teacher {bare['teacher']:.1f} s, write {bare['write']:.1f} s"),
             ("(a) the same, after the (b) runs", f"{after['seconds']:.1f}", f"{rows / after['seconds']:,.0f}",
              f"teacher {after['teacher']:.1f} s; both (a) runs: {a:,.0f} rows/s, what the ratios divide by"),
             ("(a') the same, another process decoding the log on the other core (1 thread)",
@@ -251,11 +273,21 @@ def render(args, bare: dict, after: dict, beside: dict, piped: dict, again: dict
         f"{again['cpu'] * 1e6 / rows:.1f} run again; CPU-cost ratio a/b **{bare['cpu'] / piped['cpu']:.2f}**, "
         f"{bare['cpu'] / again['cpu']:.2f} run again.",
     ]
+    if strings:
+        share = (bare["hash"] + after["hash"]) / (bare["teacher"] + after["teacher"])
+        lines.append(f"Hashing the ids (normalise: the hash and the null fills) costs **{share:.1%}** of the "
+                     f"teacher's time per row in the bare loop (both (a) runs; target <= 10%): "
+                     f"{(bare['hash'] + after['hash']) * 1e6 / (2 * rows):.2f} s against "
+                     f"{(bare['teacher'] + after['teacher']) * 1e6 / (2 * rows):.2f} s per million rows.")
     figures = {"rows": rows, "bare": bare, "bare_after": after, "bare_beside_reader": beside, "pipeline": piped,
                "pipeline_again": again, "ratio_first_stage_after_ray_init": b_steady / a,
                "ratio_with_ray_init": b_total / a, "ratio_again_in_same_ray": b_again / a}
-    return {"benchmark": "label_throughput", "title": f"Label throughput: pipeline vs bare loop ({rows:,} rows)",
-            "command": common.command(), "machine": machine, "target": TARGET, "figures": figures,
+    name, title, target = "label_throughput", "Label throughput", TARGET
+    if strings:
+        figures["hash_share_of_teacher"] = share
+        name, title, target = f"{name}_string_ids", f"{title} with string ids", f"{TARGET}; {HASH_TARGET}"
+    return {"benchmark": name, "title": f"{title}: pipeline vs bare loop ({rows:,} rows)",
+            "command": common.command(), "machine": machine, "target": target, "figures": figures,
             "table_md": "\n".join(lines)}
 
 

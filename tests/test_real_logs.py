@@ -45,10 +45,15 @@ def test_string_id_hash_is_pinned_for_serving_systems():
     same = [pa.array([b"68fd1e64"]), pa.array(["68fd1e64"], pa.large_string()),
             pa.array(["68fd1e64"]).dictionary_encode(), pa.chunked_array([["x"], ["68fd1e64"]])]
     assert [as_int_ids(v).to_pylist()[-1] for v in same] == [4360171819779719520] * 4
+    # The shortcuts give the same ids: a row id hashed without looking for repeats, a sequence's empty items
+    values = pa.array(["68fd1e64", "", "a", None, "a"])
+    assert hash_string_ids(values, distinct=True).to_pylist() == hash_string_ids(values).to_pylist()
+    assert hash_string_ids(values, empty_is_null=True).to_pylist() == [
+        4360171819779719520, None, 6975175471489867752, None, 6975175471489867752]
 
 
 def test_int_ids_pass_through_and_nulls_become_the_missing_id():
-    assert as_int_ids(pa.array([7, None, 2**40], pa.int32() if False else pa.int64())).to_pylist() == [7, MISSING_ID, 2**40]
+    assert as_int_ids(pa.array([7, None, 2**40], pa.int64())).to_pylist() == [7, MISSING_ID, 2**40]
     assert as_int_ids(pa.array(["a", None])).to_pylist()[1] == MISSING_ID
     assert (hash_string_ids(pa.array([f"u{i}" for i in range(10_000)])).to_numpy() >= 0).all()
 

@@ -35,6 +35,7 @@ class Normaliser:
     sequence: str | None
     sequence_of: str | None  # the categorical column whose ids the sequence holds
     delimiter: str | None
+    row_id: str | None = None  # one of `ids`, all different: hashed without looking for repeats
 
     @classmethod
     def from_spec(cls, spec) -> Normaliser:
@@ -44,7 +45,7 @@ class Normaliser:
                    label=f.label, label_threshold=f.label_threshold,
                    sequence=f.sequence.column if f.sequence else None,
                    sequence_of=f.sequence.embedding_of if f.sequence else None,
-                   delimiter=f.sequence.delimiter if f.sequence else None)
+                   delimiter=f.sequence.delimiter if f.sequence else None, row_id=f.id)
 
 
 def normalise(table: pa.Table, plan: Normaliser) -> pa.Table:
@@ -55,7 +56,7 @@ def normalise(table: pa.Table, plan: Normaliser) -> pa.Table:
     for name in table.column_names:
         column = table.column(name)
         if name in plan.ids:
-            new = as_int_ids(column)
+            new = as_int_ids(column, distinct=name == plan.row_id)
         elif name in plan.dense:
             new = _dense(column, plan.dense_fill)
         elif name == plan.label and plan.label_threshold is not None:
@@ -88,8 +89,10 @@ def sequence_ids(column: pa.Array | pa.ChunkedArray, delimiter: str | None, text
     offsets = pc.subtract(values.offsets, values.offsets[0])  # a sliced list's offsets start past 0
     items = pc.list_flatten(values)
     if is_string_like(items.type):
-        items = pc.if_else(pc.equal(pc.utf8_length(items), 0), None, items)
-        items = hash_string_ids(items) if text_items else _parse_integers(items, name)
+        if text_items:
+            items = hash_string_ids(items, empty_is_null=True)
+        else:
+            items = _parse_integers(pc.if_else(pc.equal(pc.binary_length(items), 0), None, items), name)
     ids = pc.fill_null(pc.cast(items, pa.int64()), 0)
     return pa.ListArray.from_arrays(offsets, ids)
 
