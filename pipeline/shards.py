@@ -190,11 +190,16 @@ class ShardSet:
 
     @property
     def hidden_dim(self) -> int | None:
-        return self.days[0].hidden_dim
+        return self._with_rows.hidden_dim
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return self.days[0].columns
+        return self._with_rows.columns
+
+    @property
+    def _with_rows(self) -> Manifest:
+        """The first day with shards: a quiet day of a flat log has a manifest but no files, so no columns."""
+        return next((m for m in self.days if m.shards), self.days[0])
 
     @property
     def inputs(self) -> dict[str, dict]:

@@ -67,14 +67,15 @@ def test_taobao_csv_runs_with_the_features_inspect_proposes(ray_cluster, tmp_pat
 
 def test_movielens_flat_log_runs_on_days_from_its_timestamp(ray_cluster, tmp_path, monkeypatch):
     raw = _job("movielens", tmp_path, monkeypatch)
-    raw["data"] |= {"train_days": {"start": "2017-05-08", "end": "2017-05-14"},
+    # 2017-05-10 has no ratings: a quiet first day, whose manifest lists no shards, must not hide the others'.
+    raw["data"] |= {"train_days": {"start": "2017-05-10", "end": "2017-05-14"},
                     "eval_days": {"start": "2017-05-15", "end": "2017-05-31"}, "validation": {"days": 2}}
     spec = parse_spec(raw)
     metrics = run_job(spec)
     ratings = pq.read_table(SHARED / "movielens" / "ml_latest_small_ratings.parquet", columns=["timestamp", "rating"])
     days = np.array([dt.datetime.fromtimestamp(t, dt.timezone.utc).date() for t in ratings.column("timestamp").to_pylist()])
-    fit = [d for d in spec.data.fit_days()]
-    for day in fit:
+    assert _manifest(spec, "2017-05-10").input_rows == 0
+    for day in spec.data.fit_days():
         assert _manifest(spec, day.isoformat()).input_rows == int((days == day).sum())
     in_eval = (days >= dt.date(2017, 5, 15)) & (days <= dt.date(2017, 5, 31))
     assert metrics["eval"]["rows"] == int(in_eval.sum())
