@@ -95,6 +95,17 @@ def test_a_shard_set_is_every_day_its_manifests_list(old_day):
         "/runs/demo/shards/date=2026-11-01/data/a.parquet", 500)
 
 
+def test_a_quiet_first_day_does_not_hide_the_columns_of_the_days_after_it(tmp_path):
+    """A flat log's day without rows has a manifest with no shards, so no columns of its own."""
+    pq.write_table(pa.table({"clicked": [1, 0], "teacher_logit": np.zeros(2, "float32")}), tmp_path / "a.parquet")
+    teacher = TeacherIdentity.from_dict(OLD_MANIFEST["teacher"])
+    quiet, busy = (shards.build_manifest(teacher=teacher, label_fingerprint="x", spec_hash="y",
+                                         inputs={day: {"files": [], "rows": rows}}, shard_files=files)
+                   for day, rows, files in (("2026-11-01", 0, []), ("2026-11-02", 2, [str(tmp_path / "a.parquet")])))
+    assert quiet.columns == () and quiet.complete
+    assert ShardSet((quiet, busy)).columns == ("clicked", "teacher_logit") and ShardSet((quiet, busy)).total_rows == 2
+
+
 @pytest.mark.parametrize("targets, columns", [
     (SoftLabelTargets(), ["teacher_logit"]),
     (SoftLabelTargets(task="multiclass"), ["teacher_logits"]),
