@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import zoneinfo
 from typing import Literal
 
 from croniter import croniter
 from pydantic import Field, field_validator
 
-from pipeline.spec.base import Section
+from pipeline.spec.base import Section, time_zone
 
 
 class GateSpec(Section):
@@ -41,8 +40,4 @@ class ScheduleSpec(Section):
     @field_validator("timezone")
     @classmethod
     def _timezone(cls, name: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'") from None
-        return name
+        return time_zone(name)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.spec.base import Section
+from pipeline.spec.base import Section, time_zone
 from pipeline.spec.validation import DistillSearchSpec, EarlyStoppingSpec, ValidationSpec
 
 _CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
@@ -109,13 +109,7 @@ class DataSpec(Section):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, zone: str) -> str:
-        import zoneinfo
-
-        try:
-            zoneinfo.ZoneInfo(zone)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {zone!r}; use an IANA name such as UTC or Europe/Berlin") from None
-        return zone
+        return time_zone(zone)
 
     @model_validator(mode="after")
     def _disjoint(self) -> DataSpec:
