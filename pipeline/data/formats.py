@@ -128,6 +128,7 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
     files = list(dict.fromkeys(f for day in inputs for f in day.files))
     time = inputs[0].time if inputs else None
     wanted = list(dict.fromkeys([*columns, *([time.column] if time else [])]))
+    days = [d.day for d in inputs]
     paths, filesystem = storage.arrow_paths(files)  # on S3, carries the endpoint to Ray's readers
     if source.format == "parquet":
         with runtime.parquet_reader_v1():  # one read task per file: see clicklogs.read_named_files
@@ -135,16 +136,16 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
                                             columns=wanted)
         # A flat log's time window goes into the scan (Ray Data's predicate pushdown): row groups outside it
         # are not read.
-        pushdown = time.pushdown(file_schema(source, files[0]).field(time.column).type, [d.day for d in inputs]) \
-            if time is not None and files else None
-        if pushdown is not None:
-            dataset = dataset.filter(expr=pushdown)
+        if time is not None and files:
+            kind = file_schema(source, files[0]).field(time.column).type
+            if (pushdown := time.pushdown(kind, days)) is not None:
+                dataset = dataset.filter(expr=pushdown)
     else:
         dataset = ray.data.read_csv(paths, filesystem=filesystem, override_num_blocks=len(paths),
                                     file_extensions=None, **csv_options(source, wanted, rows))
     if time is not None:
         dataset = dataset.map_batches(keep_days, batch_format="pyarrow", zero_copy_batch=True,
-                                      fn_kwargs={"time": time, "days": [d.day for d in inputs], "columns": columns})
+                                      fn_kwargs={"time": time, "days": days, "columns": columns})
     return dataset
 
 
