@@ -32,3 +32,8 @@ class DataError(UserError):
 class WeakTeacher(Exception):
     """The teacher does not beat the hard-label student on validation by `distill.min_teacher_lift`: the run
     stops before labelling (exit 1; not a mistake in the spec, a verdict on the data and the teacher)."""
+
+
+class ParityError(Exception):
+    """An exported model does not compute what was evaluated (its logits differ from the eager model's beyond
+    the format's tolerance): nothing is published from it (exit 1; a fault of the export, not of the spec)."""

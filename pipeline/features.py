@@ -3,6 +3,9 @@
 A model input is a dict of three tensors: `categorical` (B, F) int64 raw ids, `dense` (B, D)
 float32, and, when the spec has a behaviour sequence, `sequence` (B, L) int64 with 0 as padding.
 Ids are hashed into buckets inside the model, so this module never needs a vocabulary.
+
+torch loads only in `table_to_inputs`: the stand-alone scorer (pipeline/serving.py) builds the same arrays
+with `table_to_arrays` and runs without torch.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,20 @@ class FeatureLayout:
         return list(self.categorical) + list(self.dense) + ([self.sequence] if self.sequence else [])
 
 
-def table_to_inputs(table: pa.Table, layout: FeatureLayout) -> dict[str, torch.Tensor]:
-    """Converts an Arrow batch into model inputs without per-row Python."""
-    inputs = {
-        "categorical": torch.from_numpy(_stack(table, layout.categorical, np.int64)),
-        "dense": torch.from_numpy(_stack(table, layout.dense, np.float32)),
-    }
+def table_to_inputs(table: pa.Table, layout: FeatureLayout) -> dict:
+    """Converts an Arrow batch into model inputs (tensors) without per-row Python."""
+    import torch
+
+    return {name: torch.from_numpy(array) for name, array in table_to_arrays(table, layout).items()}
+
+
+def table_to_arrays(table: pa.Table, layout: FeatureLayout) -> dict[str, np.ndarray]:
+    """The model inputs as numpy arrays: `categorical` (B, F) int64, `dense` (B, D) float32, `sequence` (B, L)."""
+    arrays = {"categorical": _stack(table, layout.categorical, np.int64),
+              "dense": _stack(table, layout.dense, np.float32)}
     if layout.sequence:
-        inputs["sequence"] = torch.from_numpy(_sequence(table.column(layout.sequence), layout.sequence_length))
-    return inputs
+        arrays["sequence"] = _sequence(table.column(layout.sequence), layout.sequence_length)
+    return arrays
 
 
 def _stack(table: pa.Table, names: tuple[str, ...], dtype) -> np.ndarray:

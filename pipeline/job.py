@@ -11,10 +11,12 @@ import contextlib
 import time
 
 from pipeline import report, runtime, storage
+from pipeline.errors import ParityError
 from pipeline.spec import JobSpec
-from pipeline.stages import click_logs, gate, label, profile, scoring, students, teacher
+from pipeline.stages import click_logs, export, gate, label, profile, scoring, students, teacher
 
-STAGES = 5
+STAGES = 6
+SPEC_FILE = "spec.json"  # the spec the run used, as resolved (`distill export RUN_DIR` reads it)
 
 
 def run_job(spec: JobSpec) -> dict:
@@ -27,6 +29,7 @@ def run_job(spec: JobSpec) -> dict:
         click_logs.check_inputs(spec)
     with runtime.ray_session(spec):
         spec = profile.data_aware_spec(spec)  # hash_buckets: auto sized from the click logs' distinct ids
+        storage.atomic_write_bytes(storage.join(spec.run_dir, SPEC_FILE), spec.model_dump_json(indent=2).encode())
         with _stage(2, _teacher_title(spec)):
             # one pass over the click logs trains the teachers and the hard-label student (the gate's baseline)
             teachers = teacher.ensure_teachers(spec, baseline=students.hard_baseline(spec))
@@ -38,10 +41,22 @@ def run_job(spec: JobSpec) -> dict:
             trained = students.train_students(spec, labelled.shard_set, hard)
         with _stage(5, "evaluate on held-out days"):
             metrics = scoring.evaluate_run(spec, teachers, trained, labelled, verdict)
+    failure = None
+    with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed"):
+        try:
+            metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"])
+        except ParityError as exc:  # the run's results stand; what failed is the artifact made of them
+            metrics["export"], failure = {"error": str(exc)}, exc
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
     report.write_report(spec.run_dir, metrics)
+    if failure:
+        raise failure
     return metrics
+
+
+def _checkpoints(metrics: dict) -> dict[str, str]:
+    return {name: m["checkpoint"] for name, m in metrics["models"].items() if m.get("checkpoint")}
 
 
 def _teacher_title(spec: JobSpec) -> str:

@@ -18,6 +18,7 @@ from pipeline.spec.sections import (
     DayRange,
     DistillSpec,
     EvalSpec,
+    ExportSpec,
     FeaturesSpec,
     LabelSpec,
     LRScheduleSpec,
@@ -31,7 +32,7 @@ from pipeline.spec.sections import (
 )
 
 __all__ = [
-    "STUDENT_MODELS", "TEACHER_MODELS", "DataSpec", "DayRange", "DistillSpec", "EvalSpec", "FeaturesSpec",
+    "STUDENT_MODELS", "TEACHER_MODELS", "DataSpec", "DayRange", "DistillSpec", "EvalSpec", "ExportSpec", "FeaturesSpec",
     "GateSpec", "JobSpec", "LRScheduleSpec", "LabelSpec", "ModelSpec", "OutputSpec", "RaySpec", "ScheduleSpec",
     "Section", "SequenceSpec", "StorageSpec", "StudentSpec", "SyntheticSpec", "TeacherSpec", "TrainSpec",
     "EarlyStoppingSpec", "ValidationSpec", "apply_override", "load_spec", "parse_spec",

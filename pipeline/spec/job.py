@@ -15,6 +15,7 @@ from pipeline.spec.sections import (
     DataSpec,
     DistillSpec,
     EvalSpec,
+    ExportSpec,
     FeaturesSpec,
     LabelSpec,
     OutputSpec,
@@ -36,6 +37,7 @@ class JobSpec(Section):
     label: LabelSpec = Field(default_factory=LabelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     ray: RaySpec = Field(default_factory=RaySpec)
     schedule: ScheduleSpec | None = None

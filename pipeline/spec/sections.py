@@ -221,6 +221,8 @@ class LabelSpec(Section):
     shard_rows: int = Field(250_000, ge=1, description="target rows per soft-label shard file")
     store_hidden: bool = Field(False, description="store the teacher's last hidden layer for hint losses")
     top_k: int | None = Field(None, ge=1, description="multiclass: keep only the top-k teacher logits per row")
+    runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="onnxruntime: the actors run the teacher exported to ONNX (parity-checked first)")
 
     @field_validator("actors")
     @classmethod
@@ -274,6 +276,32 @@ class EvalSpec(Section):
     bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the eval rows for the 95% "
                            "intervals of each model's AUC and of their differences; 0 disables")
     min_slice_positives: int = Field(50, ge=0, description="slices with fewer clicks are listed, not scored")
+
+
+class ExportSpec(Section):
+    """The serving artifacts `run` makes of the recommended student (pipeline/export.py), checked for parity
+    with the evaluated model, and the serving-speed table of the report."""
+
+    formats: list[Literal["onnx", "torchscript"]] = Field(["onnx", "torchscript"],
+                                                          description="export formats; [] exports nothing")
+    quantize: list[Literal["int8"]] = Field([], description="also export with weight-only INT8 embedding tables "
+                                            "(ONNX Runtime's quantiser), kept if the AUC loss is small enough")
+    max_quantized_auc_loss: float = Field(0.0005, ge=0, description="AUC a quantised export may lose on the "
+                                          "parity rows against the fp32 export")
+    parity_rows: int = Field(10_000, ge=100, description="evaluation rows the exported and eager logits are "
+                             "compared on")
+    threads: int = Field(1, ge=1, description="intra-op threads of ONNX Runtime and torch when serving is timed")
+    serving_batches: list[int] = Field([1, 64, 512, 4096], description="batch sizes of the serving-speed table; "
+                                       "[] skips it")
+    serving_runs: int = Field(200, ge=10, description="timed calls per batch size at batch 64 or less (fewer "
+                              "at larger batches)")
+
+    @field_validator("serving_batches")
+    @classmethod
+    def _positive(cls, batches: list[int]) -> list[int]:
+        if any(b < 1 for b in batches):
+            raise ValueError(f"batch sizes must be at least 1, got {batches}")
+        return batches
 
 
 class OutputSpec(Section):

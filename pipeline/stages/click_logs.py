@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline import storage
@@ -83,6 +84,22 @@ def sample_rows(spec: JobSpec, days: list[dt.date], columns: list[str], rows: in
     source = log_source(spec)
     first = next(iter(clicklogs.day_inputs(source, days).values())).files[0]
     return normalise(formats.head(source, first, rows).select(columns), Normaliser.from_spec(spec)).slice(0, rows)
+
+
+def raw_rows(spec: JobSpec, days: list[dt.date], columns: list[str], rows: int):
+    """Up to `rows` good rows of `columns` as the log holds them (not normalised), from the first rows of the
+    days' files, file after file: the parity check's rows and the kinds a signature records."""
+    from pipeline.data.row_rules import split_bad_rows
+
+    source, rules, parts, have = log_source(spec), validate.RowRules.from_spec(spec), [], 0
+    files = dict.fromkeys(f for day in clicklogs.day_inputs(source, days).values() for f in day.files)
+    for uri in files:  # a flat log lists the same file for every day: once
+        good, _ = split_bad_rows(formats.head(source, uri, rows - have).select(columns), rules)
+        parts.append(good)
+        have += good.num_rows
+        if have >= rows:
+            break
+    return pa.concat_tables(parts).slice(0, rows)
 
 
 def schema_names(spec: JobSpec, days: list[dt.date]) -> list[str]:

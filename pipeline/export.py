@@ -1,0 +1,243 @@
+"""A saved model as a serving artifact: ONNX (for ONNX Runtime) or TorchScript, its input contract
+(`signature.json`) and a parity check against the eager model it came from.
+
+The graph takes what the pipeline feeds a model: raw int64 ids (B, F), float32 dense values (B, D) and, with
+a behaviour sequence, int64 ids (B, L). The id hashing into buckets and the dense transform are inside the
+graph. What stays outside is written into the signature and done by `pipeline.serving.log_to_arrays`: string
+ids hashed by `pipeline.data.ids.hash_string_ids`, a null id as `MISSING_ID`, a null dense value as the fill.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import storage
+from pipeline.errors import UserError
+from pipeline.features import FeatureLayout
+from pipeline.models import ModelConfig
+from pipeline.serving import (INPUT_DTYPES, MODEL_FILES, OnnxModel, Predict, Signature, parity_report,
+                              write_signature)
+
+OPSET = 18  # the dynamo exporter's default; ONNX Runtime 1.31 runs it on every provider
+# Largest |logit difference| allowed against the eager model, per format (fp32). TorchScript runs the same
+# kernels as eager; ONNX Runtime fuses and reorders float sums, so it differs in the last bits.
+TOLERANCE = {"onnx": 1e-5, "torchscript": 1e-6}
+
+
+class ExportError(UserError):
+    """The model cannot be exported to the format asked for (an op the exporter does not know)."""
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One export: the artifact's bytes and its signature (written together by `write_export`)."""
+
+    model: bytes
+    signature: Signature
+
+
+class PositionalInputs(nn.Module):
+    """The model with one tensor argument per input: exporters take tensors, the models take a dict."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model(dict(zip(self.names, tensors)))
+
+
+def input_names(layout: FeatureLayout) -> tuple[str, ...]:
+    return ("categorical", "dense", "sequence") if layout.sequence else ("categorical", "dense")
+
+
+def example_inputs(layout: FeatureLayout, rows: int = 7) -> tuple[torch.Tensor, ...]:
+    """Inputs of the right dtypes and shapes (values do not matter: tracing follows no data-dependent branch)."""
+    tensors = {"categorical": torch.arange(rows * len(layout.categorical), dtype=torch.int64).reshape(rows, -1),
+               "dense": torch.ones(rows, len(layout.dense), dtype=torch.float32),
+               "sequence": torch.ones(rows, max(layout.sequence_length, 1), dtype=torch.int64)}
+    return tuple(tensors[name] for name in input_names(layout))
+
+
+def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, fmt: str, *,
+                 raw_columns: dict[str, str], dense_fill: float, sequence_delimiter: str | None,
+                 about: dict) -> Exported:
+    """Exports `model` (eval mode, CPU) to `fmt` with a dynamic batch size.
+
+    Args:
+        raw_columns: {log column: its kind} as the evaluation log holds them (`serving.column_kinds`), which
+            `distill score` demands of any log it scores.
+        about: what the signature records of the model (role, family, checkpoint hash, ...).
+    Raises:
+        ExportError: the exporter does not support an op of the model (named when the exporter names it).
+    """
+    if fmt not in MODEL_FILES:
+        raise ExportError(f"unknown export format {fmt!r}; choose one of {sorted(MODEL_FILES)}")
+    wrapped = PositionalInputs(model.eval(), input_names(layout)).eval()
+    exporter = _onnx_bytes if fmt == "onnx" else _torchscript_bytes
+    try:
+        data = exporter(wrapped, layout)
+    except ExportError:
+        raise
+    except Exception as exc:  # the exporters raise many types; the message names the op
+        raise ExportError(f"the {about.get('role', 'model')} ({config.model}) cannot be exported to {fmt}: "
+                          f"{_unsupported_op(exc)}. Export another format (--format), or replace that op "
+                          f"in the model") from None
+    signature = Signature(
+        format=fmt, file=MODEL_FILES[fmt], task="multiclass" if config.out_dim > 1 else "binary",
+        out_dim=config.out_dim, layout=layout.to_dict(), raw_columns=raw_columns, dense_fill=dense_fill,
+        sequence_delimiter=sequence_delimiter,
+        inputs=[{"name": name, "dtype": INPUT_DTYPES[name], "shape": _shape(name, layout)}
+                for name in input_names(layout)],
+        output={"name": "logit", "dtype": "float32", "shape": ["batch"] if config.out_dim == 1
+                else ["batch", config.out_dim]},
+        about=about | {"torch": torch.__version__, **({"opset": OPSET} if fmt == "onnx" else {})},
+    )
+    return Exported(model=data, signature=signature)
+
+
+def _shape(name: str, layout: FeatureLayout) -> list:
+    width = {"categorical": len(layout.categorical), "dense": len(layout.dense), "sequence": layout.sequence_length}
+    return ["batch", width[name]]
+
+
+def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
+    names = input_names(layout)
+    with warnings.catch_warnings(), _quiet_exporter():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(wrapped, example_inputs(layout), dynamo=True, opset_version=OPSET,
+                                    input_names=list(names), output_names=["logit"], external_data=False,
+                                    dynamic_shapes=(tuple({0: torch.export.Dim("batch")} for _ in names),),
+                                    verbose=False)
+    return program.model_proto.SerializeToString()
+
+
+def _torchscript_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is in maintenance; its deprecation notice is not news
+        traced = torch.jit.trace(wrapped, example_inputs(layout), check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter logs a line per torchvision op it skips, and its own progress: not for our users."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _unsupported_op(exc: BaseException) -> str:
+    """The op the exporter stopped at, e.g. 'aten.linalg_eig.default', with the exporter's first line."""
+    causes = [exc]
+    while causes[-1].__cause__ is not None and len(causes) < 5:
+        causes.append(causes[-1].__cause__)
+    text = "\n".join(f"{type(e).__name__}: {e}" for e in causes)
+    found = re.search(r"(aten[.:]{1,2}[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)", text)
+    deepest = f"{type(causes[-1]).__name__}: {causes[-1]}".strip().splitlines()[0][:300]
+    return f"op {found.group(1)} is not supported ({deepest})" if found else deepest
+
+
+def write_export(exported: Exported, out_dir: str) -> str:
+    """Writes the model file, then `signature.json` (a reader that finds the signature finds the model)."""
+    path = storage.join(out_dir, exported.signature.file)
+    storage.atomic_write_bytes(path, exported.model)
+    write_signature(exported.signature, out_dir)
+    return path
+
+
+def eager_logits(model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+    """The eager model's logits on numpy inputs, in batches (the reference for parity)."""
+    rows = len(arrays["categorical"])
+    out = []
+    with torch.inference_mode():
+        for start in range(0, rows, batch_size):
+            batch = {k: torch.from_numpy(v[start:start + batch_size]) for k, v in arrays.items()}
+            out.append(model.eval()(batch).float().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def check_parity(model: nn.Module, exported_logits: np.ndarray, arrays: dict[str, np.ndarray],
+                 labels: np.ndarray | None, fmt: str) -> dict:
+    """The exported model's logits against the eager model's on the same rows (see `serving.parity_report`)."""
+    return parity_report(eager_logits(model, arrays), exported_logits, labels, TOLERANCE[fmt])
+
+
+def quantize_embeddings(onnx_model: bytes) -> bytes:
+    """The ONNX model with weight-only INT8 embedding tables (ONNX Runtime's quantiser on the Gather ops: each
+    looked-up row is dequantised; the dense layers stay fp32). Embeddings are most of a CTR model's bytes."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load_from_string(onnx_model)
+    del model.graph.value_info[:]  # the exporter's intermediate shapes trip the quantiser's shape inference
+    with tempfile.TemporaryDirectory() as scratch, _quiet_quantiser():
+        out = os.path.join(scratch, "model.onnx")
+        quantize_dynamic(model, out, op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8)
+        with open(out, "rb") as handle:
+            return handle.read()
+
+
+@contextlib.contextmanager
+def _quiet_quantiser():
+    """The quantiser logs advice (pre-processing) that applies to convolutions, not to embedding lookups."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op threads set to `threads` for the block, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def eager_predictor(model: nn.Module) -> Predict:
+    """Calls the eager model on numpy inputs (what evaluation ran)."""
+    model.eval()
+
+    def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return model({k: torch.from_numpy(v) for k, v in arrays.items()}).numpy()
+
+    return predict
+
+
+def exported_predictor(exported: Exported, threads: int = 1) -> Predict:
+    """Calls an export on numpy inputs: ONNX Runtime for onnx, the TorchScript interpreter for torchscript."""
+    if exported.signature.format == "onnx":
+        return OnnxModel(exported.model, threads=threads)
+    module = torch.jit.load(io.BytesIO(exported.model), map_location="cpu")
+    names = [spec["name"] for spec in exported.signature.inputs]
+
+    def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return module(*[torch.from_numpy(arrays[name]) for name in names]).numpy()
+
+    return predict

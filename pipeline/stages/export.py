@@ -1,0 +1,193 @@
+"""Export stage: the recommended student (and the teacher) as serving artifacts, each checked for parity with
+the evaluated model on evaluation rows, plus the serving-speed table (eager, TorchScript, ONNX Runtime).
+
+Input: the spec and a model's checkpoint; output: `<run>/export/<model>/<format>/` (model file,
+`signature.json`, `parity.json`) and the run's `metrics["export"]`. A parity failure writes its report and
+raises `ParityError`: nothing is published from an export that does not compute what was evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.data.normalise import Normaliser, normalise
+from pipeline.errors import ParityError
+from pipeline.export import (Exported, check_parity, eager_predictor, export_model, exported_predictor,
+                             quantize_embeddings, torch_threads, write_export)
+from pipeline.features import FeatureLayout, table_to_arrays
+from pipeline.models import load_model
+from pipeline.serving import (OnnxModel, column_kinds, describe_parity_failure, measure_calls,
+                              predict_in_batches)
+from pipeline.shards import file_sha256
+from pipeline.spec import JobSpec
+from pipeline.stages.click_logs import raw_rows
+
+EXPORT_DIR = "export"
+SERVING_RUNTIMES = ("eager", "torchscript", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ParityRows:
+    """Evaluation rows as model inputs, their labels (binary) and the kinds of the log columns they came from."""
+
+    arrays: dict[str, np.ndarray]
+    labels: np.ndarray | None
+    kinds: dict[str, str]
+
+    @property
+    def rows(self) -> int:
+        return len(self.arrays["categorical"])
+
+
+def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None) -> ParityRows:
+    """Up to `export.parity_rows` good rows of the evaluation days."""
+    label = spec.features.label
+    raw = raw_rows(spec, spec.data.eval_days.days(), list(dict.fromkeys([label, *layout.columns])),
+                   rows or spec.export.parity_rows)
+    table = normalise(raw, Normaliser.from_spec(spec))
+    labels = table.column(label).to_numpy() if spec.features.task == "binary" else None
+    return ParityRows(table_to_arrays(table, layout), labels, column_kinds(raw.schema, layout))
+
+
+def export_dir(spec: JobSpec, name: str, fmt: str) -> str:
+    return storage.join(spec.run_dir, EXPORT_DIR, name, fmt)
+
+
+def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows: ParityRows,
+                      formats: list[str] | None = None) -> dict:
+    """Exports one saved model in each format (default: `export.formats`, then `export.quantize`), checking
+    each against the eager model on `rows`; returns {variant: {"dir", "bytes", "parity"}}.
+
+    Raises:
+        ParityError: an export's logits differ from the eager model's beyond the format's tolerance, or a
+            quantised one loses more AUC than `export.max_quantized_auc_loss`.
+    """
+    model, config, layout = load_model(checkpoint)
+    about = {"job": spec.name, "name": name, "role": role, "family": config.model, "checkpoint": checkpoint,
+             "checkpoint_sha256": file_sha256(checkpoint)}
+    sequence = spec.features.sequence
+    results = {}
+    for fmt in formats if formats is not None else spec.export.formats:
+        exported = export_model(model, config, layout, fmt, raw_columns=rows.kinds,
+                                dense_fill=spec.features.dense_fill,
+                                sequence_delimiter=sequence.delimiter if sequence else None, about=about)
+        with torch_threads(spec.export.threads):
+            logits = predict_in_batches(exported_predictor(exported, spec.export.threads), rows.arrays)
+            parity = check_parity(model, logits, rows.arrays, rows.labels, fmt)
+        results[fmt] = _keep(exported, export_dir(spec, name, fmt), parity, name)
+        if fmt == "onnx" and formats is None:
+            results |= _quantised(spec, name, exported, logits, rows)
+    return results
+
+
+def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
+    """Writes the export and its parity report, or only the report (and raises) when parity failed."""
+    storage.atomic_write_json(storage.join(directory, "parity.json"), parity)
+    if not parity["passed"]:
+        raise ParityError(describe_parity_failure(name, exported.signature.format, parity) +
+                          f"; the report is {storage.join(directory, 'parity.json')}")
+    write_export(exported, directory)
+    return {"dir": directory, "bytes": len(exported.model), "parity": parity}
+
+
+def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray, rows: ParityRows) -> dict:
+    """The INT8-embedding variant of an ONNX export, kept when it loses at most `max_quantized_auc_loss` AUC
+    against the fp32 export on the parity rows (a logit tolerance does not apply: it rounds on purpose)."""
+    results = {}
+    for mode in spec.export.quantize:
+        data = quantize_embeddings(fp32.model)
+        exported = Exported(model=data, signature=dataclasses.replace(fp32.signature, quantized=mode))
+        logits = predict_in_batches(OnnxModel(data, threads=spec.export.threads), rows.arrays)
+        report = _quantised_report(fp32_logits, logits, rows.labels, spec.export.max_quantized_auc_loss)
+        report |= {"bytes": len(data), "fp32_bytes": len(fp32.model)}
+        results[f"onnx-{mode}"] = _keep(exported, export_dir(spec, name, f"onnx-{mode}"), report, name)
+    return results
+
+
+def _quantised_report(fp32: np.ndarray, quantised: np.ndarray, labels: np.ndarray | None, max_loss: float) -> dict:
+    from pipeline import metrics
+
+    diff = np.abs(fp32.astype(np.float64) - quantised)
+    report = {"rows": len(diff), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+              "max_auc_loss": max_loss, "worst_rows": [], "tolerance": None}
+    if labels is None:  # multiclass: no AUC to hold it to; the logit drift is reported
+        return report | {"passed": True}
+    before, after = metrics.auc(labels, fp32), metrics.auc(labels, quantised)
+    return report | {"auc_fp32": before, "auc_quantized": after, "auc_loss": before - after,
+                     "passed": bool(before - after <= max_loss),
+                     "error": None if before - after <= max_loss else
+                     f"INT8 embeddings lose {before - after:.5f} AUC (> export.max_quantized_auc_loss {max_loss})"}
+
+
+def serving_speed(spec: JobSpec, checkpoints: dict[str, str], exports: dict[str, dict], rows: ParityRows) -> dict:
+    """{model: {runtime: {batch: {p50_ms, p99_ms, rows_per_s}}}} for eager PyTorch and each export, one call
+    at a time on `export.threads` intra-op threads, plus the ratios the issue's targets are stated in."""
+    if not spec.export.serving_batches:
+        return {}
+    table = {}
+    for name, checkpoint in checkpoints.items():
+        model, _, _ = load_model(checkpoint)
+        runtimes = {"eager": eager_predictor(model)}
+        for variant, export in exports.get(name, {}).items():
+            runtimes[_runtime_name(variant)] = _load_predictor(export["dir"], spec.export.threads)
+        with torch_threads(spec.export.threads):
+            table[name] = {runtime: measure_calls(predict, rows.arrays, spec.export.serving_batches,
+                                                  spec.export.serving_runs) for runtime, predict in runtimes.items()}
+    return {"threads": spec.export.threads, "models": table, "ratios": serving_ratios(table)}
+
+
+def _runtime_name(variant: str) -> str:
+    return {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8"}.get(variant, variant)
+
+
+def _load_predictor(directory: str, threads: int):
+    from pipeline.serving import read_signature
+
+    signature = read_signature(directory)
+    data = storage.read_bytes(storage.join(directory, signature.file))
+    return exported_predictor(Exported(model=data, signature=signature), threads)
+
+
+def serving_ratios(table: dict) -> dict:
+    """The student's speed-ups over the teacher: batch-1 p50 (student's best runtime vs the teacher's eager, and
+    runtime for runtime) and rows/s at batch 512 (each in its best runtime)."""
+    students = [n for n in table if n.startswith("student")]
+    if "teacher" not in table or not students:
+        return {}
+    teacher, student = table["teacher"], table[students[0]]
+    ratios = {"student": students[0]}
+    if "1" in teacher.get("eager", {}):
+        best = min(student, key=lambda r: student[r]["1"]["p50_ms"])
+        ratios["batch1_best_vs_teacher_eager"] = teacher["eager"]["1"]["p50_ms"] / student[best]["1"]["p50_ms"]
+        ratios["batch1_student_best_runtime"] = best
+        ratios["batch1_same_runtime"] = {r: teacher[r]["1"]["p50_ms"] / student[r]["1"]["p50_ms"]
+                                         for r in student if r in teacher}
+    if "512" in teacher.get("eager", {}):
+        fastest = {n: max(table[n], key=lambda r: table[n][r]["512"]["rows_per_s"]) for n in ("teacher", students[0])}
+        ratios["batch512_rows_per_s_best_vs_best"] = (student[fastest[students[0]]]["512"]["rows_per_s"] /
+                                                      teacher[fastest["teacher"]]["512"]["rows_per_s"])
+        ratios["batch512_best_runtimes"] = fastest
+    return ratios
+
+
+def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str) -> dict:
+    """The run's export: the recommended student in every format, the teacher (single teacher) for the serving
+    table; returns metrics["export"]. Raises ParityError (after writing the parity report)."""
+    if not spec.export.formats:
+        return {"recommended": recommended, "models": {}, "serving": {}}
+    _, _, layout = load_model(checkpoints[recommended])
+    rows = parity_rows(spec, layout)
+    targets = {recommended: checkpoints[recommended]}
+    if "teacher" in checkpoints and spec.export.serving_batches:
+        targets["teacher"] = checkpoints["teacher"]
+    exports = {}
+    for name, checkpoint in targets.items():
+        role = "teacher" if name == "teacher" else "student"
+        exports[name] = export_checkpoint(spec, name, role, checkpoint, rows,
+                                          formats=None if role == "student" else spec.export.formats)
+    return {"recommended": recommended, "rows": rows.rows, "models": exports,
+            "serving": serving_speed(spec, targets, exports, rows)}
