@@ -11,7 +11,7 @@ import time
 import zoneinfo
 
 from pipeline import registry, storage, submit
-from pipeline.errors import UserError, WeakTeacher
+from pipeline.errors import ParityError, UserError, WeakTeacher
 from pipeline.report import render_table, write_report
 from pipeline.schedule import data_date
 from pipeline.spec import load_spec
@@ -19,6 +19,7 @@ from pipeline.stages.click_logs import generate
 
 EXIT_USER_ERROR = 2
 EXIT_WEAK_TEACHER = 1
+EXIT_PARITY = 1  # an export that does not compute what was evaluated: a fault of the artifact, not of the spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: teacher gate: {exc}", file=sys.stderr)
         return EXIT_WEAK_TEACHER
+    except ParityError as exc:
+        if args.debug:
+            raise
+        print(f"error: export parity: {exc}", file=sys.stderr)
+        return EXIT_PARITY
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -74,9 +80,28 @@ def _parser() -> argparse.ArgumentParser:
     command("generate", _generate, "write the spec's synthetic click log (data.source: synthetic)")
     report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
+    _serving_commands(command)
     _cluster_commands(command)
     _nightly_commands(command)
     return parser
+
+
+def _serving_commands(command) -> None:
+    """`export` and `score`: the serving artifact of a finished run (pipeline/export.py, pipeline/serving.py)."""
+    export = command("export", _export, "export a finished run's model (default: the recommended student) to "
+                     "ONNX or TorchScript, checked for parity with the evaluated model", with_spec=False)
+    export.add_argument("run_dir", help="a finished run's directory (it holds spec.json and metrics.json)")
+    export.add_argument("--model", help="the model to export, e.g. teacher or student_hard (default: the "
+                        "recommended student)")
+    export.add_argument("--format", choices=["onnx", "torchscript"], help="default: every format of export.formats")
+    score = command("score", _score, "score a Parquet or CSV log with an exported ONNX model (ONNX Runtime and "
+                    "signature.json only; no torch)", with_spec=False)
+    score.add_argument("model_dir", help="an export directory: model.onnx and signature.json")
+    score.add_argument("log", help="a Parquet or CSV file, or a folder of them (local or s3://)")
+    score.add_argument("--out", required=True, help="the Parquet file to write: the log's rows plus logit "
+                       "(and probability for a binary model)")
+    score.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    score.add_argument("--delimiter", help="CSV field separator (default: ',', or a tab for .tsv)")
 
 
 def _nightly_commands(command) -> None:
@@ -190,6 +215,28 @@ def _report(args) -> int:
         raise UserError(f"{path} is not valid JSON ({exc}); rerun the job to rewrite it") from None
     print(write_report(args.run_dir, metrics))
     print(f"wrote {storage.join(args.run_dir, 'report.md')} and its plots under {storage.join(args.run_dir, 'plots')}")
+    return 0
+
+
+def _export(args) -> int:
+    from pipeline.stages.export import export_finished_run  # loads torch: only this command needs it
+
+    for variant, result in export_finished_run(args.run_dir, args.model, args.format).items():
+        parity = result["parity"]
+        figure = (f"max |logit diff| {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g})"
+                  if parity.get("tolerance") is not None else f"AUC loss {parity.get('auc_loss', 0):.5f}")
+        print(f"{variant}: {result['dir']} ({result['bytes']:,} bytes); parity on {parity['rows']:,} "
+              f"evaluation rows: {figure}")
+    return 0
+
+
+def _score(args) -> int:
+    from pipeline.serving import score_log
+
+    if args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    result = score_log(args.model_dir, args.log, args.out, threads=args.threads, delimiter=args.delimiter)
+    print(f"scored {result['rows']:,} rows from {result['files']} file(s) into {result['out']}")
     return 0
 
 

@@ -36,3 +36,17 @@ def wrong_shape(layout, out_dim: int = 1) -> nn.Module:
 
 def not_a_module(layout, out_dim: int = 1):
     return lambda inputs: inputs["dense"].sum(1)
+
+
+class RunningMax(TinyLinear):
+    """TinyLinear plus a running maximum over the fields (aten.cummax), which the ONNX exporter cannot convert."""
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids = torch.remainder(inputs["categorical"], self.rows)
+        pooled = self.embedding(ids).cummax(dim=1).values[:, -1]  # (B, width)
+        scores = self.head(torch.cat([pooled, inputs["dense"]], dim=1))
+        return scores.squeeze(-1) if self.out_dim == 1 else scores
+
+
+def running_max(layout, out_dim: int = 1) -> nn.Module:
+    return RunningMax(len(layout.dense), out_dim, width=4)

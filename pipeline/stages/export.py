@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
-from pipeline.errors import ParityError
+from pipeline.errors import ParityError, UserError
 from pipeline.export import (Exported, check_parity, eager_predictor, export_model, exported_predictor,
                              quantize_embeddings, torch_threads, write_export)
 from pipeline.features import FeatureLayout, table_to_arrays
@@ -53,11 +53,7 @@ def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None) -
     return ParityRows(table_to_arrays(table, layout), labels, column_kinds(raw.schema, layout))
 
 
-def export_dir(spec: JobSpec, name: str, fmt: str) -> str:
-    return storage.join(spec.run_dir, EXPORT_DIR, name, fmt)
-
-
-def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows: ParityRows,
+def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows: ParityRows, run_dir: str,
                       formats: list[str] | None = None) -> dict:
     """Exports one saved model in each format (default: `export.formats`, then `export.quantize`), checking
     each against the eager model on `rows`; returns {variant: {"dir", "bytes", "parity"}}.
@@ -69,7 +65,7 @@ def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows
     model, config, layout = load_model(checkpoint)
     about = {"job": spec.name, "name": name, "role": role, "family": config.model, "checkpoint": checkpoint,
              "checkpoint_sha256": file_sha256(checkpoint)}
-    sequence = spec.features.sequence
+    sequence, root = spec.features.sequence, storage.join(run_dir, EXPORT_DIR, name)
     results = {}
     for fmt in formats if formats is not None else spec.export.formats:
         exported = export_model(model, config, layout, fmt, raw_columns=rows.kinds,
@@ -78,9 +74,9 @@ def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows
         with torch_threads(spec.export.threads):
             logits = predict_in_batches(exported_predictor(exported, spec.export.threads), rows.arrays)
             parity = check_parity(model, logits, rows.arrays, rows.labels, fmt)
-        results[fmt] = _keep(exported, export_dir(spec, name, fmt), parity, name)
+        results[fmt] = _keep(exported, storage.join(root, fmt), parity, name)
         if fmt == "onnx" and formats is None:
-            results |= _quantised(spec, name, exported, logits, rows)
+            results |= _quantised(spec, name, exported, logits, rows, root)
     return results
 
 
@@ -94,17 +90,24 @@ def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
     return {"dir": directory, "bytes": len(exported.model), "parity": parity}
 
 
-def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray, rows: ParityRows) -> dict:
+def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray, rows: ParityRows,
+               root: str) -> dict:
     """The INT8-embedding variant of an ONNX export, kept when it loses at most `max_quantized_auc_loss` AUC
-    against the fp32 export on the parity rows (a logit tolerance does not apply: it rounds on purpose)."""
+    against the fp32 export on the parity rows (a logit tolerance does not apply: it rounds on purpose). One
+    that loses more is reported and not kept; the fp32 export stands either way."""
     results = {}
     for mode in spec.export.quantize:
-        data = quantize_embeddings(fp32.model)
-        exported = Exported(model=data, signature=dataclasses.replace(fp32.signature, quantized=mode))
-        logits = predict_in_batches(OnnxModel(data, threads=spec.export.threads), rows.arrays)
+        exported = Exported(model=quantize_embeddings(fp32.model),
+                            signature=dataclasses.replace(fp32.signature, quantized=mode))
+        logits = predict_in_batches(OnnxModel(exported.model, threads=spec.export.threads), rows.arrays)
         report = _quantised_report(fp32_logits, logits, rows.labels, spec.export.max_quantized_auc_loss)
-        report |= {"bytes": len(data), "fp32_bytes": len(fp32.model)}
-        results[f"onnx-{mode}"] = _keep(exported, export_dir(spec, name, f"onnx-{mode}"), report, name)
+        report |= {"bytes": len(exported.model), "fp32_bytes": len(fp32.model)}
+        directory = storage.join(root, f"onnx-{mode}")
+        storage.atomic_write_json(storage.join(directory, "parity.json"), report)
+        if report["passed"]:
+            write_export(exported, directory)
+        results[f"onnx-{mode}"] = {"dir": directory if report["passed"] else None, "kept": report["passed"],
+                                   "bytes": len(exported.model), "parity": report}
     return results
 
 
@@ -187,7 +190,38 @@ def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str) -> 
     exports = {}
     for name, checkpoint in targets.items():
         role = "teacher" if name == "teacher" else "student"
-        exports[name] = export_checkpoint(spec, name, role, checkpoint, rows,
+        exports[name] = export_checkpoint(spec, name, role, checkpoint, rows, spec.run_dir,
                                           formats=None if role == "student" else spec.export.formats)
     return {"recommended": recommended, "rows": rows.rows, "models": exports,
             "serving": serving_speed(spec, targets, exports, rows)}
+
+
+def read_run(run_dir: str) -> tuple[JobSpec, dict]:
+    """A finished run's resolved spec and metrics (what `distill export RUN_DIR` starts from)."""
+    from pipeline.job import SPEC_FILE
+
+    paths = {name: storage.join(run_dir, name) for name in (SPEC_FILE, "metrics.json")}
+    missing = [p for p in paths.values() if not storage.exists(p)]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run directory: {', '.join(missing)} not found (a run writes "
+                        f"{SPEC_FILE} when it starts and metrics.json when it ends; rerun `distill run` on a spec)")
+    spec = JobSpec.model_validate_json(storage.read_bytes(paths[SPEC_FILE]))
+    return spec, storage.read_json(paths["metrics.json"])
+
+
+def export_finished_run(run_dir: str, model: str | None = None, fmt: str | None = None) -> dict:
+    """`distill export`: exports `model` (default: the run's recommended student) of a finished run in `fmt`
+    (default: every format of the spec), parity-checked; records it in the run's metrics.json."""
+    spec, metrics = read_run(run_dir)
+    checkpoints = {n: m["checkpoint"] for n, m in metrics["models"].items() if m.get("checkpoint")}
+    name = model or metrics.get("selection", {}).get("recommended", "student_distilled")
+    if name not in checkpoints:
+        raise UserError(f"run {run_dir} has no model {name!r}; its models are {sorted(checkpoints)}")
+    _, _, layout = load_model(checkpoints[name])
+    rows = parity_rows(spec, layout)
+    role = "teacher" if metrics["models"][name].get("role") in ("teacher", "ensemble_member") else "student"
+    exported = export_checkpoint(spec, name, role, checkpoints[name], rows, run_dir, formats=[fmt] if fmt else None)
+    section = metrics.setdefault("export", {"recommended": metrics.get("selection", {}).get("recommended")})
+    section.setdefault("models", {}).setdefault(name, {}).update(exported)
+    storage.atomic_write_json(storage.join(run_dir, "metrics.json"), metrics)
+    return exported
