@@ -41,6 +41,7 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
         _agreement(models),
         _slices(metrics, task),
         _training(metrics["training"]),
+        _export(metrics.get("export")),
         _plot_links(plots if plots is not None else [f"{PLOTS_DIR}/{name}" for name in plot_names(metrics)]),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
@@ -231,6 +232,59 @@ def _training(training: dict[str, dict]) -> list[str]:
                  _count(final.get("rows_per_s")), _num(seconds or None, 1), _count(training[role].get("restarts"))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _export(export: dict | None) -> list[str]:
+    """The serving artifacts (parity, size) and the serving-speed table."""
+    if not export:
+        return []
+    if export.get("error"):
+        return ["## Serving artifact", "", f"- Export FAILED, nothing to publish: {export['error']}"]
+    lines = ["## Serving artifact", ""]
+    for name, variants in export.get("models", {}).items():
+        described = [_variant(variant, result) for variant, result in variants.items()]
+        lines.append(f"- {name}: " + "; ".join(described) + ".")
+    serving = export.get("serving") or {}
+    if serving.get("models"):
+        lines += ["", f"Serving speed, one call at a time on {serving['threads']} intra-op thread(s): p50 (p99) ms per "
+                  "call, rows/s.", "", *_serving_table(serving["models"]), *_serving_ratios(serving.get("ratios") or {})]
+    return lines
+
+
+def _variant(variant: str, result: dict) -> str:
+    parity = result["parity"]
+    if parity.get("tolerance") is None:  # a quantised variant: judged by its AUC loss
+        kept = "kept" if result.get("kept", True) else "NOT kept"
+        loss = f"AUC loss {parity['auc_loss']:+.5f} (budget {parity['max_auc_loss']})" if "auc_loss" in parity else ""
+        return f"{variant} {_count(result['bytes'])} bytes, {loss}, {kept}"
+    auc = f", AUC diff {parity['auc_abs_diff']:.1g}" if "auc_abs_diff" in parity else ""
+    return (f"{variant} {_count(result['bytes'])} bytes, parity on {_count(parity['rows'])} eval rows: max |logit "
+            f"diff| {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:g}){auc}")
+
+
+def _serving_table(models: dict) -> list[str]:
+    batches = next(iter(next(iter(models.values())).values())).keys()
+    lines = ["| model | runtime | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|---|" + "---:|" * len(batches)]
+    for name, runtimes in models.items():
+        for runtime, cells in runtimes.items():
+            row = [f"{c['p50_ms']:.3f} ({c['p99_ms']:.3f}), {_count(round(c['rows_per_s']))}/s" for c in cells.values()]
+            lines.append(f"| {name} | {runtime} | " + " | ".join(row) + " |")
+    return lines
+
+
+def _serving_ratios(ratios: dict) -> list[str]:
+    lines = []
+    if "batch1_best_vs_teacher_eager" in ratios:
+        same = ", ".join(f"{r} {v:.1f}x" for r, v in ratios["batch1_same_runtime"].items())
+        lines.append(f"- Batch 1: the student's p50 in its best runtime ({ratios['batch1_student_best_runtime']}) is "
+                     f"{ratios['batch1_best_vs_teacher_eager']:.1f}x lower than the teacher's in eager PyTorch; "
+                     f"runtime for runtime: {same}.")
+    if "batch512_rows_per_s_best_vs_best" in ratios:
+        best = ratios["batch512_best_runtimes"]
+        lines.append(f"- Batch 512: the student scores {ratios['batch512_rows_per_s_best_vs_best']:.1f}x the teacher's "
+                     f"rows/s, each in its best runtime ({', '.join(f'{k} {v}' for k, v in best.items())}).")
+    return [""] + lines if lines else []
 
 
 def _plot_links(paths: list[str]) -> list[str]:

@@ -52,6 +52,38 @@ def test_distilled_student_learns_and_is_smaller(finished_run):
 
 
 @pytest.mark.e2e
+def test_the_recommended_student_leaves_as_a_parity_checked_artifact(finished_run, tmp_path):
+    spec, metrics = finished_run
+    export, name = metrics["export"], metrics["selection"]["recommended"]
+    assert export["recommended"] == name and set(export["models"]) == {name, "teacher"}
+    for variant in ("onnx", "torchscript"):
+        parity = export["models"][name][variant]["parity"]
+        assert parity["passed"] and parity["rows"] == spec.data.synthetic.rows_per_day  # every eval row (< 10,000)
+        assert parity["max_scaled_diff"] <= 1e-5 and parity["auc_abs_diff"] <= 1e-6
+    int8 = export["models"][name]["onnx-int8"]
+    assert int8["kept"] and int8["parity"]["auc_loss"] <= 0.0005, int8["parity"]  # a trained student
+    assert int8["bytes"] < export["models"][name]["onnx"]["bytes"]
+    serving = export["serving"]["models"]
+    assert set(serving) == {name, "teacher"} and set(serving[name]) == {"eager", "torchscript", "onnxruntime",
+                                                                         "onnxruntime-int8"}
+    assert serving[name]["onnxruntime"]["512"]["rows_per_s"] > 0 and export["serving"]["ratios"]["student"] == name
+    # what the artifact scores is what was evaluated: the same AUC on the eval day, through `distill score`
+    out = tmp_path / "scored.parquet"
+    day = f"{spec.data.path}/date={spec.data.eval_days.start.isoformat()}"
+    assert main(["score", export["models"][name]["onnx"]["dir"], day, "--out", str(out)]) == 0
+    import pyarrow.parquet as pq
+
+    from pipeline.metrics import auc
+
+    scored = pq.read_table(out)
+    assert scored.num_rows == metrics["eval"]["rows"]
+    assert auc(scored.column("clicked").to_numpy(), scored.column("logit").to_numpy()) == pytest.approx(
+        metrics["models"][name]["auc"], abs=1e-6)
+    report = storage.read_bytes(storage.join(spec.run_dir, "report.md")).decode()
+    assert "## Serving artifact" in report and f"| {name} | onnxruntime |" in report
+
+
+@pytest.mark.e2e
 def test_outputs_written_and_consistent(finished_run):
     spec, metrics = finished_run
     on_disk = json.loads(storage.read_bytes(storage.join(spec.run_dir, "metrics.json")))

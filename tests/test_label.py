@@ -144,3 +144,32 @@ def test_row_checks_run_in_the_read_tasks_not_in_the_teacher_actors(labelled_set
     optimized = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
     assert "TaskPoolMapOperator[ReadParquet->MapBatches(prepare_batch)]" in optimized
     assert "ActorPoolMapOperator[MapBatches(TeacherPredictor)]" in optimized
+
+
+def test_onnxruntime_teacher_labels_every_row_as_the_eager_one_does(labelled_setup, tmp_path):
+    """label.runtime onnxruntime: rows in = rows out, logits within 1e-4 of the eager teacher's."""
+    import numpy as np
+    import torch
+
+    from pipeline.models import load_model
+
+    spec, teacher, shard_dir = labelled_setup
+    model, config, layout = load_model(teacher)
+    with torch.no_grad():  # weights spread like a trained teacher's, so that the logits are not all ~0
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(3))
+    save_model(teacher, model, config, layout)
+    eager = _shard_table(run_label_stage(spec, teacher, shard_dir).shard_set).sort_by("event_id")
+    ort_spec = spec.model_copy(update={"label": spec.label.model_copy(update={"runtime": "onnxruntime"})})
+    labelled = run_label_stage(ort_spec, teacher, shard_dir + "-ort")
+    onnx = _shard_table(labelled.shard_set).sort_by("event_id")
+    assert labelled.shard_set.total_rows == labelled.shard_set.input_rows == onnx.num_rows == 1400
+    assert onnx.column("event_id").to_pylist() == eager.column("event_id").to_pylist()
+    a, b = eager.column("teacher_logit").to_numpy(), onnx.column("teacher_logit").to_numpy()
+    assert a.std() > 0.2  # real spread, not a flat line that any runtime would match
+    assert np.max(np.abs(a - b) / np.maximum(1, np.abs(a))) <= 1e-4
+    export = tmp_path / "teacher-onnx"
+    assert (export / "model.onnx").exists() and (export / "parity.json").exists()
+    written = (export / "model.onnx").stat().st_mtime_ns
+    again = run_label_stage(ort_spec, teacher, shard_dir + "-ort2")  # new shards, same teacher: export reused
+    assert again.shard_set.total_rows == 1400 and (export / "model.onnx").stat().st_mtime_ns == written

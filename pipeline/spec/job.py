@@ -43,6 +43,17 @@ class JobSpec(Section):
     schedule: ScheduleSpec | None = None
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
+    def _onnxruntime_labelling(self) -> None:
+        """label.runtime onnxruntime runs the exported teacher's logits on CPU: nothing else of the teacher."""
+        label = self.label
+        if label.store_hidden:
+            raise ValueError("label.runtime onnxruntime exports the teacher's logits only; label.store_hidden "
+                             "needs its hidden layer: use label.runtime torch")
+        if label.gpus_per_actor > 0 or label.precision != "fp32":
+            raise ValueError("label.runtime onnxruntime runs the teacher on CPU in fp32 (the pinned onnxruntime "
+                             "has no GPU provider); set label.gpus_per_actor 0 and label.precision fp32, or use "
+                             "label.runtime torch for GPU labelling")
+
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
@@ -74,6 +85,8 @@ class JobSpec(Section):
                              "(e.g. {fraction: 0.1}) or remove distill.search")
         if self.distill.listwise_weight > 0 and not self.features.group:
             raise ValueError("distill.listwise_weight > 0 ranks items within features.group; set features.group")
+        if self.label.runtime == "onnxruntime":
+            self._onnxruntime_labelling()
         if self.label.top_k is not None and self.features.task != "multiclass":
             raise ValueError("label.top_k applies to task: multiclass only; remove it or set features.task")
         if self.label.top_k is not None and self.label.top_k >= (self.features.num_classes or 0):

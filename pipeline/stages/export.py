@@ -9,6 +9,8 @@ raises `ParityError`: nothing is published from an export that does not compute 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,18 +18,22 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
 from pipeline.errors import ParityError, UserError
-from pipeline.export import (Exported, check_parity, eager_predictor, export_model, exported_predictor,
-                             quantize_embeddings, torch_threads, write_export)
+from pipeline.export import (Exported, check_parity, eager_logits, eager_predictor, export_model,
+                             exported_predictor, quantize_embeddings, torch_threads, write_export)
 from pipeline.features import FeatureLayout, table_to_arrays
 from pipeline.models import load_model
-from pipeline.serving import (OnnxModel, column_kinds, describe_parity_failure, measure_calls,
-                              predict_in_batches)
+from pipeline.serving import (MODEL_FILES, SIGNATURE, OnnxModel, column_kinds, describe_parity_failure,
+                              measure_calls, parity_report, predict_in_batches, read_signature)
 from pipeline.shards import file_sha256
 from pipeline.spec import JobSpec
 from pipeline.stages.click_logs import raw_rows
 
 EXPORT_DIR = "export"
-SERVING_RUNTIMES = ("eager", "torchscript", "onnxruntime")
+# label.runtime onnxruntime: the soft labels' logits may differ from the eager teacher's by this much (relative
+# beyond |logit| 1), well below what a student can learn from, and above the fp32 export check's 1e-5.
+LABEL_TOLERANCE = 1e-4
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,11 @@ class ParityRows:
         return len(self.arrays["categorical"])
 
 
-def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None) -> ParityRows:
-    """Up to `export.parity_rows` good rows of the evaluation days."""
+def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None,
+                days: list[dt.date] | None = None) -> ParityRows:
+    """Up to `export.parity_rows` good rows of the evaluation days (or of `days`)."""
     label = spec.features.label
-    raw = raw_rows(spec, spec.data.eval_days.days(), list(dict.fromkeys([label, *layout.columns])),
+    raw = raw_rows(spec, days or spec.data.eval_days.days(), list(dict.fromkeys([label, *layout.columns])),
                    rows or spec.export.parity_rows)
     table = normalise(raw, Normaliser.from_spec(spec))
     labels = table.column(label).to_numpy() if spec.features.task == "binary" else None
@@ -148,8 +155,6 @@ def _runtime_name(variant: str) -> str:
 
 
 def _load_predictor(directory: str, threads: int):
-    from pipeline.serving import read_signature
-
     signature = read_signature(directory)
     data = storage.read_bytes(storage.join(directory, signature.file))
     return exported_predictor(Exported(model=data, signature=signature), threads)
@@ -225,3 +230,28 @@ def export_finished_run(run_dir: str, model: str | None = None, fmt: str | None 
     section.setdefault("models", {}).setdefault(name, {}).update(exported)
     storage.atomic_write_json(storage.join(run_dir, "metrics.json"), metrics)
     return exported
+
+
+def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[dt.date]) -> str:
+    """`label.runtime: onnxruntime`: the teacher exported to ONNX beside its checkpoint (`<name>-onnx/`), its
+    logits within LABEL_TOLERANCE of the eager teacher's on the first rows of `days`; reused while the
+    checkpoint is the same. Returns the export directory. Raises ParityError."""
+    directory, sha = checkpoint.removesuffix(".pt") + "-onnx", file_sha256(checkpoint)
+    if storage.exists(storage.join(directory, SIGNATURE)) and storage.exists(storage.join(directory, MODEL_FILES["onnx"])):
+        if read_signature(directory).about.get("checkpoint_sha256") == sha:
+            return directory
+    model, config, layout = load_model(checkpoint)
+    rows = parity_rows(spec, layout, days=days)
+    sequence = spec.features.sequence
+    exported = export_model(model, config, layout, "onnx", raw_columns=rows.kinds, dense_fill=spec.features.dense_fill,
+                            sequence_delimiter=sequence.delimiter if sequence else None,
+                            about={"job": spec.name, "name": name, "role": "teacher", "family": config.model,
+                                   "checkpoint": checkpoint, "checkpoint_sha256": sha})
+    with torch_threads(max(1, int(spec.label.cpus_per_actor))):
+        logits = predict_in_batches(OnnxModel(exported.model, threads=max(1, int(spec.label.cpus_per_actor))),
+                                    rows.arrays)
+        parity = parity_report(eager_logits(model, rows.arrays), logits, rows.labels, LABEL_TOLERANCE)
+    _keep(exported, directory, parity, f"teacher {name!r} for labelling")
+    log.info("label: teacher %s exported to ONNX for labelling (%s); parity on %d rows: max |logit diff| %.2g",
+             name, directory, parity["rows"], parity["max_abs_diff"])
+    return directory

@@ -24,8 +24,9 @@ import torch
 from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import DataError, UserError
-from pipeline.features import table_to_inputs
+from pipeline.features import table_to_arrays, table_to_inputs
 from pipeline.models import load_model
+from pipeline.serving import OnnxModel, read_signature
 from pipeline.shards import Manifest, ShardSet, TeacherIdentity, TeacherMember
 from pipeline.stages.click_logs import bad_rows_located, log_source, read_window
 
@@ -45,11 +46,17 @@ class TeacherPredictor:
 
     def __init__(self, checkpoints: dict[str, str], logit_dtype: str = "float32", threads: int = 1,
                  device: str = "cpu", keep_columns: list[str] | None = None, combine: Ensemble | None = None,
-                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32"):
+                 hidden: str | None = None, top_k: int | None = None, precision: str = "fp32",
+                 runtime: str = "torch"):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.models = {}
+        self.models, self.onnx = {}, {}
         for column, path in checkpoints.items():
+            if runtime == "onnxruntime":  # `path` is an export directory (pipeline/stages/export.py)
+                signature = read_signature(path)
+                self.onnx[column] = OnnxModel(storage.join(path, signature.file), threads=max(1, threads))
+                self.layout = signature.feature_layout
+                continue
             model, _, self.layout = load_model(path)  # every model of one job shares the feature layout
             self.models[column] = model.to(self.device)
         self.logit_dtype = np.dtype(logit_dtype)
@@ -57,11 +64,7 @@ class TeacherPredictor:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        inputs = table_to_inputs(batch, self.layout)
-        if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
-            inputs = {k: v.pin_memory() for k, v in inputs.items()}
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
-        outputs = self._predict(inputs)
+        outputs = self._predict_onnx(batch) if self.onnx else self._predict(self._tensors(batch))
         if self.combine:
             weights = self.combine.weights
             outputs[self.combine.column] = sum(w * outputs[c] for c, w in weights.items()) / sum(weights.values())
@@ -70,6 +73,16 @@ class TeacherPredictor:
             for name, array in self._to_arrow(column, values):
                 out = out.append_column(name, array)
         return out
+
+    def _tensors(self, batch: pa.Table) -> dict[str, torch.Tensor]:
+        inputs = table_to_inputs(batch, self.layout)
+        if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
+
+    def _predict_onnx(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        arrays = table_to_arrays(batch, self.layout)
+        return {column: model(arrays) for column, model in self.onnx.items()}
 
     def _predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         outputs = {}
@@ -134,7 +147,7 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
     clicklogs.check_columns(list(paths.values()), columns, source)
     teacher = teacher_identity(spec, teachers)
     fingerprint = spec.fingerprint("features", "label")
-    manifests, relabelled, reused = [], [], []
+    manifests, relabelled, reused, exported = [], [], [], None
     for day, path in paths.items():
         day_dir = storage.join(shard_root, f"date={day.isoformat()}")
         inputs = {day.isoformat(): clicklogs.partition_fingerprint(source, path)}
@@ -144,8 +157,10 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
             manifests.append(existing)
             reused.append(day.isoformat())
             continue
-        manifests.append(_label_partition(spec, day, day_dir, columns,
-                                          teacher=teacher, fingerprint=fingerprint, inputs=inputs))
+        if exported is None and spec.label.runtime == "onnxruntime":  # only when a day is to be labelled
+            exported = teachers_for_onnxruntime(spec, teacher, days)
+        manifests.append(_label_partition(spec, day, day_dir, columns, teacher=teacher, fingerprint=fingerprint,
+                                          inputs=inputs, exported=exported))
         relabelled.append(day.isoformat())
     log.info("label: %d day(s) labelled %s, %d reused %s", len(relabelled), relabelled, len(reused), reused)
     return Labelled(ShardSet(tuple(manifests)), relabelled, reused)
@@ -173,8 +188,10 @@ def teacher_identity(spec, teachers: dict[str, str]) -> TeacherIdentity:
                            combine=spec.distill.ensemble)
 
 
-def predictor_options(spec, teacher: TeacherIdentity) -> dict:
-    """TeacherPredictor arguments for labelling: one output column per member, plus the ensemble's target."""
+def predictor_options(spec, teacher: TeacherIdentity, exported: dict[str, str] | None = None) -> dict:
+    """TeacherPredictor arguments for labelling: one output column per member, plus the ensemble's target.
+
+    `exported`: {checkpoint: its parity-checked ONNX export directory}, for `label.runtime: onnxruntime`."""
     task = spec.features.task
     if len(teacher.members) == 1:
         checkpoints, combine = {shards.target_column(task): teacher.members[0].checkpoint}, None
@@ -182,13 +199,22 @@ def predictor_options(spec, teacher: TeacherIdentity) -> dict:
         checkpoints = {shards.member_column(task, m.name): m.checkpoint for m in teacher.members}
         combine = Ensemble(shards.target_column(task),
                            {shards.member_column(task, m.name): m.weight for m in teacher.members})
+    if spec.label.runtime == "onnxruntime":
+        checkpoints = {column: exported[path] for column, path in checkpoints.items()}
     return {"checkpoints": checkpoints, "combine": combine, "logit_dtype": spec.label.logit_dtype,
             "hidden": shards.TEACHER_HIDDEN if spec.label.store_hidden else None, "top_k": spec.label.top_k,
-            "precision": spec.label.precision}
+            "precision": spec.label.precision, "runtime": spec.label.runtime}
+
+
+def teachers_for_onnxruntime(spec, teacher: TeacherIdentity, days: list[dt.date]) -> dict[str, str]:
+    """{checkpoint: ONNX export directory} of every teacher member, parity-checked on the days' first rows."""
+    from pipeline.stages.export import export_for_labelling  # torch.onnx loads only for this runtime
+
+    return {m.checkpoint: export_for_labelling(spec, m.name, m.checkpoint, days) for m in teacher.members}
 
 
 def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, teacher: TeacherIdentity,
-                     fingerprint: str, inputs: dict) -> Manifest:
+                     fingerprint: str, inputs: dict, exported: dict[str, str] | None = None) -> Manifest:
     """Runs the teacher actor pool over one partition; the manifest is written last, after the row check:
     rows read = rows labelled + rows quarantined."""
     quarantine_dir = storage.join(quarantine_root(day_dir), f"date={day.isoformat()}")
@@ -199,7 +225,7 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
                                          inputs=inputs, shard_files=[], quarantine_files=[])
         shards.write_manifest(day_dir, manifest)
         return manifest
-    labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir)
+    labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir, exported)
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
         try:
@@ -225,11 +251,14 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
     return manifest
 
 
-def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: TeacherIdentity, quarantine_dir: str):
+def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: TeacherIdentity, quarantine_dir: str,
+                      exported: dict[str, str] | None = None):
     """One day's labelling as a lazy Ray Dataset: the Parquet read with the row checks fused into its tasks
     (bad rows quarantined, or the stage stopped), then the teacher actor pool."""
     dataset = read_window(spec, [day], columns, quarantine_dir=quarantine_dir)
-    return map_with_teachers(dataset, spec, predictor_options(spec, teacher))
+    if spec.label.runtime == "onnxruntime" and exported is None:
+        exported = teachers_for_onnxruntime(spec, teacher, [day])
+    return map_with_teachers(dataset, spec, predictor_options(spec, teacher, exported))
 
 
 def map_with_teachers(dataset, spec, predictor_kwargs: dict):
