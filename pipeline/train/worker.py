@@ -143,8 +143,21 @@ def _scores(y: np.ndarray, z: np.ndarray, task: str) -> dict:
         values = torch.tensor([metrics.auc(y, z), metrics.log_loss(y, z)], dtype=torch.float64)
         names = ("val_auc", "val_log_loss")
     if torch.distributed.is_initialized():
-        torch.distributed.broadcast(values, src=0)
+        values = _collective(torch.distributed.broadcast, values, src=0)
     return dict(zip(names, values.tolist())) | {"val_rows": int(len(y))}
+
+
+def _collective(op, tensor: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Runs a collective on a CPU tensor, through the GPU when the process group is NCCL's (which moves
+    only CUDA tensors; gloo moves CPU ones); returns the result on the CPU."""
+    if torch.distributed.get_backend() != "nccl":
+        op(tensor, **kwargs)
+        return tensor
+    import ray.train.torch
+
+    on_gpu = tensor.to(ray.train.torch.get_device())
+    op(on_gpu, **kwargs)
+    return on_gpu.cpu()
 
 
 def _engine(run: TrainingRun, resumed: bool):
@@ -204,7 +217,7 @@ def _epoch_stats(totals: torch.Tensor, seen: set[str], *, seconds: float, waits:
                  loop_cpu: float) -> dict:
     """An epoch's history entry: loss terms averaged over every worker's rows, and where the time went."""
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
+        totals = _collective(torch.distributed.all_reduce, totals)
     rows = max(totals[0].item(), 1.0)
     averages = {n: totals[1 + i].item() / rows if n in seen else None for i, n in enumerate(TERMS)}
     return {"rows": int(totals[0].item()), **averages, "seconds": seconds,
