@@ -116,7 +116,8 @@ def _nightly_commands(command) -> None:
     schedule.add_argument("--to", dest="end", type=_date, help="last day of the dry run (YYYY-MM-DD)")
     schedule.add_argument("--address", help="submit each cycle to this Ray cluster instead of running it here")
     registry = command("registry", _registry, "list, show, promote or roll back versions in the model registry")
-    registry.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    registry.add_argument("action", choices=["list", "show", "promote", "rollback"],
+                          help="show prints the version's MODEL_CARD.md")
     registry.add_argument("version", nargs="?", help="the version id (show, promote)")
 
 
@@ -366,7 +367,12 @@ def _registry(args) -> int:
     elif not args.version:
         raise UserError(f"`distill registry {args.action}` needs a version id (see `distill registry list`)")
     elif args.action == "show":
-        print(json.dumps(registry.show(root, model, args.version), indent=2, default=str))
+        details = registry.show(root, model, args.version)  # checks the version exists
+        card = registry.card(root, model, args.version)
+        problems = registry.export_problems(root, model, args.version)
+        print(card or json.dumps(details, indent=2, default=str))
+        print(f"version {args.version}: {details['path']}" + (" (CURRENT)" if details["current"] else "")
+              + (f"; cannot serve: {'; '.join(problems)}" if problems else ""))
     else:
         registry.promote(root, model, args.version, reason="manual promotion")
         print(f"CURRENT is now {args.version}")

@@ -1,9 +1,10 @@
 """One nightly re-distillation cycle for day D, and the scheduler loop that fires cycles on the cron.
 
 A cycle: label only the window's partitions without valid shards, train a challenger student on the
-window (warm-started from the champion), evaluate challenger and champion on day D (held out),
-publish the challenger to the registry and promote it only when it passes the gate, and write a cycle
-record. A finished cycle is never redone: rerunning a date returns its record.
+window (warm-started from the champion), evaluate challenger and champion on day D (held out), export the
+challenger (ONNX and the spec's formats, parity-checked on day D, with its MODEL_CARD.md), publish it to the
+registry and promote it only when it passes the gate, and write a cycle record. An export that fails parity
+publishes nothing. A finished cycle is never redone: rerunning a date returns its record.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ import logging
 import time
 
 from pipeline import registry, runtime, storage
-from pipeline.errors import UserError
+from pipeline.errors import ParityError, UserError
+from pipeline.model_card import render_card
 from pipeline.models import ModelConfig, load_model
 from pipeline.schedule import CycleLock, data_date, due_dates, fire_times
 from pipeline.spec import JobSpec
+from pipeline.serving import read_signature
 from pipeline.stages.click_logs import ensure_click_logs
+from pipeline.stages.export import export_checkpoint, parity_rows, registry_files, serving_speed
 from pipeline.stages.label import label_days
 from pipeline.stages.profile import data_aware_spec
 from pipeline.stages.scoring import evaluate_models
@@ -90,16 +94,40 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
                "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
                "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None,
                "student": kind}
+    record = {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
+              "teacher_sha256": teacher_sha, "version": version, "champion_before": champion,
+              "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
+              "student": kind}
+    try:
+        files, parity = _export_challenger(cycle, challenger, metrics["models"]["challenger"], lineage,
+                                           f"{model} {version}")
+    except ParityError as exc:  # nothing is published from an export that does not compute what was evaluated
+        return record | {"champion_after": champion, "decision": "rejected", "export": {"error": str(exc)},
+                         "reason": f"export parity failed, nothing published: {exc}"}
     registry.publish(root, model, version, {"model.pt": storage.read_bytes(challenger),
-                                            "spec.json": _spec_bytes(cycle)},
-                     {"metrics": metrics["models"]["challenger"], "lineage": lineage})
+                                            "spec.json": _spec_bytes(cycle), **files},
+                     {"metrics": metrics["models"]["challenger"], "lineage": lineage, "parity": parity})
     if decision != "rejected":
         registry.promote(root, model, version, reason)
-    return {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
-            "teacher_sha256": teacher_sha, "version": version,
-            "champion_before": champion, "champion_after": registry.current(root, model),
-            "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
-            "student": kind, "decision": decision, "reason": reason}
+    return record | {"champion_after": registry.current(root, model), "export": parity, "decision": decision,
+                     "reason": reason}
+
+
+def _export_challenger(cycle: JobSpec, challenger: str, metrics: dict, lineage: dict,
+                       title: str) -> tuple[dict[str, bytes], dict]:
+    """The challenger's exports (always ONNX, plus the spec's formats), parity-checked on the evaluation day,
+    as registry files with their parity record and MODEL_CARD.md. Raises ParityError."""
+    formats = list(dict.fromkeys(["onnx", *cycle.export.formats]))
+    cycle = cycle.model_copy(update={"export": cycle.export.model_copy(update={"formats": formats})})
+    _, _, layout = load_model(challenger)
+    rows = parity_rows(cycle, layout)
+    exports = export_checkpoint(cycle, "challenger", "student", challenger, rows, cycle.run_dir)
+    speed = serving_speed(cycle, {"challenger": challenger}, {"challenger": exports}, rows)
+    card = render_card(title=title, metrics=metrics, eval_days=[lineage["eval_day"]], exports=exports,
+                       serving=speed.get("models", {}).get("challenger", {}),
+                       signature=read_signature(exports["onnx"]["dir"]), lineage=lineage)
+    files, parity = registry_files(exports)
+    return files | {registry.CARD: card.encode()}, parity
 
 
 def _teacher(spec: JobSpec, cycle: JobSpec) -> str:

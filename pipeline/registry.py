@@ -1,22 +1,28 @@
 """Model registry on a local path or `s3://`: immutable versions plus an atomically replaced CURRENT.
 
 Layout:
-    <root>/<model>/versions/<id>/model.pt, spec.json, metrics.json, lineage.json, _COMPLETE
+    <root>/<model>/versions/<id>/model.pt, spec.json, metrics.json, lineage.json, parity.json, MODEL_CARD.md,
+                                 onnx/ (model.onnx, signature.json), torchscript/, ..., _COMPLETE
     <root>/<model>/CURRENT          the champion's version id (one small file, replaced atomically)
     <root>/<model>/HISTORY.json     every promotion and rollback, newest last
 
 A version is visible only once `_COMPLETE` is written (last); CURRENT is switched only after that,
-so a crash at any point leaves the old champion in place. No Ray.
+so a crash at any point leaves the old champion in place. CURRENT moves (promotion or rollback) only to a
+version whose exports passed parity and whose files are still the ones checked (`parity.json` holds each
+file's sha256). No Ray.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 from pipeline import storage
 from pipeline.errors import UserError
 
 COMPLETE = "_COMPLETE"
+PARITY = "parity.json"  # {"passed", "variants": {variant: {"passed", "file", "sha256", ...}}}
+CARD = "MODEL_CARD.md"
 
 
 class RegistryError(UserError):
@@ -69,6 +75,7 @@ def promote(root: str, model: str, version: str, reason: str) -> None:
     if not is_complete(root, model, version):
         known = ", ".join(list_versions(root, model)) or "none"
         raise RegistryError(f"version {version!r} of {model!r} is not in the registry at {root}; known: {known}")
+    _require_parity(root, model, version)
     previous = current(root, model)
     if previous == version:
         return
@@ -85,9 +92,42 @@ def rollback(root: str, model: str, reason: str = "manual rollback") -> str:
     if not earlier:
         raise RegistryError(f"{model!r} has no earlier champion to roll back to (CURRENT is {now!r})")
     target = earlier[0]
+    _require_parity(root, model, target)
     _append_history(root, model, {"action": "rollback", "version": target, "previous": now, "reason": reason})
     storage.atomic_write_text(storage.join(_model_dir(root, model), "CURRENT"), target + "\n")
     return target
+
+
+def export_problems(root: str, model: str, version: str) -> list[str]:
+    """Why `version` may not serve: no parity record, a variant that failed parity, or a file that is missing
+    or no longer the one checked (its sha256 differs). Empty when it may."""
+    directory = version_dir(root, model, version)
+    path = storage.join(directory, PARITY)
+    if not storage.exists(path):
+        return [f"it has no {PARITY} (no parity-checked export; versions published before exports have none)"]
+    problems = []
+    for variant, check in storage.read_json(path).get("variants", {}).items():
+        file = storage.join(directory, check["file"])
+        if not check.get("passed"):
+            problems.append(f"its {variant} export failed parity ({check.get('error') or 'see ' + PARITY})")
+        elif not storage.exists(file):
+            problems.append(f"its {variant} file {check['file']} is missing")
+        elif hashlib.sha256(storage.read_bytes(file)).hexdigest() != check["sha256"]:
+            problems.append(f"its {variant} file {check['file']} is not the one parity checked (sha256 differs: "
+                            "changed or corrupted after publishing)")
+    return problems
+
+
+def _require_parity(root: str, model: str, version: str) -> None:
+    problems = export_problems(root, model, version)
+    if problems:
+        raise RegistryError(f"version {version!r} of {model!r} cannot become CURRENT: {'; '.join(problems)}")
+
+
+def card(root: str, model: str, version: str) -> str | None:
+    """The version's MODEL_CARD.md, or None when it has none."""
+    path = storage.join(version_dir(root, model, version), CARD)
+    return storage.read_bytes(path).decode() if storage.exists(path) else None
 
 
 def show(root: str, model: str, version: str) -> dict:

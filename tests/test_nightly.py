@@ -29,6 +29,7 @@ def small_nightly(tmp) -> dict:
     raw["train"].update(batch_size=256, cpus_per_worker=0.5)
     raw["schedule"]["registry"] = str(tmp / "registry")
     raw["output"]["root"] = str(tmp / "runs")
+    raw["export"] = {"serving_batches": [1, 64], "serving_runs": 10}
     return raw
 
 
@@ -60,6 +61,17 @@ def nights(ray_cluster, tmp_path_factory):
     new_teacher = copy.deepcopy(raw)
     new_teacher["teacher"]["checkpoint"] = _random_teacher(spec, tmp)
     out[5] = run_cycle(parse_spec(new_teacher), NIGHT[4])
+    # An export runtime that is subtly wrong: parity fails, and nothing may be published.
+    import numpy as np
+
+    import pipeline.stages.export as stage
+
+    real = stage.exported_predictor
+    out["champion_before_bad_export"] = registry.current(spec.schedule.registry, "nightly")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage, "exported_predictor", lambda exported, threads=1: (
+            lambda arrays: real(exported, threads)(arrays) + np.float32(1e-3)))
+        out["bad_export"] = run_cycle(spec, NIGHT[5])
     return out
 
 
@@ -129,3 +141,34 @@ def test_cycle_records_and_registry_lineage(nights):
     assert shown["lineage"]["train_days"] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert shown["lineage"]["eval_day"] == "2026-11-04"
     assert shown["metrics"]["auc"] == pytest.approx(nights[1]["challenger"]["auc"])
+
+
+def test_each_version_ships_parity_checked_exports_and_a_model_card(nights, tmp_path, capsys):
+    from pipeline.cli import main
+
+    spec, version = nights["spec"], nights[1]["version"]
+    directory = registry.version_dir(spec.schedule.registry, "nightly", version)
+    for name in ("model.pt", "onnx/model.onnx", "onnx/signature.json", "torchscript/model.ts", "MODEL_CARD.md",
+                 "parity.json"):
+        assert storage.exists(storage.join(directory, name)), name
+    parity = registry.show(spec.schedule.registry, "nightly", version)["parity"]
+    assert parity["passed"] and parity["variants"]["onnx"]["max_abs_diff"] <= 1e-5
+    assert parity["variants"]["onnx"]["rows"] == 3000  # the whole evaluation day
+    assert registry.export_problems(spec.schedule.registry, "nightly", version) == []
+    spec_file = tmp_path / "nightly.yaml"
+    spec_file.write_text(yaml.safe_dump(nights["raw"]))
+    assert main(["registry", str(spec_file), "show", version]) == 0
+    card = capsys.readouterr().out
+    for heading in (f"# nightly {version}", "## Inputs", "## Metrics on the evaluation days", "## Parity",
+                    "## Latency", "## Size", "## Lineage"):
+        assert heading in card, heading
+    assert "| hist_item_ids | list<integer> | sequence |" in card and "Evaluated on: 2026-11-04" in card
+
+
+def test_an_export_failing_parity_publishes_nothing(nights):
+    bad, spec = nights["bad_export"], nights["spec"]
+    assert bad["decision"] == "rejected" and "export parity failed, nothing published" in bad["reason"]
+    assert "max |logit diff| 0.001" in bad["reason"]
+    assert bad["version"] not in registry.list_versions(spec.schedule.registry, "nightly")
+    assert bad["champion_after"] == nights["champion_before_bad_export"] == registry.current(
+        spec.schedule.registry, "nightly")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from pipeline import registry, storage
@@ -12,9 +14,15 @@ def root(tmp_path) -> str:
     return str(tmp_path / "registry")
 
 
-def _publish(root: str, version: str, auc: float = 0.7) -> str:
-    return registry.publish(root, "ctr", version, {"model.pt": b"weights-" + version.encode()},
-                            {"metrics": {"auc": auc}, "lineage": {"teacher_sha256": "abc"}})
+def _parity(files: dict[str, bytes], passed: bool = True) -> dict:
+    return {"passed": passed, "variants": {"onnx": {"passed": passed, "file": "onnx/model.onnx",
+                                                    "sha256": hashlib.sha256(files["onnx/model.onnx"]).hexdigest()}}}
+
+
+def _publish(root: str, version: str, auc: float = 0.7, passed: bool = True) -> str:
+    files = {"model.pt": b"weights-" + version.encode(), "onnx/model.onnx": b"onnx-" + version.encode()}
+    return registry.publish(root, "ctr", version, files, {"metrics": {"auc": auc}, "lineage": {"teacher_sha256": "abc"},
+                                                          "parity": _parity(files, passed)})
 
 
 def test_publish_writes_a_complete_version(root):
@@ -73,3 +81,30 @@ def test_crash_between_publish_and_switch_keeps_the_old_champion(root, monkeypat
     monkeypatch.undo()
     assert registry.current(root, "ctr") == "v1"
     assert not [p for p in storage.list_dir(storage.join(root, "ctr")) if p.startswith(".tmp")]
+
+
+def test_current_moves_only_to_a_version_whose_export_passed_parity(root):
+    _publish(root, "v1")
+    registry.promote(root, "ctr", "v1", "first")
+    _publish(root, "v2", passed=False)
+    with pytest.raises(registry.RegistryError, match="'v2' of 'ctr' cannot become CURRENT: its onnx export failed parity"):
+        registry.promote(root, "ctr", "v2", "manual")
+    registry.publish(root, "ctr", "v3", {"model.pt": b"w"}, {"metrics": {}})  # an old-style version, no export
+    with pytest.raises(registry.RegistryError, match="has no parity.json"):
+        registry.promote(root, "ctr", "v3", "manual")
+    assert registry.current(root, "ctr") == "v1" and [e["version"] for e in registry.history(root, "ctr")] == ["v1"]
+
+
+def test_a_corrupted_export_cannot_be_promoted_or_rolled_back_to(root):
+    first = _publish(root, "v1")
+    registry.promote(root, "ctr", "v1", "first")
+    _publish(root, "v2")
+    registry.promote(root, "ctr", "v2", "second")
+    storage.atomic_write_bytes(storage.join(first, "onnx/model.onnx"), b"onnx-v1 but one byte changed")
+    assert "not the one parity checked" in registry.export_problems(root, "ctr", "v1")[0]
+    with pytest.raises(registry.RegistryError, match="sha256 differs"):
+        registry.rollback(root, "ctr")
+    assert registry.current(root, "ctr") == "v2"
+    storage.remove_tree(storage.join(first, "onnx"))
+    with pytest.raises(registry.RegistryError, match="onnx/model.onnx is missing"):
+        registry.promote(root, "ctr", "v1", "manual")

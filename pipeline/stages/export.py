@@ -9,6 +9,7 @@ raises `ParityError`: nothing is published from an export that does not compute 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime as dt
 import logging
 from dataclasses import dataclass
@@ -255,3 +256,23 @@ def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[d
     log.info("label: teacher %s exported to ONNX for labelling (%s); parity on %d rows: max |logit diff| %.2g",
              name, directory, parity["rows"], parity["max_abs_diff"])
     return directory
+
+
+def registry_files(exports: dict) -> tuple[dict[str, bytes], dict]:
+    """A registry version's files from an export ({variant: result}): `<variant>/<model file>` and
+    `<variant>/signature.json` of each kept variant, and the parity record that names each file with its sha256
+    (what `registry.promote` checks before CURRENT may point at the version)."""
+    files, variants = {}, {}
+    for variant, result in exports.items():
+        if not result.get("kept", True):  # a quantised variant over its AUC budget: not published
+            continue
+        signature = read_signature(result["dir"])
+        data = storage.read_bytes(storage.join(result["dir"], signature.file))
+        files[f"{variant}/{signature.file}"] = data
+        files[f"{variant}/{SIGNATURE}"] = storage.read_bytes(storage.join(result["dir"], SIGNATURE))
+        parity = result["parity"]
+        variants[variant] = {"passed": parity["passed"], "file": f"{variant}/{signature.file}",
+                             "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                             **{k: parity[k] for k in ("rows", "max_abs_diff", "tolerance", "auc_abs_diff",
+                                                       "auc_loss") if k in parity}}
+    return files, {"passed": all(v["passed"] for v in variants.values()), "variants": variants}
