@@ -297,3 +297,22 @@ def test_cli_validate_exits_2_on_yaml_errors_and_non_mappings(tmp_path, capsys):
     assert main(["validate", str(broken)]) == 2 and main(["validate", str(listed)]) == 2
     err = capsys.readouterr().err
     assert "YAML syntax error at line 3, column 1" in err and "got list" in err and "Traceback" not in err
+
+
+def test_onnxruntime_labelling_refuses_what_it_cannot_do(raw):
+    raw["label"]["runtime"] = "onnxruntime"
+    assert parse_spec(raw).label.runtime == "onnxruntime"
+    _error(copy.deepcopy(raw) | {"label": raw["label"] | {"gpus_per_actor": 1}}, r"runs the teacher on CPU in fp32")
+    _error(copy.deepcopy(raw) | {"label": raw["label"] | {"store_hidden": True}}, r"exports the teacher's logits only")
+    _error(copy.deepcopy(raw) | {"label": raw["label"] | {"runtime": "tensorrt"}}, r"label\.runtime")
+
+
+def test_export_section_names_its_choices(raw):
+    raw["export"] = {"formats": ["onnx", "tflite"]}
+    assert "onnx" in _error(raw, r"export\.formats") and "torchscript" in _error(raw, r"export\.formats")
+    raw["export"] = {"serving_batches": [1, 0]}
+    _error(raw, r"export\.serving_batches.*at least 1")
+    raw["export"] = {"quantize": ["int4"]}
+    _error(raw, r"export\.quantize")
+    raw["export"] = {"formats": []}
+    assert parse_spec(raw).export.formats == []

@@ -1,0 +1,150 @@
+"""Serving speed, side by side in one process: the demo's teacher and student in eager PyTorch, TorchScript and
+ONNX Runtime (and the student with INT8 embeddings), per call at batch 1, 64, 512 and 4096, one call at a time
+on one intra-op thread; then where the student's ONNX Runtime time goes at batch 512 (per-op profile).
+
+The models are the demo's architectures, untrained (weights do not change speed), exported by the pipeline's own
+code (`pipeline.export`) and timed by `pipeline.serving.measure_calls` on rows of a demo-world log.
+
+    .venv/bin/python bench/serving.py               # recorded (bench/results.py)
+    .venv/bin/python bench/serving.py --no-append   # prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+import torch
+
+import common
+import results as bench_results
+from pipeline.export import Exported, eager_predictor, export_model, exported_predictor, quantize_embeddings
+from pipeline.features import table_to_arrays
+from pipeline.models import count_parameters, load_model
+from pipeline.serving import measure_calls
+
+BATCHES = [1, 64, 512, 4096]
+TARGET = ("student's batch-1 p50 in its best runtime >= 10x lower than the teacher's in eager PyTorch; at batch 512 "
+          "the student's rows/s >= 15x the teacher's, each in its best runtime")
+
+
+def runtimes(role: str, arrays: dict, threads: int) -> tuple[dict, dict]:
+    """{runtime: predict} for one demo model, and its sizes."""
+    model, config, layout = load_model(common.ensure_teacher(role))
+    exports = {fmt: export_model(model, config, layout, fmt, raw_columns={}, dense_fill=0.0, sequence_delimiter=None,
+                                 about={"role": role}) for fmt in ("torchscript", "onnx")}
+    predictors = {"eager": eager_predictor(model), "torchscript": exported_predictor(exports["torchscript"], threads),
+                  "onnxruntime": exported_predictor(exports["onnx"], threads)}
+    sizes = {"params": count_parameters(model)["total"], "onnx_bytes": len(exports["onnx"].model)}
+    if role == "student":
+        int8 = quantize_embeddings(exports["onnx"].model)
+        predictors["onnxruntime-int8"] = exported_predictor(Exported(int8, exports["onnx"].signature), threads)
+        sizes["onnx_int8_bytes"] = len(int8)
+        reference = predictors["eager"](arrays)
+        sizes["int8_max_abs_diff"] = float(np.abs(predictors["onnxruntime-int8"](arrays) - reference).max())
+    return predictors, sizes | {"onnx_model": exports["onnx"].model}
+
+
+def op_profile(onnx_model: bytes, arrays: dict, batch: int, threads: int, calls: int = 200) -> list[tuple[str, float]]:
+    """(op type, share of kernel time) of an ONNX model at `batch`, from ONNX Runtime's profiler."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling = True
+    options.profile_file_prefix = str(common.DATA / "ort-profile")
+    session = ort.InferenceSession(onnx_model, options, providers=["CPUExecutionProvider"])
+    inputs = {k: np.ascontiguousarray(v[:batch]) for k, v in arrays.items()}
+    for _ in range(calls):
+        session.run(None, inputs)
+    path = session.end_profiling()
+    spent = collections.Counter()
+    with open(path) as handle:
+        for event in json.load(handle):
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                spent[event["args"]["op_name"]] += event["dur"]
+    os.remove(path)
+    total = sum(spent.values())
+    return [(op, us / total) for op, us in spent.most_common(8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of torch and ONNX Runtime")
+    parser.add_argument("--runs", type=int, default=400, help="timed calls at batch <= 64 (fewer at larger batches)")
+    parser.add_argument("--no-append", action="store_true", help="print only; record nothing")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    root, days = common.click_log(100_000, 1)
+    table = pq.read_table(sorted((root / f"date={days[0].isoformat()}").glob("*.parquet"))[0]).slice(0, max(BATCHES))
+    measured, sizes, profiles = {}, {}, {}
+    for role in ("teacher", "student"):
+        _, _, layout = load_model(common.ensure_teacher(role))
+        arrays = table_to_arrays(table, layout)
+        predictors, sizes[role] = runtimes(role, arrays, args.threads)
+        measured[role] = {name: measure_calls(predict, arrays, BATCHES, args.runs) for name, predict in predictors.items()}
+        profiles[role] = op_profile(sizes[role].pop("onnx_model"), arrays, 512, args.threads)
+        print(role, {r: {b: round(c["p50_ms"], 4) for b, c in cells.items()} for r, cells in measured[role].items()},
+              flush=True)
+    bench_results.publish(render(args, measured, sizes, profiles, load_before, os.getloadavg()), dry_run=args.no_append)
+
+
+def ratios(measured: dict) -> dict:
+    teacher, student = measured["teacher"], measured["student"]
+    best1 = min(student, key=lambda r: student[r]["1"]["p50_ms"])
+    best512 = {role: max(cells, key=lambda r: cells[r]["512"]["rows_per_s"]) for role, cells in measured.items()}
+    return {"batch1_best_vs_teacher_eager": teacher["eager"]["1"]["p50_ms"] / student[best1]["1"]["p50_ms"],
+            "batch1_student_best": best1,
+            "batch1_same_runtime": {r: teacher[r]["1"]["p50_ms"] / student[r]["1"]["p50_ms"] for r in teacher},
+            "batch512_best_vs_best": (student[best512["student"]]["512"]["rows_per_s"] /
+                                      teacher[best512["teacher"]]["512"]["rows_per_s"]),
+            "batch512_best": best512}
+
+
+def render(args, measured: dict, sizes: dict, profiles: dict, load_before, load_after) -> dict:
+    found = ratios(measured)
+    rows = []
+    for role, cells in measured.items():
+        for runtime, batches in cells.items():
+            rows.append((role, runtime, *(f"{c['p50_ms']:.3f} / {c['p99_ms']:.3f} ms, {c['rows_per_s']:,.0f}/s"
+                                          for c in batches.values())))
+    same = ", ".join(f"{r} {v:.1f}x" for r, v in found["batch1_same_runtime"].items())
+    student_ops = ", ".join(f"{op} {share:.0%}" for op, share in profiles["student"])
+    teacher_ops = ", ".join(f"{op} {share:.0%}" for op, share in profiles["teacher"])
+    lines = [
+        f"Demo teacher (DCN-v2, {sizes['teacher']['params']:,} parameters, ONNX {sizes['teacher']['onnx_bytes']:,} "
+        f"bytes) and student (MLP, {sizes['student']['params']:,} parameters, ONNX {sizes['student']['onnx_bytes']:,} "
+        f"bytes, {sizes['student']['onnx_int8_bytes']:,} with INT8 embeddings), untrained; rows of a demo-world log; "
+        f"{args.threads} intra-op thread(s); one call at a time, p50 / p99 per call and rows/s.",
+        "",
+        common.table(rows, ("model", "runtime", *(f"batch {b}" for b in BATCHES)), left=2),
+        "",
+        f"- Batch 1: the student's p50 in its best runtime ({found['batch1_student_best']}) is "
+        f"**{found['batch1_best_vs_teacher_eager']:.1f}x** lower than the teacher's in eager PyTorch (target >= 10x); "
+        f"runtime for runtime: {same}. At batch 1 both models sit near each runtime's per-call floor.",
+        f"- Batch 512: the student scores **{found['batch512_best_vs_best']:.1f}x** the teacher's rows/s, each in its "
+        f"best runtime ({', '.join(f'{k} {v}' for k, v in found['batch512_best'].items())}) (target >= 15x).",
+        f"- Where ONNX Runtime spends the student's time at batch 512 (kernel time by op type): {student_ops}. The "
+        f"teacher's: {teacher_ops}.",
+        f"- INT8 embeddings: max |logit diff| {sizes['student']['int8_max_abs_diff']:.2g} against eager on these rows "
+        "(untrained weights; the AUC check is the run's, on evaluation days).",
+    ]
+    notes = ("The student's ONNX graph is mostly its input path: the id hash (int64 Mul, Mod, the arithmetic-shift "
+             "emulation and Xor), the embedding Gathers and the masked mean over the behaviour sequence, the same "
+             "work per id the teacher does; its MLP (FusedGemm) is a few per cent of it. That shared per-id work bounds "
+             "the batch-512 ratio, and on those int64 element-wise ops ONNX Runtime's kernels are not faster than "
+             "torch's, so eager and TorchScript can beat it there.")
+    return {"benchmark": "serving", "title": "Serving speed: teacher and student in eager PyTorch, TorchScript and "
+            "ONNX Runtime", "command": common.command(),
+            "machine": f"{common.machine()}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}",
+            "target": TARGET, "figures": {"measured": measured, "ratios": found,
+                                          "sizes": sizes, "ort_profile_512": profiles},
+            "table_md": "\n".join(lines), "notes": notes}
+
+
+if __name__ == "__main__":
+    main()
