@@ -37,3 +37,7 @@ class WeakTeacher(Exception):
 class ParityError(Exception):
     """An exported model does not compute what was evaluated (its logits differ from the eager model's beyond
     the format's tolerance): nothing is published from it (exit 1; a fault of the export, not of the spec)."""
+
+
+class ExportError(UserError):
+    """The model cannot be exported to the format asked for (an op the exporter does not know)."""

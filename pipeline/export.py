@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
-from pipeline.errors import UserError
+from pipeline.errors import ExportError
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.serving import (INPUT_DTYPES, MODEL_FILES, OnnxModel, Predict, Signature, parity_report,
@@ -34,10 +34,6 @@ OPSET = 18  # the dynamo exporter's default; ONNX Runtime 1.31 runs it on every 
 # (`serving.parity_report`). TorchScript runs the same kernels as eager; ONNX Runtime fuses and reorders float
 # sums, so it differs in the last bits.
 TOLERANCE = {"onnx": 1e-5, "torchscript": 1e-6}
-
-
-class ExportError(UserError):
-    """The model cannot be exported to the format asked for (an op the exporter does not know)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def _shape(name: str, layout: FeatureLayout) -> list:
 
 def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
     names = input_names(layout)
-    with warnings.catch_warnings(), _quiet_exporter():
+    with warnings.catch_warnings(), _quiet("torch.onnx"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapped, example_inputs(layout), dynamo=True, opset_version=OPSET,
                                     input_names=list(names), output_names=["logit"], external_data=False,
@@ -134,9 +130,10 @@ def _torchscript_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
-    """The exporter logs a line per torchvision op it skips, and its own progress: not for our users."""
-    logger = logging.getLogger("torch.onnx")
+def _quiet(logger_name: str):
+    """The logger at ERROR for the block: the exporter logs a line per torchvision op it skips and its progress,
+    the quantiser advice meant for convolutions; neither is for our users."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -189,23 +186,11 @@ def quantize_embeddings(onnx_model: bytes) -> bytes:
 
     model = onnx.load_from_string(onnx_model)
     del model.graph.value_info[:]  # the exporter's intermediate shapes trip the quantiser's shape inference
-    with tempfile.TemporaryDirectory() as scratch, _quiet_quantiser():
+    with tempfile.TemporaryDirectory() as scratch, _quiet(""):  # the quantiser logs to the root logger
         out = os.path.join(scratch, "model.onnx")
         quantize_dynamic(model, out, op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8)
         with open(out, "rb") as handle:
             return handle.read()
-
-
-@contextlib.contextmanager
-def _quiet_quantiser():
-    """The quantiser logs advice (pre-processing) that applies to convolutions, not to embedding lookups."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import contextlib
 import time
 
 from pipeline import report, runtime, storage
-from pipeline.errors import ParityError
+from pipeline.errors import ExportError, ParityError
 from pipeline.spec import JobSpec
 from pipeline.stages import click_logs, export, gate, label, profile, scoring, students, teacher
 
@@ -45,7 +45,7 @@ def run_job(spec: JobSpec) -> dict:
     with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed"):
         try:
             metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"])
-        except ParityError as exc:  # the run's results stand; what failed is the artifact made of them
+        except (ParityError, ExportError) as exc:  # the run's results stand; what failed is the artifact
             metrics["export"], failure = {"error": str(exc)}, exc
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)

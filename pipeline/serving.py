@@ -8,7 +8,6 @@ pyarrow, numpy and ONNX Runtime alone, which `tests/test_export.py` checks in a 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from typing import Callable

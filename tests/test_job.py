@@ -23,6 +23,7 @@ def finished_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     raw["data"]["path"] = str(out / "clicks")
     raw["output"]["root"] = str(out / "runs")
+    raw["export"] |= {"serving_batches": [1, 512], "serving_runs": 20}  # a short serving table
     spec = parse_spec(raw)
     return spec, run_job(spec)
 

@@ -257,7 +257,7 @@ def test_tiny_job_end_to_end_on_s3(ray_cluster, bucket, moto_endpoint, click_log
         assert history[0]["rows"] == 2000
 
     out = capfd.readouterr()
-    assert "[stage 5/5] done" in out.out  # the capture did see the run
+    assert "[stage 6/6] done" in out.out  # the capture did see the run
     _assert_no_secret(
         json.dumps([m.to_dict() for m in manifest.days]), storage.read_bytes(f"{run}/metrics.json").decode(),
         storage.read_bytes(f"{run}/report.md").decode(), out.out, out.err,

@@ -163,8 +163,13 @@ def test_registry_commands(tmp_path, tiny_spec_dict, capsys):
     tiny_spec_dict["schedule"] = {"registry": root}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(tiny_spec_dict))
+    import hashlib
+
+    parity = {"passed": True, "variants": {"onnx": {"passed": True, "file": "onnx/model.onnx",
+                                                    "sha256": hashlib.sha256(b"graph").hexdigest()}}}
     for version in ("2026-11-01-a", "2026-11-02-a"):
-        registry.publish(root, "tiny", version, {"model.pt": b"w"}, {"metrics": {"auc": 0.7}})
+        registry.publish(root, "tiny", version, {"model.pt": b"w", "onnx/model.onnx": b"graph"},
+                         {"metrics": {"auc": 0.7}, "parity": parity})
     assert main(["registry", str(path), "promote", "2026-11-01-a"]) == 0
     assert main(["registry", str(path), "promote", "2026-11-02-a"]) == 0
     capsys.readouterr()

@@ -325,7 +325,7 @@ def test_submit_wait_runs_the_whole_job_on_the_cluster(jobs_cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     job_id = _job_id(proc.stdout)
     assert f"job {job_id} SUCCEEDED" in proc.stdout
-    assert "[stage 5/5] evaluate on held-out days" in proc.stdout  # the logs were streamed
+    assert "[stage 5/6] evaluate on held-out days" in proc.stdout  # the logs were streamed
     run_dir = out / "runs" / "tiny"  # the overrides reached the cluster through job-spec.yaml
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["models"]) == {"teacher", "student_distilled", "student_hard"}
@@ -335,6 +335,6 @@ def test_submit_wait_runs_the_whole_job_on_the_cluster(jobs_cluster, tmp_path):
     env = jobs_cluster.client_env(RAY_ADDRESS=jobs_cluster.address)  # the address from the environment
     status = distill("status", job_id, env=env)
     assert f"job {job_id}: SUCCEEDED" in status.stdout and f"run directory: {run_dir}" in status.stdout
-    assert "[stage 5/5]" in distill("logs", job_id, env=env).stdout
+    assert "[stage 5/6]" in distill("logs", job_id, env=env).stdout
     listed = distill("jobs", env=env).stdout
     assert any(line.split()[:2] == [job_id, "SUCCEEDED"] for line in listed.splitlines())
