@@ -62,7 +62,7 @@ def call_floors(arrays: dict, threads: int, runs: int) -> dict:
     graph = helper.make_graph([helper.make_node("Identity", ["categorical"], ["logit"])], "floor",
                               [helper.make_tensor_value_info("categorical", TensorProto.INT64, ["batch", None])],
                               [helper.make_tensor_value_info("logit", TensorProto.INT64, ["batch", None])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -167,7 +167,7 @@ def render(args, measured: dict, sizes: dict, profiles: dict, floors: dict, load
     ]
     notes = ("The student's ONNX graph is mostly its input path: the id hash (int64 Mul, Mod, the arithmetic-shift "
              "emulation and Xor), the embedding Gathers and the masked mean over the behaviour sequence, the same "
-             "work per id the teacher does; its MLP (FusedGemm) is a few per cent of it. That shared per-id work bounds "
+             "work per id the teacher does; its MLP (FusedGemm) is a small share of it (see the profile line). That shared per-id work bounds "
              "the batch-512 ratio, and on those int64 element-wise ops ONNX Runtime's kernels are not faster than "
              "torch's, so eager and TorchScript can beat it there.")
     return {"benchmark": "serving", "title": "Serving speed: teacher and student in eager PyTorch, TorchScript and "
