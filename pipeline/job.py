@@ -44,7 +44,8 @@ def run_job(spec: JobSpec) -> dict:
     failure = None
     with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed"):
         try:
-            metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"])
+            metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"],
+                                                  metrics)
         except (ParityError, ExportError) as exc:  # the run's results stand; what failed is the artifact
             metrics["export"], failure = {"error": str(exc)}, exc
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)

@@ -16,9 +16,9 @@ def render_card(*, title: str, metrics: dict, eval_days: list[str], exports: dic
         serving: {runtime: {batch: {p50_ms, p99_ms, rows_per_s}}} of this student (may be empty).
         lineage: teacher, data dates, warm start, as the registry records them.
     """
-    sections = [[f"# {title}", ""], _inputs(signature), _metrics(metrics, eval_days), _parity(exports),
+    sections = [[f"# {title}"], _inputs(signature), _metrics(metrics, eval_days), _parity(exports),
                 _latency(serving), _size(metrics, exports), _lineage(lineage)]
-    return "\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
 def _inputs(signature: Signature) -> list[str]:
@@ -32,7 +32,8 @@ def _inputs(signature: Signature) -> list[str]:
                     f"({signature.task} logits).",
                     f"- A null id is {signature.missing_id}; a null dense value is {signature.dense_fill}; text ids "
                     f"are hashed outside the graph by {signature.string_id_hash}.",
-                    "- `distill score <this version>/onnx LOG --out PATH` scores a log with these columns."]
+                    "- `distill score ONNX_DIR LOG --out PATH` scores a log with these columns (ONNX_DIR: the `onnx/` folder "
+                    "beside this card)."]
 
 
 def _metrics(metrics: dict, eval_days: list[str]) -> list[str]:

@@ -7,7 +7,10 @@ pyarrow, numpy and ONNX Runtime alone, which `tests/test_export.py` checks in a 
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -289,13 +292,31 @@ def _batches(path: str, signature: Signature, batch_rows: int, delimiter: str | 
         return
     sep = delimiter or ("\t" if ".tsv" in path else ",")
     types = {name: _CSV_TYPES[kind] for name, kind in signature.raw_columns.items() if kind in _CSV_TYPES}
-    with fs.open(inside, "rb", compression="infer") as handle:
+    with fs.open(inside, "rb", compression="infer") as handle, _csv_errors(path, fs, inside, sep):
         reader = pacsv.open_csv(handle, parse_options=pacsv.ParseOptions(delimiter=sep),
                                 read_options=pacsv.ReadOptions(block_size=1 << 22),
                                 convert_options=pacsv.ConvertOptions(column_types=types))
         check_log_schema(reader.schema, signature, path)
         for batch in reader:
             yield pa.Table.from_batches([batch])
+
+
+@contextlib.contextmanager
+def _csv_errors(path: str, fs, inside: str, sep: str):
+    """A CSV value that does not parse as its column's kind (text in an id column, say): the file and column."""
+    try:
+        yield
+    except pa.ArrowInvalid as exc:
+        found = re.search(r"column #(\d+)", str(exc))
+        if found:  # pyarrow names the column by position: name it as the header does
+            with fs.open(inside, "rt", compression="infer") as handle:
+                header = next(csv.reader([handle.readline()], delimiter=sep))
+            index = int(found.group(1))
+            column = f"column {header[index]!r}: " if index < len(header) else ""
+        else:
+            column = ""
+        raise DataError(f"{path}: {column}{exc}; each column must hold what the model was evaluated on "
+                        f"({SIGNATURE}'s raw_columns)") from None
 
 
 # CSV is text: each column is parsed as the kind the model was evaluated on (an unparseable value is an error).

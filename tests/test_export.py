@@ -275,6 +275,12 @@ def test_score_names_missing_and_mistyped_columns(world, exported_student, tmp_p
     assert "column 'price' is missing" in err
     assert "column 'user_id' holds float (double), the model was evaluated on integer" in err
     assert not (tmp_path / "o.parquet").exists()
+    text_ids = tmp_path / "text-ids.csv"
+    pacsv.write_csv(day.drop_columns(["hist_item_ids"]).set_column(
+        day.column_names.index("user_id"), "user_id", pa.array([f"u{v}" for v in day.column("user_id").to_pylist()])),
+        text_ids)
+    with pytest.raises(DataError, match=r"text-ids.csv: column 'user_id': .*invalid value 'u\d+'.*evaluated on"):
+        score_log(str(exported_student), str(text_ids), str(tmp_path / "o.parquet"))
     with pytest.raises(DataError, match="no such file"):
         score_log(str(exported_student), str(tmp_path / "none"), str(tmp_path / "o.parquet"))
     signature = read_signature(str(exported_student))

@@ -82,6 +82,8 @@ def test_the_recommended_student_leaves_as_a_parity_checked_artifact(finished_ru
         metrics["models"][name]["auc"], abs=1e-6)
     report = storage.read_bytes(storage.join(spec.run_dir, "report.md")).decode()
     assert "## Serving artifact" in report and f"| {name} | onnxruntime |" in report
+    card = storage.read_bytes(storage.join(spec.run_dir, "export", name, "MODEL_CARD.md")).decode()
+    assert "## Inputs" in card and "## Latency" in card and spec.data.eval_days.start.isoformat() in card
 
 
 @pytest.mark.e2e

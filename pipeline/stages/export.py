@@ -183,9 +183,10 @@ def serving_ratios(table: dict) -> dict:
     return ratios
 
 
-def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str) -> dict:
-    """The run's export: the recommended student in every format, the teacher (single teacher) for the serving
-    table; returns metrics["export"]. Raises ParityError (after writing the parity report)."""
+def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str, evaluated: dict | None = None) -> dict:
+    """The run's export: the recommended student in every format (with its MODEL_CARD.md, given the run's
+    `evaluated` metrics), the teacher (single teacher) for the serving table; returns metrics["export"].
+    Raises ParityError (after writing the parity report)."""
     if not spec.export.formats:
         return {"recommended": recommended, "models": {}, "serving": {}}
     _, _, layout = load_model(checkpoints[recommended])
@@ -198,8 +199,24 @@ def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str) -> 
         role = "teacher" if name == "teacher" else "student"
         exports[name] = export_checkpoint(spec, name, role, checkpoint, rows, spec.run_dir,
                                           formats=None if role == "student" else spec.export.formats)
-    return {"recommended": recommended, "rows": rows.rows, "models": exports,
-            "serving": serving_speed(spec, targets, exports, rows)}
+    serving = serving_speed(spec, targets, exports, rows)
+    if evaluated and "onnx" in exports[recommended]:
+        _write_card(spec, recommended, evaluated, exports[recommended], serving.get("models", {}).get(recommended, {}))
+    return {"recommended": recommended, "rows": rows.rows, "models": exports, "serving": serving}
+
+
+def _write_card(spec: JobSpec, name: str, evaluated: dict, exports: dict, serving: dict) -> None:
+    """`<run>/export/<name>/MODEL_CARD.md`: what a registry version's card says, for the run's student."""
+    from pipeline.model_card import render_card
+
+    label = evaluated.get("label", {})
+    lineage = {"teacher": (label.get("teachers") or [{}])[0] | {"checkpoint_sha256": label.get("teacher_sha256")},
+               "train_days": evaluated.get("train", {}).get("days"),
+               "eval_day": ", ".join(evaluated.get("eval", {}).get("days", [])), "student": name}
+    card = render_card(title=f"{spec.name} {name}", metrics=evaluated["models"][name],
+                       eval_days=evaluated.get("eval", {}).get("days", []), exports=exports, serving=serving,
+                       signature=read_signature(exports["onnx"]["dir"]), lineage=lineage)
+    storage.atomic_write_text(storage.join(spec.run_dir, EXPORT_DIR, name, "MODEL_CARD.md"), card)
 
 
 def read_run(run_dir: str) -> tuple[JobSpec, dict]:
