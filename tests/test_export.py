@@ -181,6 +181,10 @@ def test_a_broken_export_fails_parity_and_writes_only_the_report(world, tmp_path
 @pytest.fixture
 def finished_run_dir(world, tmp_path):
     """A run directory as `distill run` leaves it (spec.json, metrics.json naming the checkpoints)."""
+    return _finished_run_dir(world, tmp_path)
+
+
+def _finished_run_dir(world, tmp_path):
     spec, layout, _ = world
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -211,10 +215,12 @@ def test_distill_export_bad_input(finished_run_dir, tmp_path, capsys):
     assert "not a finished run directory" in capsys.readouterr().err
 
 
-@pytest.fixture
-def exported_student(finished_run_dir):
-    assert main(["export", str(finished_run_dir), "--model", "student_distilled", "--format", "onnx"]) == 0
-    return finished_run_dir / "export" / "student_distilled" / "onnx"
+@pytest.fixture(scope="module")
+def exported_student(world, tmp_path_factory):
+    """The distilled student of a finished run, exported by `distill export` once for the module's tests."""
+    run_dir = _finished_run_dir(world, tmp_path_factory.mktemp("exported"))
+    assert main(["export", str(run_dir), "--model", "student_distilled", "--format", "onnx"]) == 0
+    return run_dir / "export" / "student_distilled" / "onnx"
 
 
 def test_score_matches_the_parity_checked_logits(world, exported_student, tmp_path):

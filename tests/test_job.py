@@ -23,7 +23,8 @@ def finished_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     raw["data"]["path"] = str(out / "clicks")
     raw["output"]["root"] = str(out / "runs")
-    raw["export"] |= {"serving_batches": [1, 512], "serving_runs": 20}  # a short serving table
+    raw["export"] = {"formats": ["onnx", "torchscript"], "quantize": ["int8"], "serving_batches": [1, 512],
+                     "serving_runs": 20}  # every export, and a short serving table
     spec = parse_spec(raw)
     return spec, run_job(spec)
 

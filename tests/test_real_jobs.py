@@ -31,6 +31,7 @@ def _job(name: str, tmp_path, monkeypatch) -> dict:
     raw = yaml.safe_load((ROOT / "jobs" / f"{name}.yaml").read_text())
     raw["output"]["root"] = str(tmp_path / "runs")
     raw["train"]["epochs"] = raw["teacher"]["epochs"] = 1
+    raw["export"] = {"formats": ["onnx"], "serving_batches": []}  # the artifact on real columns; no timing
     return raw
 
 
@@ -63,6 +64,17 @@ def test_taobao_csv_runs_with_the_features_inspect_proposes(ray_cluster, tmp_pat
         assert table.schema.field(column).type == pa.int64()
     assert metrics["eval"]["rows"] == 100 and metrics["eval"]["positives"] == 4
     _honest_about_a_weak_teacher(metrics)
+    # the exported student reads the log as shipped: text ids hashed outside its graph, as the signature says
+    exported = metrics["export"]["models"][metrics["selection"]["recommended"]]["onnx"]
+    assert exported["parity"]["passed"] and exported["parity"]["rows"] == 100
+    from pipeline.serving import read_signature
+
+    kinds = read_signature(exported["dir"]).raw_columns
+    assert kinds["pid"] == kinds["userid"] == "text"
+    out = tmp_path / "scored.parquet"
+    assert main(["score", exported["dir"], raw["data"]["partitions"][dt.date(2017, 5, 7)], "--out", str(out),
+                 "--delimiter", raw["data"].get("csv", {}).get("delimiter") or ","]) == 0
+    assert pq.read_table(out).num_rows == 100
 
 
 def test_movielens_flat_log_runs_on_days_from_its_timestamp(ray_cluster, tmp_path, monkeypatch):
