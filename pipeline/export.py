@@ -111,7 +111,7 @@ def _shape(name: str, layout: FeatureLayout) -> list:
 
 def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
     names = input_names(layout)
-    with warnings.catch_warnings(), _quiet("torch.onnx"):
+    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript", "onnx_ir"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapped, example_inputs(layout), dynamo=True, opset_version=OPSET,
                                     input_names=list(names), output_names=["logit"], external_data=False,
@@ -130,16 +130,18 @@ def _torchscript_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str):
-    """The logger at ERROR for the block: the exporter logs a line per torchvision op it skips and its progress,
-    the quantiser advice meant for convolutions; neither is for our users."""
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet(*logger_names: str):
+    """The loggers at ERROR for the block: the exporter and its optimiser (onnxscript, onnx_ir) log every pass
+    and skipped op at INFO, the quantiser advice meant for convolutions; none of it is for our users."""
+    loggers = [logging.getLogger(name) for name in logger_names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _unsupported_op(exc: BaseException) -> str:

@@ -291,3 +291,18 @@ def test_score_names_missing_and_mistyped_columns(world, exported_student, tmp_p
         score_log(str(exported_student), str(tmp_path / "none"), str(tmp_path / "o.parquet"))
     signature = read_signature(str(exported_student))
     check_log_schema(day.schema, signature, "ok")  # the evaluation day itself passes
+
+
+def test_parity_allows_an_auc_change_only_as_large_as_near_ties_explain():
+    from pipeline.serving import parity_report
+
+    labels = np.array([1, 0, 0, 1, 0, 0, 0, 0])
+    eager = np.array([0.5, 0.50000003, -1.0, 2.0, 0.1, -0.3, 0.7, -2.0])  # float64: no rounding into ties
+    swapped = eager.copy()
+    swapped[0] = 0.50000006  # 6e-8 moves a click above the non-click 3e-8 away: one pair of 12 flips
+    report = parity_report(eager, swapped, labels, 1e-5)
+    assert report["auc_abs_diff"] == pytest.approx(1 / 12) and report["auc_flippable"] == pytest.approx(1 / 12)
+    assert report["passed"]  # the logits agree to 6e-8; the AUC moved only by the near-tied pair
+    wrong = eager.copy()
+    wrong[3] = -3.0  # a click falls below every non-click: a real ranking error
+    assert not parity_report(eager, wrong, labels, 1e-5)["passed"]
