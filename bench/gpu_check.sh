@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh                       # 1M rows labelled, 256k rows trained
 #   GPU_CHECK_ROWS=200000 bash bench/gpu_check.sh # smaller
 #   GPU_CHECK_FORCE_CPU=1 bash bench/gpu_check.sh # exercise the same code on CPU (fp32, no GPU resources)
+#   GPU_CHECK_ACTORS=4 bash bench/gpu_check.sh    # 4 label actors sharing the GPU (gpus_per_actor 0.25)
 #
 # On a machine without a GPU it prints "no GPU" and exits 0. It creates .venv (make .venv/.installed,
 # the Makefile's pinned versions) when missing.
@@ -43,11 +44,12 @@ import common
 force_cpu = os.environ.get("GPU_CHECK_FORCE_CPU") == "1"
 rows = int(os.environ.get("GPU_CHECK_ROWS", 1_000_000))
 train_rows = min(rows, int(os.environ.get("GPU_CHECK_TRAIN_ROWS", 262_144)))
-gpu = 0 if force_cpu else 1
+actors = int(os.environ.get("GPU_CHECK_ACTORS", 1))
+gpu = 0 if force_cpu else 1 / actors
 root, days = common.click_log(rows, 1)
 spec = common.bench_spec(
     root, days, common.DATA / "gpu-check",
-    label={"batch_size": 65536, "actors": [1, 1], "cpus_per_actor": 1, "gpus_per_actor": gpu,
+    label={"batch_size": 65536, "actors": [actors, actors], "cpus_per_actor": 1, "gpus_per_actor": gpu,
            "precision": "fp32" if force_cpu else "bf16"},
     train={"num_workers": 1, "cpus_per_worker": 1, "use_gpu": not force_cpu, "epochs": 1, "batch_size": 8192,
            "zero_stage": 0, "precision": "fp32" if force_cpu else "bf16", "shuffle_buffer_rows": 0},
@@ -84,7 +86,7 @@ class PeakGpuMemory:
         return f"peak GPU memory used {self.peak / 2**30:.2f} GiB" if self.read else "GPU memory: no NVML"
 
 
-startup = common.start_ray(max(2, os.cpu_count() or 2))
+startup = common.start_ray(max(2, os.cpu_count() or 2, actors + 1))
 try:
     import ray
     import ray.data
@@ -108,7 +110,8 @@ try:
     seconds = time.perf_counter() - started
     total = labelled.shard_set.total_rows
     print(f"gpu_check: label stage: {total:,} rows in {seconds:.1f} s = {total / seconds:,.0f} rows/s "
-          f"(gpus_per_actor {spec.label.gpus_per_actor}, precision {spec.label.precision}); {memory}", flush=True)
+          f"({actors} actor(s), gpus_per_actor {spec.label.gpus_per_actor:g}, precision {spec.label.precision}); "
+          f"{memory}", flush=True)
 
     # 2) DeepSpeed bf16 training on the new soft labels (at least one optimizer step)
     files = [s.path for s in labelled.shard_set.shards]
