@@ -27,7 +27,7 @@ from pipeline.errors import ExportError
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
 from pipeline.serving import (INPUT_DTYPES, MODEL_FILES, OnnxModel, Predict, Signature, parity_report,
-                              write_signature)
+                              predict_in_batches, write_signature)
 
 OPSET = 18  # the dynamo exporter's default; ONNX Runtime 1.31 runs it on every provider
 # Largest |logit difference| allowed against the eager model, per format (fp32), relative beyond |logit| 1
@@ -163,15 +163,9 @@ def write_export(exported: Exported, out_dir: str) -> str:
     return path
 
 
-def eager_logits(model: nn.Module, arrays: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+def eager_logits(model: nn.Module, arrays: dict[str, np.ndarray]) -> np.ndarray:
     """The eager model's logits on numpy inputs, in batches (the reference for parity)."""
-    rows = len(arrays["categorical"])
-    out = []
-    with torch.inference_mode():
-        for start in range(0, rows, batch_size):
-            batch = {k: torch.from_numpy(v[start:start + batch_size]) for k, v in arrays.items()}
-            out.append(model.eval()(batch).float().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    return predict_in_batches(eager_predictor(model), arrays)
 
 
 def check_parity(model: nn.Module, exported_logits: np.ndarray, arrays: dict[str, np.ndarray],
@@ -212,7 +206,7 @@ def eager_predictor(model: nn.Module) -> Predict:
 
     def predict(arrays: dict[str, np.ndarray]) -> np.ndarray:
         with torch.inference_mode():
-            return model({k: torch.from_numpy(v) for k, v in arrays.items()}).numpy()
+            return model({k: torch.from_numpy(v) for k, v in arrays.items()}).float().numpy()
 
     return predict
 

@@ -171,10 +171,23 @@ def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | Non
     return metrics
 
 
+def time_calls(call, calls: int, warmup: int) -> np.ndarray:
+    """Seconds of each of `calls` calls of `call()`, one at a time, after `warmup` untimed calls (allocator,
+    caches, lazy initialisation). The timing loop of every latency figure the pipeline reports."""
+    for _ in range(warmup):
+        call()
+    seconds = np.empty(calls)
+    for i in range(calls):
+        started = time.perf_counter()
+        call()
+        seconds[i] = time.perf_counter() - started
+    return seconds
+
+
 def measure_latency(model, inputs_one_row: dict, batch_inputs: dict, runs: int = 200, threads: int = 1) -> dict:
     """Serving latency of one model: batch-1 p50/p99 in ms and batched throughput in rows/s.
 
-    Timed with `time.perf_counter` per forward pass under `torch.inference_mode`, after warm-up passes,
+    Timed with `time_calls` per forward pass under `torch.inference_mode`, after warm-up passes,
     on `threads` intra-op threads (restored afterwards, as is the model's train/eval mode).
     """
     import torch
@@ -191,23 +204,13 @@ def measure_latency(model, inputs_one_row: dict, batch_inputs: dict, runs: int =
     model.eval()
     try:
         with torch.inference_mode():
-            for _ in range(max(5, runs // 10)):  # 1) warm-up: allocator, caches, lazy init
-                forward(inputs_one_row)
-            single = []
-            for _ in range(runs):  # 2) batch-1 passes, one at a time
-                started = time.perf_counter()
-                forward(inputs_one_row)
-                single.append(time.perf_counter() - started)
-            forward(batch_inputs)
-            batched_runs = max(3, runs // 20)  # 3) throughput on full batches
-            started = time.perf_counter()
-            for _ in range(batched_runs):
-                forward(batch_inputs)
-            batched_seconds = time.perf_counter() - started
+            single = time_calls(lambda: forward(inputs_one_row), runs, warmup=max(5, runs // 10))
+            batched_runs = max(3, runs // 20)  # throughput on full batches
+            batched_seconds = time_calls(lambda: forward(batch_inputs), batched_runs, warmup=1).sum()
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)
-    single_ms = np.asarray(single) * 1000
+    single_ms = single * 1000
     return {"batch1_p50_ms": float(np.percentile(single_ms, 50)), "batch1_p99_ms": float(np.percentile(single_ms, 99)),
             "batched_rows_per_s": batch_size * batched_runs / batched_seconds, "batch_size": batch_size,
             "threads": threads}

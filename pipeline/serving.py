@@ -11,7 +11,6 @@ import contextlib
 import csv
 import dataclasses
 import re
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -167,19 +166,15 @@ def measure_calls(predict: Predict, arrays: dict[str, np.ndarray], batch_sizes: 
     `runs` calls at batch 64 or less, proportionally fewer at larger batches (at least 10), after warm-up calls;
     rows are repeated when the sample is smaller than a batch.
     """
+    from pipeline import metrics  # numpy and scipy only
+
     table = {}
     for batch in batch_sizes:
         rows = np.arange(batch) % len(arrays["categorical"])
         inputs = {k: np.ascontiguousarray(v[rows]) for k, v in arrays.items()}
         calls = max(10, runs * 64 // max(64, batch))
-        for _ in range(max(3, calls // 10)):  # warm-up: allocator, caches, lazy initialisation
-            predict(inputs)
-        seconds = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            predict(inputs)
-            seconds.append(time.perf_counter() - started)
-        ms = np.asarray(seconds) * 1000
+        seconds = metrics.time_calls(lambda: predict(inputs), calls, warmup=max(3, calls // 10))
+        ms = seconds * 1000
         table[str(batch)] = {"batch": batch, "p50_ms": float(np.percentile(ms, 50)),
                              "p99_ms": float(np.percentile(ms, 99)), "rows_per_s": float(batch / np.mean(seconds)),
                              "calls": calls}

@@ -71,14 +71,10 @@ def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows
             quantised one loses more AUC than `export.max_quantized_auc_loss`.
     """
     model, config, layout = load_model(checkpoint)
-    about = {"job": spec.name, "name": name, "role": role, "family": config.model, "checkpoint": checkpoint,
-             "checkpoint_sha256": file_sha256(checkpoint)}
-    sequence, root = spec.features.sequence, storage.join(run_dir, EXPORT_DIR, name)
-    results = {}
+    about = _about(spec, name, role, config.model, checkpoint, file_sha256(checkpoint))
+    root, results = storage.join(run_dir, EXPORT_DIR, name), {}
     for fmt in formats if formats is not None else spec.export.formats:
-        exported = export_model(model, config, layout, fmt, raw_columns=rows.kinds,
-                                dense_fill=spec.features.dense_fill,
-                                sequence_delimiter=sequence.delimiter if sequence else None, about=about)
+        exported = _export(spec, model, config, layout, fmt, rows, about)
         with torch_threads(spec.export.threads):
             logits = predict_in_batches(exported_predictor(exported, spec.export.threads), rows.arrays)
             parity = check_parity(model, logits, rows.arrays, rows.labels, fmt)
@@ -86,6 +82,19 @@ def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows
         if fmt == "onnx" and formats is None:
             results |= _quantised(spec, name, exported, logits, rows, root)
     return results
+
+
+def _about(spec: JobSpec, name: str, role: str, family: str, checkpoint: str, sha256: str) -> dict:
+    """What a signature records of the exported model."""
+    return {"job": spec.name, "name": name, "role": role, "family": family, "checkpoint": checkpoint,
+            "checkpoint_sha256": sha256}
+
+
+def _export(spec: JobSpec, model, config, layout: FeatureLayout, fmt: str, rows: ParityRows, about: dict) -> Exported:
+    """`export_model` with the input contract the spec and the parity rows give."""
+    sequence = spec.features.sequence
+    return export_model(model, config, layout, fmt, raw_columns=rows.kinds, dense_fill=spec.features.dense_fill,
+                        sequence_delimiter=sequence.delimiter if sequence else None, about=about)
 
 
 def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
@@ -260,14 +269,11 @@ def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[d
             return directory
     model, config, layout = load_model(checkpoint)
     rows = parity_rows(spec, layout, days=days)
-    sequence = spec.features.sequence
-    exported = export_model(model, config, layout, "onnx", raw_columns=rows.kinds, dense_fill=spec.features.dense_fill,
-                            sequence_delimiter=sequence.delimiter if sequence else None,
-                            about={"job": spec.name, "name": name, "role": "teacher", "family": config.model,
-                                   "checkpoint": checkpoint, "checkpoint_sha256": sha})
-    with torch_threads(max(1, int(spec.label.cpus_per_actor))):
-        logits = predict_in_batches(OnnxModel(exported.model, threads=max(1, int(spec.label.cpus_per_actor))),
-                                    rows.arrays)
+    exported = _export(spec, model, config, layout, "onnx", rows, _about(spec, name, "teacher", config.model,
+                                                                         checkpoint, sha))
+    threads = max(1, int(spec.label.cpus_per_actor))  # as the actors will run it
+    with torch_threads(threads):
+        logits = predict_in_batches(OnnxModel(exported.model, threads=threads), rows.arrays)
         parity = parity_report(eager_logits(model, rows.arrays), logits, rows.labels, LABEL_TOLERANCE)
     _keep(exported, directory, parity, f"teacher {name!r} for labelling")
     log.info("label: teacher %s exported to ONNX for labelling (%s); parity on %d rows: max |logit diff| %.2g",
