@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline import storage
+from pipeline.calibration import PROB_FLOOR, Calibrator
 from pipeline.errors import ExportError
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
@@ -55,6 +56,41 @@ class PositionalInputs(nn.Module):
         return self.model(dict(zip(self.names, tensors)))
 
 
+class CalibratedLogit(nn.Module):
+    """The model followed by its calibrator (`pipeline.calibration`), as graph ops on the logit: one affine op
+    for Platt and temperature; for isotonic, its piecewise-linear map of the logit to a probability (a sum of
+    clamped ramps, one per knot interval: exportable ops only), turned back into a logit."""
+
+    def __init__(self, model: nn.Module, calibrator: Calibrator):
+        super().__init__()
+        self.model, self.affine = model, calibrator.affine
+        self.register_buffer("slope", torch.tensor(calibrator.slope, dtype=torch.float32))
+        self.register_buffer("intercept", torch.tensor(calibrator.intercept, dtype=torch.float32))
+        knots = np.asarray(calibrator.knots_logit or (0.0,), dtype=np.float64)
+        probs = np.asarray(calibrator.knots_prob or (0.5,), dtype=np.float64)
+        widths = np.diff(knots)
+        # float64: a sum over hundreds of knots in float32 drifts by 1e-7 in probability, which the logit
+        # near p = 0.01 magnifies past the parity tolerance, and ONNX Runtime sums in another order than torch
+        self.register_buffer("starts", torch.tensor(knots[:-1], dtype=torch.float64))  # (K-1,)
+        self.register_buffer("widths", torch.tensor(widths, dtype=torch.float64))
+        self.register_buffer("gains", torch.tensor(np.diff(probs) / np.where(widths > 0, widths, 1.0),
+                                                   dtype=torch.float64))
+        self.register_buffer("first_prob", torch.tensor(probs[0], dtype=torch.float64))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        logit = self.model(inputs)
+        if self.affine:
+            return logit * self.slope + self.intercept
+        ramps = torch.minimum(torch.clamp(logit.double().unsqueeze(-1) - self.starts, min=0.0), self.widths)
+        prob = torch.clamp(self.first_prob + ramps @ self.gains, PROB_FLOOR, 1 - PROB_FLOOR)  # (B,)
+        return (torch.log(prob) - torch.log1p(-prob)).to(logit.dtype)
+
+
+def calibrated(model: nn.Module, calibrator: Calibrator | None) -> nn.Module:
+    """The model whose logit the calibrator maps (the model itself without one), in eval mode."""
+    return CalibratedLogit(model, calibrator).eval() if calibrator else model
+
+
 def input_names(layout: FeatureLayout) -> tuple[str, ...]:
     return ("categorical", "dense", "sequence") if layout.sequence else ("categorical", "dense")
 
@@ -69,10 +105,12 @@ def example_inputs(layout: FeatureLayout, rows: int = 7) -> tuple[torch.Tensor, 
 
 def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, fmt: str, *,
                  raw_columns: dict[str, str], dense_fill: float, sequence_delimiter: str | None,
-                 about: dict) -> Exported:
+                 about: dict, calibration: dict | None = None) -> Exported:
     """Exports `model` (eval mode, CPU) to `fmt` with a dynamic batch size.
 
     Args:
+        model: the model, or `calibrated(model, calibrator)` with `calibration` its calibrator's `to_dict()`
+            (recorded in the signature: the output logit is then calibrated).
         raw_columns: {log column: its kind} as the evaluation log holds them (`serving.column_kinds`), which
             `distill score` demands of any log it scores.
         about: what the signature records of the model (role, family, checkpoint hash, ...).
@@ -100,6 +138,7 @@ def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, f
         output={"name": "logit", "dtype": "float32", "shape": ["batch"] if config.out_dim == 1
                 else ["batch", config.out_dim]},
         about=about | {"torch": torch.__version__, **({"opset": OPSET} if fmt == "onnx" else {})},
+        calibration=calibration,
     )
     return Exported(model=data, signature=signature)
 

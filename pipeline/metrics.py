@@ -49,24 +49,47 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     return weighted / weight if weight else float("nan")
 
 
-def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict:
+def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10, strategy: str = "uniform") -> dict:
     """Reliability bins and the expected calibration error.
 
-    Equal-width bins on [0, 1] (a probability of exactly 1 falls in the last bin); only non-empty bins
-    are listed. ECE = sum_b rows_b / N * |observed_b - mean_pred_b|, observed_b being the bin's click rate.
+    strategy "uniform": equal-width bins on [0, 1] (a probability of exactly 1 falls in the last bin);
+    "quantile": equal-mass bins, each holding N / bins rows (to one row) in order of probability, which at a
+    1% click rate spreads the rows over many bins where equal widths put nearly all of them in the first.
+    Only non-empty bins are listed. ECE = sum_b rows_b / N * |observed_b - mean_pred_b|, observed_b being the
+    bin's click rate.
     """
     labels, probs = np.asarray(labels, dtype=np.float64), np.asarray(probs, dtype=np.float64)
-    index = np.minimum((probs * bins).astype(np.int64), bins - 1)  # (N,) bin of each row
+    if strategy == "quantile":
+        sizes = np.full(bins, len(probs) // bins)
+        sizes[: len(probs) % bins] += 1  # as np.array_split cuts: the first bins hold one row more
+        index = np.empty(len(probs), dtype=np.int64)
+        index[np.argsort(probs, kind="stable")] = np.repeat(np.arange(bins), sizes)
+    else:
+        index = np.minimum((probs * bins).astype(np.int64), bins - 1)  # (N,) bin of each row
     rows = np.bincount(index, minlength=bins)
     pred_sum = np.bincount(index, weights=probs, minlength=bins)
     click_sum = np.bincount(index, weights=labels, minlength=bins)
+    low = np.full(bins, np.inf)
+    high = np.full(bins, -np.inf)
+    np.minimum.at(low, index, probs)
+    np.maximum.at(high, index, probs)
     table, ece = [], 0.0
     for b in np.flatnonzero(rows):
         mean_pred, observed = pred_sum[b] / rows[b], click_sum[b] / rows[b]
         ece += rows[b] / len(labels) * abs(observed - mean_pred)
-        table.append({"lo": b / bins, "hi": (b + 1) / bins, "mean_pred": float(mean_pred),
+        edges = (b / bins, (b + 1) / bins) if strategy == "uniform" else (float(low[b]), float(high[b]))
+        table.append({"lo": edges[0], "hi": edges[1], "mean_pred": float(mean_pred),
                       "observed": float(observed), "rows": int(rows[b])})
-    return {"ece": float(ece), "bins": table}
+    return {"ece": float(ece), "bins": table, "strategy": strategy}
+
+
+def calibration_scores(labels: np.ndarray, logits: np.ndarray, bins: int) -> dict:
+    """What calibration is judged on: log-loss, mean predicted CTR, and ECE over equal-width and equal-mass
+    bins (`calibration`, `calibration_quantile`)."""
+    probs = expit(np.asarray(logits, dtype=np.float64))
+    return {"log_loss": log_loss(labels, logits), "mean_ctr_pred": float(np.mean(probs)),
+            "calibration": calibration(labels, probs, bins), "calibration_quantile": calibration(labels, probs, bins,
+                                                                                                 "quantile")}
 
 
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -102,7 +125,7 @@ def multiclass_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
 
 
 def _binary_scores(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | None) -> dict:
-    scores = {"auc": auc(labels, logits), "log_loss": log_loss(labels, logits)}
+    scores = {"auc": auc(labels, logits), "log_loss": log_loss(labels, logits)}  # (a slice's; see calibration_scores)
     if groups is not None:
         scores["gauc"] = gauc(labels, logits, groups)
     return scores
@@ -151,8 +174,8 @@ def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | Non
                 bins: int = 10, max_slices: int = 20, task: str = "binary", min_slice_positives: int = 50) -> dict:
     """Every quality metric of one model on the evaluation rows.
 
-    Binary: auc, log_loss, mean_ctr_pred, calibration {ece, bins}, gauc (with groups), agreement
-    (with teacher_logits), slices (with slice_values). Multiclass (logits (N, C)): accuracy,
+    Binary: auc, log_loss, mean_ctr_pred, calibration and calibration_quantile {ece, bins, strategy}, gauc
+    (with groups), agreement (with teacher_logits), slices (with slice_values). Multiclass (logits (N, C)): accuracy,
     top5_accuracy, log_loss, agreement {top1_agreement} and slices likewise.
     """
     if task == "multiclass":
@@ -161,9 +184,7 @@ def score_model(labels: np.ndarray, logits: np.ndarray, groups: np.ndarray | Non
             same = np.asarray(logits).argmax(axis=1) == np.asarray(teacher_logits).argmax(axis=1)
             metrics["agreement"] = {"top1_agreement": float(np.mean(same))}
     else:
-        probs = expit(np.asarray(logits, dtype=np.float64))
-        metrics = _binary_scores(labels, logits, groups)
-        metrics |= {"mean_ctr_pred": float(np.mean(probs)), "calibration": calibration(labels, probs, bins)}
+        metrics = _binary_scores(labels, logits, groups) | calibration_scores(labels, logits, bins)
         if teacher_logits is not None:
             metrics["agreement"] = agreement(logits, teacher_logits)
     if slice_values is not None:

@@ -72,17 +72,26 @@ def _draw_lr(figure, metrics: dict) -> None:
 
 
 def _draw_calibration(figure, metrics: dict) -> None:
+    """Equal-mass bins where a run has them (at low click rates equal widths put nearly every row in the
+    first bin); each calibrated model's curve dashed, in its model's colour."""
     ax, top = figure.subplots(), 0.0
-    for name, m in metrics["models"].items():
-        calibration = m.get("calibration", {})  # binary only
-        if calibration.get("bins"):
-            pred, observed = [b["mean_pred"] for b in calibration["bins"]], [b["observed"] for b in calibration["bins"]]
-            ax.plot(pred, observed, marker="o", label=f"{name} (ECE {calibration['ece']:.4f})")
-            top = max(top, *pred, *observed)
+    for index, (name, m) in enumerate(metrics["models"].items()):
+        colour = f"C{index % 10}"
+        curves = [(m.get("calibration_quantile") or m.get("calibration", {}), name, "-")]  # binary only
+        if m.get("calibrated"):
+            calibrated = m["calibrated"]
+            curves.append((calibrated["calibration_quantile"], f"{name}, {calibrated['method']}", "--"))
+        for calibration, label, style in curves:
+            if calibration.get("bins"):
+                pred = [b["mean_pred"] for b in calibration["bins"]]
+                observed = [b["observed"] for b in calibration["bins"]]
+                ax.plot(pred, observed, marker="o", linestyle=style, color=colour,
+                        label=f"{label} (ECE {calibration['ece']:.4f})")
+                top = max(top, *pred, *observed)
     top = min(1.0, top * 1.1 or 1.0)  # CTRs are small: zoom to where the predictions lie
-    ax.plot([0, top], [0, top], linestyle="--", color="grey", label="perfect calibration")
-    ax.set(title="reliability diagram", xlabel="mean predicted CTR", ylabel="observed click rate",
-           xlim=(0, top), ylim=(0, top))
+    ax.plot([0, top], [0, top], linestyle=":", color="grey", label="perfect calibration")
+    ax.set(title="reliability diagram (equal-mass bins)", xlabel="mean predicted CTR",
+           ylabel="observed click rate", xlim=(0, top), ylim=(0, top))
     ax.legend(fontsize="small")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from pipeline import storage
+from pipeline.calibration import Calibrator
 from pipeline.metrics import find_model, summarize
 from pipeline.plots import plot_names, write_plots
 
@@ -38,6 +39,7 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
         _summary(metrics, summary, task),
         _selection(metrics.get("selection"), summary),
         _search(metrics.get("search") or {}),
+        _calibration(models),
         _agreement(models),
         _slices(metrics, task),
         _training(metrics["training"]),
@@ -179,6 +181,30 @@ def _search(searches: dict[str, dict]) -> list[str]:
                   f"each trial's kept epoch; ASHA stopped the others early. The best trial's model is the teacher.",
                   "", trials_table(trials), ""]
     return lines
+
+
+def _calibration(models: dict[str, dict]) -> list[str]:
+    """Each calibrated model before and after its calibrator (fitted on validation), on the eval days."""
+    calibrated = {name: m for name, m in models.items() if m.get("calibrated")}
+    if not calibrated:
+        return []
+    lines = ["## Calibration (fitted on validation, scored on the evaluation days)", "",
+             "| model | calibrator | fitted on | ECE | ECE, equal-mass bins | log-loss | mean predicted CTR | AUC |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, m in calibrated.items():
+        after, fitted = m["calibrated"], m["calibrated"]["calibrator"].get("fitted_on", {})
+        pairs = [(m["calibration"]["ece"], after["calibration"]["ece"]),
+                 ((m.get("calibration_quantile") or {}).get("ece"), after["calibration_quantile"]["ece"]),
+                 (m["log_loss"], after["log_loss"]), (m.get("mean_ctr_pred"), after["mean_ctr_pred"]),
+                 (m["auc"], after["auc"])]
+        where = f"{_count(fitted.get('rows'))} rows, {_count(fitted.get('positives'))} positives"
+        lines.append(f"| {name} | {_describe_calibrator(after['calibrator'])} | {where} | "
+                     + " | ".join(f"{_num(before)} -> {_num(now)}" for before, now in pairs) + " |")
+    return lines
+
+
+def _describe_calibrator(raw: dict) -> str:
+    return Calibrator.from_dict(raw).describe()
 
 
 def _agreement(models: dict[str, dict]) -> list[str]:

@@ -52,6 +52,7 @@ class Signature:
     missing_id: int = MISSING_ID
     string_id_hash: str = STRING_ID_HASH
     quantized: str | None = None  # "int8": weight-only INT8 embedding tables
+    calibration: dict | None = None  # the calibrator inside the graph (`Calibrator.to_dict()`): the logit is calibrated
 
     @property
     def feature_layout(self) -> FeatureLayout:

@@ -146,12 +146,15 @@ def test_score_model_binary_has_every_part(scored):
     labels, logits = scored
     groups, device = np.arange(len(labels)) % 7, np.arange(len(labels)) % 3
     metrics = score_model(labels, logits, groups, teacher_logits=logits * 2, slice_values=device, bins=5, max_slices=2)
-    assert set(metrics) == {"auc", "gauc", "log_loss", "mean_ctr_pred", "calibration", "agreement", "slices"}
+    assert set(metrics) == {"auc", "gauc", "log_loss", "mean_ctr_pred", "calibration", "calibration_quantile",
+                            "agreement", "slices"}
+    assert metrics["calibration_quantile"]["strategy"] == "quantile"
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, logits))
     assert metrics["calibration"]["ece"] == calibration(labels, 1 / (1 + np.exp(-logits)), 5)["ece"]
     assert metrics["agreement"]["spearman"] == pytest.approx(1.0)
     assert len(metrics["slices"]) == 2
-    assert set(score_model(labels, logits)) == {"auc", "log_loss", "mean_ctr_pred", "calibration"}
+    assert set(score_model(labels, logits)) == {"auc", "log_loss", "mean_ctr_pred", "calibration",
+                                                "calibration_quantile"}
 
 
 def test_score_model_multiclass():

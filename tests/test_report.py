@@ -264,3 +264,24 @@ def test_write_report_to_a_remote_store_goes_through_storage(run_metrics):
     fs = fsspec.filesystem("memory")
     assert fs.cat("/distill-report-test/run/report.md").startswith(b"# Distillation report: unit")
     assert fs.cat("/distill-report-test/run/plots/auc_bars.png")[:8] == PNG_MAGIC
+
+
+def test_the_report_shows_each_calibrated_model_before_and_after(run_metrics, tmp_path):
+    metrics = run_metrics()
+    quantile = {"ece": 0.0150, "strategy": "quantile", "bins": [
+        {"lo": 0.0, "hi": 0.05, "mean_pred": 0.02, "observed": 0.03, "rows": 500},
+        {"lo": 0.05, "hi": 0.3, "mean_pred": 0.09, "observed": 0.06, "rows": 500}]}
+    distilled = metrics["models"]["student_distilled"]
+    distilled["calibration_quantile"] = quantile
+    distilled["calibrated"] = {
+        "method": "platt", "auc": 0.69, "log_loss": 0.1400, "mean_ctr_pred": 0.0380,
+        "calibrator": {"method": "platt", "slope": 0.8, "intercept": -0.25, "fitted_on": {"rows": 2000, "positives": 77}},
+        "calibration": {"ece": 0.0011, "bins": distilled["calibration"]["bins"], "strategy": "uniform"},
+        "calibration_quantile": quantile | {"ece": 0.0021}}
+    text = render_report(metrics)
+    assert "## Calibration (fitted on validation, scored on the evaluation days)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| student_distilled | platt"))
+    assert "platt: 0.8000 x logit -0.2500 | 2,000 rows, 77 positives | 0.0123 -> 0.0011 | 0.0150 -> 0.0021 | " \
+           "0.1500 -> 0.1400 | 0.0400 -> 0.0380 | 0.6900 -> 0.6900 |" in row
+    assert "| teacher | " not in text.split("## Calibration")[1].split("##")[0]  # only calibrated models
+    assert any(path.endswith("calibration.png") for path in write_plots(metrics, str(tmp_path)))

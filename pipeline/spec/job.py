@@ -120,6 +120,14 @@ class JobSpec(Section):
                              "or features.group")
         if stopping and not validation:
             raise ValueError("train.early_stopping stops on the validation split: add data.validation")
+        if self.eval.calibration != "none" and not validation:
+            raise ValueError(f"eval.calibration {self.eval.calibration} is fitted on the validation split, never on "
+                             "the evaluation days: add data.validation (e.g. {fraction: 0.1}) or set "
+                             "eval.calibration: none")
+        if self.eval.calibration != "none" and self.features.task != "binary":
+            raise ValueError(f"eval.calibration {self.eval.calibration} calibrates a click probability: it applies "
+                             "to task: binary only (platt, isotonic, temperature); set eval.calibration: none for "
+                             "task: multiclass")
         if stopping and stopping.metric != "log_loss" and stopping.metric != self.selection_metric:
             raise ValueError(f"train.early_stopping.metric {stopping.metric!r} does not exist for task "
                              f"{self.features.task!r}; use {self.selection_metric!r} or 'log_loss'")

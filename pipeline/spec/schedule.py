@@ -13,6 +13,9 @@ from pipeline.spec.base import Section, time_zone
 class GateSpec(Section):
     metric: Literal["auc", "gauc", "log_loss"] = "auc"
     max_regression: float = Field(0.0, ge=0, description="how much worse than the champion a challenger may be")
+    max_ece: float | None = Field(None, gt=0, lt=1, description="a challenger whose (calibrated) ECE on the new day "
+                                  "is above this is refused; with eval.calibration, a champion kept above it is "
+                                  "recalibrated on the cycle's validation split")
 
 
 class ScheduleSpec(Section):

@@ -271,7 +271,11 @@ class EvalSpec(Section):
     batch_size: int = Field(8192, ge=1)
     slice_by: str | None = Field(None, description="categorical column to break metrics down by, e.g. device")
     max_slices: int = Field(20, ge=1, description="the largest slices by rows are reported")
-    calibration_bins: int = Field(10, ge=2)
+    calibration_bins: int = Field(10, ge=2, description="reliability bins, equal-width and equal-mass (quantile)")
+    calibration: Literal["none", "platt", "isotonic", "temperature"] = Field(
+        "none", description="post-hoc calibration of each binary model's logit, fitted on the validation split "
+        "(data.validation) and folded into the exported student: platt (a x logit + b), temperature "
+        "(logit / T) or isotonic (monotone, piecewise linear)")
     latency_runs: int = Field(200, ge=10, description="batch-1 forward passes timed per model")
     bootstrap: int = Field(200, ge=0, description="paired bootstrap resamples of the eval rows for the 95% "
                            "intervals of each model's AUC and of their differences; 0 disables")

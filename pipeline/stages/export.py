@@ -19,7 +19,8 @@ import numpy as np
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
 from pipeline.errors import ParityError, UserError
-from pipeline.export import (Exported, check_parity, eager_logits, eager_predictor, export_model,
+from pipeline.calibration import Calibrator
+from pipeline.export import (Exported, calibrated, check_parity, eager_logits, eager_predictor, export_model,
                              exported_predictor, quantize_embeddings, torch_threads, write_export)
 from pipeline.features import FeatureLayout, table_to_arrays
 from pipeline.models import load_model
@@ -62,19 +63,21 @@ def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None,
 
 
 def export_checkpoint(spec: JobSpec, name: str, role: str, checkpoint: str, rows: ParityRows, run_dir: str,
-                      formats: list[str] | None = None) -> dict:
+                      formats: list[str] | None = None, calibrator: Calibrator | None = None) -> dict:
     """Exports one saved model in each format (default: `export.formats`, then `export.quantize`), checking
-    each against the eager model on `rows`; returns {variant: {"dir", "bytes", "parity"}}.
+    each against the eager model on `rows`; returns {variant: {"dir", "bytes", "parity"}}. A `calibrator` is
+    folded into the graph, and parity is then against the eager model followed by the same calibrator.
 
     Raises:
         ParityError: an export's logits differ from the eager model's beyond the format's tolerance, or a
             quantised one loses more AUC than `export.max_quantized_auc_loss`.
     """
     model, config, layout = load_model(checkpoint)
+    model = calibrated(model, calibrator)
     about = _about(spec, name, role, config.model, checkpoint, file_sha256(checkpoint))
     root, results = storage.join(run_dir, EXPORT_DIR, name), {}
     for fmt in formats if formats is not None else spec.export.formats:
-        exported = _export(spec, model, config, layout, fmt, rows, about)
+        exported = _export(spec, model, config, layout, fmt, rows, about, calibrator)
         with torch_threads(spec.export.threads):
             logits = predict_in_batches(exported_predictor(exported, spec.export.threads), rows.arrays)
             parity = check_parity(model, logits, rows.arrays, rows.labels, fmt)
@@ -90,11 +93,19 @@ def _about(spec: JobSpec, name: str, role: str, family: str, checkpoint: str, sh
             "checkpoint_sha256": sha256}
 
 
-def _export(spec: JobSpec, model, config, layout: FeatureLayout, fmt: str, rows: ParityRows, about: dict) -> Exported:
+def _export(spec: JobSpec, model, config, layout: FeatureLayout, fmt: str, rows: ParityRows, about: dict,
+            calibrator: Calibrator | None = None) -> Exported:
     """`export_model` with the input contract the spec and the parity rows give."""
     sequence = spec.features.sequence
     return export_model(model, config, layout, fmt, raw_columns=rows.kinds, dense_fill=spec.features.dense_fill,
-                        sequence_delimiter=sequence.delimiter if sequence else None, about=about)
+                        sequence_delimiter=sequence.delimiter if sequence else None, about=about,
+                        calibration=calibrator.to_dict() if calibrator else None)
+
+
+def run_calibrator(evaluated: dict, name: str) -> Calibrator | None:
+    """The calibrator a run fitted for model `name` on validation (`eval.calibration`), if any."""
+    fitted = evaluated.get("models", {}).get(name, {}).get("calibrated")
+    return Calibrator.from_dict(fitted["calibrator"]) if fitted else None
 
 
 def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
@@ -207,7 +218,8 @@ def export_run(spec: JobSpec, checkpoints: dict[str, str], recommended: str, eva
     for name, checkpoint in targets.items():
         role = "teacher" if name == "teacher" else "student"
         exports[name] = export_checkpoint(spec, name, role, checkpoint, rows, spec.run_dir,
-                                          formats=None if role == "student" else spec.export.formats)
+                                          formats=None if role == "student" else spec.export.formats,
+                                          calibrator=run_calibrator(evaluated or {}, name))
     serving = serving_speed(spec, targets, exports, rows)
     if evaluated and "onnx" in exports[recommended]:
         _write_card(spec, recommended, evaluated, exports[recommended], serving.get("models", {}).get(recommended, {}))
@@ -252,7 +264,8 @@ def export_finished_run(run_dir: str, model: str | None = None, fmt: str | None 
     _, _, layout = load_model(checkpoints[name])
     rows = parity_rows(spec, layout)
     role = "teacher" if metrics["models"][name].get("role") in ("teacher", "ensemble_member") else "student"
-    exported = export_checkpoint(spec, name, role, checkpoints[name], rows, run_dir, formats=[fmt] if fmt else None)
+    exported = export_checkpoint(spec, name, role, checkpoints[name], rows, run_dir, formats=[fmt] if fmt else None,
+                                 calibrator=run_calibrator(metrics, name))
     section = metrics.setdefault("export", {"recommended": metrics.get("selection", {}).get("recommended")})
     section.setdefault("models", {}).setdefault(name, {}).update(exported)
     storage.atomic_write_json(storage.join(run_dir, "metrics.json"), metrics)

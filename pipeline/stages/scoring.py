@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import metrics
+from pipeline import calibration, metrics
+from pipeline.calibration import Calibrator
 from pipeline.data import clicklogs
+from pipeline.errors import UserError
 from pipeline.features import table_to_inputs
 from pipeline.models import count_parameters, load_model, model_bytes
 from pipeline.spec import JobSpec
@@ -50,20 +52,41 @@ def validation_scores(spec: JobSpec, checkpoints: dict[str, str], combine: Ensem
     return scores
 
 
+def fit_calibrators(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None) -> dict[str, Calibrator]:
+    """{model: its `eval.calibration` calibrator}, each fitted on the validation split (never on the
+    evaluation days); {} with eval.calibration none."""
+    if spec.eval.calibration == "none":
+        return {}
+    table = _scored_table(spec, checkpoints, combine, on_validation=True)
+    labels = table.column(spec.features.label).to_numpy()
+    fitted_on = {"split": "validation", "days": [d.isoformat() for d in spec.data.validation_days()]}
+    return {name: _fit(spec, name, labels, _logits(table.column(name)), fitted_on)
+            for name in [*checkpoints, *([combine.column] if combine else [])]}
+
+
+def _fit(spec: JobSpec, name: str, labels: np.ndarray, logits: np.ndarray, fitted_on: dict) -> Calibrator:
+    try:
+        return calibration.fit(spec.eval.calibration, labels, logits, fitted_on)
+    except ValueError as exc:
+        raise UserError(f"eval.calibration: cannot calibrate {name}: {exc}") from exc
+
+
 def evaluate_run(spec: JobSpec, teachers: dict[str, str], students: Students, labelled: Labelled,
                  gate: dict | None = None) -> dict:
     """The run's metrics: every model on the eval days, what was trained and labelled, and (with a
-    validation split) the teacher gate, the distillation candidates and the student the run recommends."""
+    validation split) the teacher gate, the distillation candidates and the student the run recommends.
+    With `eval.calibration`, each model's calibrator is fitted on validation and scored on the eval days."""
     checkpoints, combine = teacher_models(spec, teachers)
     roles = {name: "teacher" if name == "teacher" else "ensemble_member" for name in checkpoints}
     roles |= {name: "distilled" if name == DISTILLED else "hard" for name in students.paths}
+    calibrators = fit_calibrators(spec, checkpoints | students.paths, combine)
     return {
         "job": spec.name,
         "spec_hash": spec.fingerprint(),
         "task": spec.features.task,
         "train": {"days": [d.isoformat() for d in spec.data.train_days.days()]},
         "label": _label_summary(labelled),
-        **evaluate_models(spec, checkpoints | students.paths, combine, roles=roles),
+        **evaluate_models(spec, checkpoints | students.paths, combine, roles=roles, calibrators=calibrators),
         "training": (training := training_records(spec.run_dir)),
         "selection": selection(spec, training, gate, students),
         "search": search_records(spec),  # every trial of each teacher search (empty without one)
@@ -112,7 +135,7 @@ def _label_summary(labelled: Labelled) -> dict:
 
 
 def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None,
-                    roles: dict[str, str] | None = None) -> dict:
+                    roles: dict[str, str] | None = None, calibrators: dict[str, Calibrator] | None = None) -> dict:
     """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ..., "summary"}.
 
     "eval" holds the paired-bootstrap intervals (`eval.bootstrap` resamples; None when 0) that the summary's
@@ -122,8 +145,10 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensembl
         combine: adds an ensemble scored by the weighted mean of its members' logits.
         roles: {model name: "teacher" | "distilled" | "hard" | "ensemble_member"}; agreement with the
             teacher is reported for every model that is not a teacher.
+        calibrators: {model name: Calibrator}; each such model gets a "calibrated" entry: its calibrator and
+            the AUC, log-loss and ECE of its calibrated logits.
     """
-    roles = roles or {}
+    roles, calibrators = roles or {}, calibrators or {}
     table = _scored_table(spec, checkpoints, combine)
     labels = table.column(spec.features.label).to_numpy()
     columns = [*checkpoints, *([combine.column] if combine else [])]
@@ -138,6 +163,8 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensembl
     if combine:
         members = [models[m] for m in combine.weights]
         models[combine.column] = context.score(logits[combine.column], None) | _ensemble_description(members)
+    for name, calibrator in calibrators.items():
+        models[name]["calibrated"] = context.calibrated(calibrator, logits[name])
     evaluation = _eval_summary(spec, labels, table) | {"bootstrap": context.bootstrap(logits, models)}
     return {"eval": evaluation, "models": models, "summary": metrics.summarize(models, evaluation["bootstrap"])}
 
@@ -172,6 +199,12 @@ class _ScoringContext:
                                    max_slices=self.spec.eval.max_slices, task=self.spec.features.task,
                                    min_slice_positives=self.spec.eval.min_slice_positives)
 
+    def calibrated(self, calibrator: Calibrator, logits: np.ndarray) -> dict:
+        """The calibrator and how its calibrated logits score (AUC moves only where isotonic makes ties)."""
+        calibrated = calibrator.apply(logits)
+        return ({"method": calibrator.method, "calibrator": calibrator.to_dict(), "auc": metrics.auc(self.labels, calibrated)}
+                | metrics.calibration_scores(self.labels, calibrated, self.spec.eval.calibration_bins))
+
     def bootstrap(self, logits: dict[str, np.ndarray], models: dict[str, dict]) -> dict | None:
         """Paired-bootstrap intervals of each model and of the teacher / distilled / hard differences."""
         pairs = comparison_pairs(metrics.model_names(models))
@@ -197,8 +230,9 @@ def _logits(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _latency_sample(spec: JobSpec) -> pa.Table:
-    """Up to `eval.batch_size` (at most 4096) rows of the first eval day, for latency and throughput."""
-    return sample_rows(spec, spec.data.eval_days.days()[:1], spec.features.input_columns(),
+    """Up to `eval.batch_size` (at most 4096) rows of the first eval day, for latency and throughput: every
+    model's inputs (a teacher's teacher-only columns too; each model takes its own layout's)."""
+    return sample_rows(spec, spec.data.eval_days.days()[:1], spec.log_features.input_columns(),
                        min(spec.eval.batch_size, 4096))
 
 
@@ -225,9 +259,10 @@ def _ensemble_description(members: list[dict]) -> dict:
 
 
 def _eval_columns(spec: JobSpec) -> list[str]:
-    """Label, group, inputs, and `true_ctr` when the log has it (ceiling only, never a feature)."""
+    """Label, group, every model's inputs (teacher-only columns too), and `true_ctr` when the log has it
+    (ceiling only, never a feature)."""
     present = schema_names(spec, spec.data.eval_days.days())
-    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns()]
+    wanted = [spec.features.label, spec.features.group, *spec.log_features.input_columns()]
     if "true_ctr" in present:
         wanted.append("true_ctr")
     return list(dict.fromkeys(c for c in wanted if c))
