@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -174,6 +175,7 @@ def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cl
                                   "search": {"soft_loss": ["mse", "kd"], "alpha": [0.3], "temperature": [2.0]}}
     tiny_spec_dict["teacher"]["epochs"] = 1
     tiny_spec_dict["train"]["epochs"] = 1
+    tiny_spec_dict["eval"] = {"calibration": "platt"}
     spec = parse_spec(tiny_spec_dict)
 
     metrics = run_job(spec)
@@ -196,3 +198,28 @@ def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cl
     assert selection["recommended"] in ("student_distilled", "student_hard")
     report = Path(spec.run_dir, "report.md").read_text()
     assert "## Chosen on validation" in report and f"Recommended student: **{selection['recommended']}**" in report
+    _calibrated_on_validation_and_exported(spec, metrics, held_out, report)
+
+
+def _calibrated_on_validation_and_exported(spec, metrics, held_out: int, report: str) -> None:
+    """Each model's Platt calibrator is fitted on the held-out quarter, and the exported student serves the
+    calibrated logit the evaluation scored."""
+    from pipeline.cli import main
+    from pipeline.metrics import log_loss
+    from pipeline.serving import read_signature
+
+    for name in ("teacher", "student_distilled", "student_hard"):
+        calibrated = metrics["models"][name]["calibrated"]
+        assert calibrated["calibrator"]["fitted_on"]["rows"] == held_out and calibrated["method"] == "platt"
+        assert calibrated["auc"] == pytest.approx(metrics["models"][name]["auc"], abs=1e-9)  # monotone
+        assert 0 <= calibrated["calibration_quantile"]["ece"] < 1
+    assert "## Calibration (fitted on validation" in report
+    name = metrics["selection"]["recommended"]
+    onnx = metrics["export"]["models"][name]["onnx"]
+    assert onnx["parity"]["passed"]
+    assert read_signature(onnx["dir"]).calibration == metrics["models"][name]["calibrated"]["calibrator"]
+    out = Path(spec.run_dir) / "scored.parquet"
+    assert main(["score", onnx["dir"], f"{spec.data.path}/date={spec.data.eval_days.start}", "--out", str(out)]) == 0
+    scored = pq.read_table(out)
+    served = log_loss(scored.column("clicked").to_numpy(), scored.column("logit").to_numpy().astype(np.float64))
+    assert served == pytest.approx(metrics["models"][name]["calibrated"]["log_loss"], abs=1e-5)
