@@ -5,6 +5,11 @@ window (warm-started from the champion), evaluate challenger and champion on day
 challenger (ONNX and the spec's formats, parity-checked on day D, with its MODEL_CARD.md), publish it to the
 registry and promote it only when it passes the gate, and write a cycle record. An export that fails parity
 publishes nothing. A finished cycle is never redone: rerunning a date returns its record.
+
+With `eval.calibration`, the challenger's calibrator is fitted on the cycle's validation split and folded into
+its export; the champion is scored with the calibrator it serves. The record holds both ECEs on day D, so that
+calibration drift shows; `schedule.gate.max_ece` refuses a challenger above it, and a kept champion above it
+is recalibrated on the validation split (a new version, promoted when better calibrated on D).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import time
 
 from pipeline import registry, runtime, storage
+from pipeline.calibration import Calibrator
 from pipeline.errors import ParityError, UserError
 from pipeline.model_card import render_card
 from pipeline.models import ModelConfig, load_model
@@ -24,7 +30,7 @@ from pipeline.stages.click_logs import ensure_click_logs
 from pipeline.stages.export import export_checkpoint, parity_rows, registry_files, serving_speed
 from pipeline.stages.label import label_days
 from pipeline.stages.profile import data_aware_spec
-from pipeline.stages.scoring import evaluate_models
+from pipeline.stages.scoring import evaluate_models, fit_calibrators
 from pipeline.stages.students import train_challenger
 from pipeline.stages.teacher import ensure_teacher
 
@@ -86,8 +92,9 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     # the better of the distilled and the hard-label student on validation (the distilled one without a split)
     kind, challenger = train_challenger(cycle, labelled.shard_set, init_model=warm)
     checkpoints = {"challenger": challenger, **({"champion": champion_path} if champion_path else {})}
-    metrics = evaluate_models(cycle, checkpoints)
-    decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression)
+    calibrators = _calibrators(cycle, challenger, registry.version_dir(root, model, champion) if champion else None)
+    metrics = evaluate_models(cycle, checkpoints, calibrators=calibrators)
+    decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression, schedule.gate.max_ece)
     teacher_sha = labelled.shard_set.teacher.checkpoint_sha256
     version = f"{day.isoformat()}-{teacher_sha[:8]}"
     lineage = {"teacher": labelled.shard_set.teacher.to_dict(), "eval_day": day.isoformat(),
@@ -97,10 +104,11 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     record = {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
               "teacher_sha256": teacher_sha, "version": version, "champion_before": champion,
               "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
-              "student": kind}
+              "student": kind, "challenger_ece": served_ece(metrics["models"]["challenger"]),
+              "champion_ece": served_ece(metrics["models"]["champion"]) if champion else None}
     try:
         files, parity = _export_challenger(cycle, challenger, metrics["models"]["challenger"], lineage,
-                                           f"{model} {version}")
+                                           f"{model} {version}", calibrators.get("challenger"))
     except ParityError as exc:  # nothing is published from an export that does not compute what was evaluated
         return record | {"champion_after": champion, "decision": "rejected", "export": {"error": str(exc)},
                          "reason": f"export parity failed, nothing published: {exc}"}
@@ -109,22 +117,86 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
                      {"metrics": metrics["models"]["challenger"], "lineage": lineage, "parity": parity})
     if decision != "rejected":
         registry.promote(root, model, version, reason)
+    elif champion and needs_recalibration(record["champion_ece"], schedule.gate.max_ece, cycle.eval.calibration):
+        return record | _recalibrate(cycle, champion, champion_path, metrics["models"]["champion"], version,
+                                     lineage, reason, parity)
     return record | {"champion_after": registry.current(root, model), "export": parity, "decision": decision,
                      "reason": reason}
 
 
-def _export_challenger(cycle: JobSpec, challenger: str, metrics: dict, lineage: dict,
-                       title: str) -> tuple[dict[str, bytes], dict]:
-    """The challenger's exports (always ONNX, plus the spec's formats), parity-checked on the evaluation day,
-    as registry files with their parity record and MODEL_CARD.md. Raises ParityError."""
+def _calibrators(cycle: JobSpec, challenger: str, champion_dir: str | None) -> dict[str, Calibrator]:
+    """The challenger's calibrator fitted on the cycle's validation split (`eval.calibration`), and the one the
+    champion serves (inside its ONNX export), if any: the champion is scored as it serves."""
+    fitted = fit_calibrators(cycle, {"challenger": challenger})
+    served = served_calibrator(champion_dir) if champion_dir else None
+    return fitted | ({"champion": served} if served else {})
+
+
+def served_calibrator(version_dir: str) -> Calibrator | None:
+    """The calibrator inside a registry version's ONNX export (its signature), if it has one."""
+    onnx = storage.join(version_dir, "onnx")
+    if not storage.exists(storage.join(onnx, "signature.json")):
+        return None
+    calibration = read_signature(onnx).calibration
+    return Calibrator.from_dict(calibration) if calibration else None
+
+
+def served_ece(scored: dict) -> float | None:
+    """A model's ECE on the day as it serves: after its calibrator when it has one (binary only)."""
+    chosen = scored.get("calibrated") or scored
+    return chosen.get("calibration", {}).get("ece")
+
+
+def needs_recalibration(champion_ece: float | None, max_ece: float | None, method: str) -> bool:
+    """A kept champion whose calibration drifted above `schedule.gate.max_ece` is recalibrated (with a method)."""
+    return method != "none" and max_ece is not None and champion_ece is not None and champion_ece > max_ece
+
+
+def _recalibrate(cycle: JobSpec, champion: str, champion_path: str, before: dict, version: str, lineage: dict,
+                 refused: str, challenger_parity: dict) -> dict:
+    """The champion kept, with a calibrator fitted on this cycle's validation split: published as
+    `<version>-recalibrated` and promoted when it is better calibrated on the day than what the champion serves
+    (`before`: its scores on the day) and no worse in log-loss; the ranking is the champion's own. Returns the
+    record's decision fields."""
+    root, model = _schedule(cycle).registry, cycle.registry_model_name
+    calibrator = fit_calibrators(cycle, {"recalibrated": champion_path})["recalibrated"]
+    after = evaluate_models(cycle, {"recalibrated": champion_path},
+                            calibrators={"recalibrated": calibrator})["models"]["recalibrated"]
+    ece_before, ece_after = served_ece(before), served_ece(after)
+    loss_before = (before.get("calibrated") or before)["log_loss"]
+    summary = {"fitted_on": calibrator.fitted_on, "calibrator": calibrator.to_dict(), "ece_before": ece_before,
+               "ece_after": ece_after, "log_loss_before": loss_before, "log_loss_after": after["calibrated"]["log_loss"]}
+    better = ece_after < ece_before and summary["log_loss_after"] <= loss_before
+    words = (f"champion {champion} ECE {ece_before:.4f} on the day is above schedule.gate.max_ece "
+             f"{_schedule(cycle).gate.max_ece}; recalibrated on validation: ECE {ece_after:.4f}, log-loss "
+             f"{loss_before:.4f} -> {summary['log_loss_after']:.4f}")
+    out = {"export": challenger_parity, "recalibration": summary, "decision": "rejected"}
+    if not better:
+        return out | {"champion_after": champion, "reason": f"{refused}; {words}: not better, champion kept as is"}
+    recalibrated = f"{version}-recalibrated"
+    files, parity = _export_challenger(cycle, champion_path, after, lineage | {"recalibrated_from": champion},
+                                       f"{model} {recalibrated}", calibrator, name="recalibrated")
+    registry.publish(root, model, recalibrated, {"model.pt": storage.read_bytes(champion_path),
+                                                 "spec.json": _spec_bytes(cycle), **files},
+                     {"metrics": after, "lineage": lineage | {"recalibrated_from": champion}, "parity": parity})
+    registry.promote(root, model, recalibrated, f"recalibrated: {words}")
+    return out | {"decision": "recalibrated", "recalibrated_version": recalibrated, "recalibration_export": parity,
+                  "champion_after": registry.current(root, model), "reason": f"{refused}; {words}: promoted"}
+
+
+def _export_challenger(cycle: JobSpec, challenger: str, metrics: dict, lineage: dict, title: str,
+                       calibrator: Calibrator | None = None, name: str = "challenger") -> tuple[dict[str, bytes], dict]:
+    """The challenger's exports (always ONNX, plus the spec's formats, its calibrator in the graph),
+    parity-checked on the evaluation day, as registry files with their parity record and MODEL_CARD.md.
+    Raises ParityError."""
     formats = list(dict.fromkeys(["onnx", *cycle.export.formats]))
     cycle = cycle.model_copy(update={"export": cycle.export.model_copy(update={"formats": formats})})
     _, _, layout = load_model(challenger)
     rows = parity_rows(cycle, layout)
-    exports = export_checkpoint(cycle, "challenger", "student", challenger, rows, cycle.run_dir)
-    speed = serving_speed(cycle, {"challenger": challenger}, {"challenger": exports}, rows)
+    exports = export_checkpoint(cycle, name, "student", challenger, rows, cycle.run_dir, calibrator=calibrator)
+    speed = serving_speed(cycle, {name: challenger}, {name: exports}, rows)
     card = render_card(title=title, metrics=metrics, eval_days=[lineage["eval_day"]], exports=exports,
-                       serving=speed.get("models", {}).get("challenger", {}),
+                       serving=speed.get("models", {}).get(name, {}),
                        signature=read_signature(exports["onnx"]["dir"]), lineage=lineage)
     files, parity = registry_files(exports)
     return files | {registry.CARD: card.encode()}, parity
@@ -150,9 +222,14 @@ def _same_architecture(model_path: str | None, spec: JobSpec) -> bool:
     return same
 
 
-def gate(metrics: dict, metric: str, max_regression: float) -> tuple[str, str]:
-    """Promote when the challenger is no worse than the champion by more than `max_regression`."""
-    challenger = metrics["models"]["challenger"][metric]
+def gate(metrics: dict, metric: str, max_regression: float, max_ece: float | None = None) -> tuple[str, str]:
+    """Promote when the challenger is no worse than the champion by more than `max_regression` and, with
+    `max_ece`, its ECE on the day (as it serves: calibrated when it has a calibrator) is at most `max_ece`."""
+    scored = metrics["models"]["challenger"]
+    challenger = scored[metric]
+    ece = served_ece(scored)
+    if max_ece is not None and ece is not None and ece > max_ece:
+        return "rejected", f"challenger ECE {ece:.4f} is above schedule.gate.max_ece {max_ece}"
     if "champion" not in metrics["models"]:
         return "promoted", f"first version ({metric} {challenger:.4f}); no champion to compare with"
     champion = metrics["models"]["champion"][metric]

@@ -55,6 +55,11 @@ def nights(ray_cluster, tmp_path_factory):
     worse = copy.deepcopy(raw)
     worse["train"]["lr"] = 1e-12
     worse["schedule"]["warm_start"] = False
+    # ... calibrated on a validation split, under an ECE bound no uncalibrated champion meets: the kept
+    # champion is recalibrated (the night's one calibration cycle, the suite's time being short)
+    worse["data"]["validation"] = {"fraction": 0.2}
+    worse["eval"] = {"calibration": "platt"}
+    worse["schedule"]["gate"]["max_ece"] = 1e-4
     out["champion_before_worse"] = registry.current(spec.schedule.registry, "nightly")
     out[4] = run_cycle(parse_spec(worse), NIGHT[3])
     # A new teacher invalidates every shard; that night's export runtime is also subtly wrong: its parity
@@ -119,10 +124,48 @@ def test_touching_an_old_partition_relabels_only_it(nights):
     assert third["reused"] == ["2026-11-04"]
 
 
-def test_worse_challenger_is_refused_and_current_unchanged(nights):
-    worse = nights[4]
-    assert worse["decision"] == "rejected", worse
-    assert worse["champion_after"] == nights["champion_before_worse"] != worse["version"]
+def test_worse_challenger_is_refused_and_the_drifted_champion_recalibrated(nights):
+    worse, spec = nights[4], nights["spec"]
+    root, champion = spec.schedule.registry, nights["champion_before_worse"]
+    assert worse["decision"] in ("rejected", "recalibrated"), worse
+    assert worse["version"] != worse["champion_after"] and registry.current(root, "nightly") == worse["champion_after"]
+    assert worse["challenger_ece"] == worse["challenger"]["calibrated"]["calibration"]["ece"]  # as it would serve
+    assert worse["champion_ece"] == worse["champion"]["calibration"]["ece"] > 1e-4  # uncalibrated until now
+    recalibration = worse["recalibration"]
+    assert recalibration["ece_before"] == worse["champion_ece"]
+    assert 0.15 * 9000 < recalibration["fitted_on"]["rows"] < 0.25 * 9000  # the window's validation rows
+    if worse["decision"] == "rejected":  # recalibrating did not help on the day: the champion stays as it is
+        assert worse["champion_after"] == champion and "not better, champion kept" in worse["reason"]
+        return
+    recalibrated = worse["recalibrated_version"]
+    assert worse["champion_after"] == recalibrated == f"{worse['version']}-recalibrated"
+    assert recalibration["ece_after"] < recalibration["ece_before"]
+    assert recalibration["log_loss_after"] <= recalibration["log_loss_before"]
+    old, new = (registry.version_dir(root, "nightly", v) for v in (champion, recalibrated))
+    assert storage.read_bytes(f"{new}/model.pt") == storage.read_bytes(f"{old}/model.pt")  # the same model
+    from pipeline.serving import read_signature
+
+    assert read_signature(f"{new}/onnx").calibration == recalibration["calibrator"]
+    assert registry.export_problems(root, "nightly", recalibrated) == []
+    assert registry.history(root, "nightly")[-1]["reason"].startswith("recalibrated: champion")
+
+
+def test_the_ece_gate_refuses_a_miscalibrated_challenger():
+    from pipeline.nightly import gate, needs_recalibration
+
+    def scored(auc: float, ece: float, calibrated_ece: float | None = None) -> dict:
+        model = {"auc": auc, "calibration": {"ece": ece}}
+        return model | ({"calibrated": {"calibration": {"ece": calibrated_ece}}} if calibrated_ece is not None else {})
+
+    better_but_off = {"models": {"challenger": scored(0.72, 0.001, calibrated_ece=0.012),
+                                 "champion": scored(0.70, 0.002)}}
+    decision, reason = gate(better_but_off, "auc", 0.0, max_ece=0.005)
+    assert decision == "rejected" and reason == "challenger ECE 0.0120 is above schedule.gate.max_ece 0.005"
+    assert gate(better_but_off, "auc", 0.0)[0] == "promoted"  # no bound: the ranking decides
+    assert gate({"models": {"challenger": scored(0.72, 0.03, calibrated_ece=0.004)}}, "auc", 0.0, 0.005)[0] == \
+        "promoted"  # the calibrated ECE is what serves
+    assert needs_recalibration(0.012, 0.005, "platt") and not needs_recalibration(0.004, 0.005, "platt")
+    assert not needs_recalibration(0.012, 0.005, "none") and not needs_recalibration(0.012, None, "platt")
 
 
 def test_new_teacher_relabels_everything(nights):
