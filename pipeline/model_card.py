@@ -3,6 +3,7 @@ exports, its serving latency, its size and its lineage. Pure: from the records a
 
 from __future__ import annotations
 
+from pipeline.calibration import Calibrator
 from pipeline.serving import Signature
 
 
@@ -41,7 +42,15 @@ def _metrics(metrics: dict, eval_days: list[str]) -> list[str]:
     cells = [f"{label} {metrics[key]:.4f}" for key, label in names if isinstance(metrics.get(key), (int, float))]
     if isinstance(metrics.get("calibration"), dict):
         cells.append(f"ECE {metrics['calibration']['ece']:.4f}")
-    return ["## Metrics on the evaluation days", "", f"- Days: {', '.join(eval_days)}; " + ", ".join(cells) + "."]
+    lines = ["## Metrics on the evaluation days", "", f"- Days: {', '.join(eval_days)}; " + ", ".join(cells) + "."]
+    calibrated = metrics.get("calibrated")
+    if calibrated:  # the served logit is the calibrated one
+        fitted = calibrated["calibrator"].get("fitted_on", {})
+        lines.append(f"- Calibrated ({Calibrator.from_dict(calibrated['calibrator']).describe()}, fitted on "
+                     f"{fitted.get('rows', 0):,} validation rows; inside the exported graph): ECE "
+                     f"{metrics['calibration']['ece']:.4f} -> {calibrated['calibration']['ece']:.4f}, log-loss "
+                     f"{metrics['log_loss']:.4f} -> {calibrated['log_loss']:.4f}.")
+    return lines
 
 
 def _parity(exports: dict) -> list[str]:

@@ -147,6 +147,7 @@ def test_worse_challenger_is_refused_and_the_drifted_champion_recalibrated(night
 
     assert read_signature(f"{new}/onnx").calibration == recalibration["calibrator"]
     assert registry.export_problems(root, "nightly", recalibrated) == []
+    assert "- Calibrated (platt: " in registry.card(root, "nightly", recalibrated)
     assert registry.history(root, "nightly")[-1]["reason"].startswith("recalibrated: champion")
 
 
