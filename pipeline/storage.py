@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from typing import Any
@@ -235,7 +236,20 @@ def check_writable(uri: str, setting: str = "output.root") -> None:
 
 
 def atomic_write_json(uri: str, payload: Any) -> None:
-    atomic_write_bytes(uri, (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+    """Writes strict JSON: an undefined number (the AUC of a slice without clicks is NaN) is written as null,
+    because NaN and Infinity are not JSON and strict parsers (browsers, jq, Java) refuse them."""
+    text = json.dumps(_strict_json(payload), indent=2, sort_keys=True, default=str, allow_nan=False)
+    atomic_write_bytes(uri, (text + "\n").encode())
+
+
+def _strict_json(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def atomic_write_text(uri: str, text: str) -> None:

@@ -14,6 +14,7 @@ from pipeline.cli import main
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
 from tests.conftest import ROOT
+from tests.test_report import strict_json
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_the_recommended_student_leaves_as_a_parity_checked_artifact(finished_ru
 @pytest.mark.e2e
 def test_outputs_written_and_consistent(finished_run):
     spec, metrics = finished_run
-    on_disk = json.loads(storage.read_bytes(storage.join(spec.run_dir, "metrics.json")))
+    on_disk = strict_json(storage.read_bytes(storage.join(spec.run_dir, "metrics.json")).decode())  # no NaN
     assert on_disk["models"]["student_distilled"]["auc"] == metrics["models"]["student_distilled"]["auc"]
     report = storage.read_bytes(storage.join(spec.run_dir, "report.md")).decode()
     assert f"{metrics['models']['teacher']['auc']:.4f}" in report

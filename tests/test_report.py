@@ -285,3 +285,24 @@ def test_the_report_shows_each_calibrated_model_before_and_after(run_metrics, tm
            "0.1500 -> 0.1400 | 0.0400 -> 0.0380 | 0.6900 -> 0.6900 |" in row
     assert "| teacher | " not in text.split("## Calibration")[1].split("##")[0]  # only calibrated models
     assert any(path.endswith("calibration.png") for path in write_plots(metrics, str(tmp_path)))
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, as browsers and jq do."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_are_written_as_strict_json_with_null_for_undefined_numbers(run_metrics, tmp_path):
+    metrics = run_metrics()
+    metrics["models"]["student_hard"]["slices"][1]["auc"] = float("nan")  # a slice without clicks
+    metrics["eval"]["ceiling_auc"] = float("inf")
+    path = str(tmp_path / "metrics.json")
+    storage.atomic_write_json(path, metrics)
+    written = strict_json((tmp_path / "metrics.json").read_text())
+    assert written["models"]["student_hard"]["slices"][1]["auc"] is None and written["eval"]["ceiling_auc"] is None
+    with pytest.raises(ValueError, match="NaN is not JSON"):
+        strict_json('{"auc": NaN}')
+    write_report(str(tmp_path), written)  # and a report renders from what was written
