@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--timezone", default="UTC", help="the zone whose midnight starts a day")
     inspect.add_argument("--delimiter", help="CSV field separator (default: ',', or a tab for .tsv)")
     command("generate", _generate, "write the spec's synthetic click log (data.source: synthetic)")
-    report = command("report", _report, "rebuild report.md from a finished run's metrics.json", with_spec=False)
+    report = command("report", _report, "rebuild report.md and report.html from a finished run's metrics.json", with_spec=False)
     report.add_argument("run_dir", help="a run directory holding metrics.json")
     _serving_commands(command)
     _cluster_commands(command)
@@ -215,7 +215,8 @@ def _report(args) -> int:
     except ValueError as exc:  # a truncated or hand-edited file
         raise UserError(f"{path} is not valid JSON ({exc}); rerun the job to rewrite it") from None
     print(write_report(args.run_dir, metrics))
-    print(f"wrote {storage.join(args.run_dir, 'report.md')} and its plots under {storage.join(args.run_dir, 'plots')}")
+    print(f"wrote {storage.join(args.run_dir, 'report.md')}, report.html and the plots under "
+          f"{storage.join(args.run_dir, 'plots')}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`report.md` from a run's metrics.json: what the numbers mean for shipping the student.
+"""`report.md` (and the same as a self-contained `report.html`) from a run's metrics.json: what the numbers
+mean for shipping the student.
 
 Sections and columns follow what the run measured: accuracy instead of AUC for a multiclass task,
 calibration and a ceiling for a binary one, agreement for students, slices with `eval.slice_by`, 95%
@@ -7,6 +8,8 @@ intervals with `eval.bootstrap`. The plots are drawn by `pipeline/plots.py`.
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 
 from pipeline import storage
@@ -22,11 +25,34 @@ _AGREEMENT_NAMES = {"pearson": "Pearson (logits)", "spearman": "Spearman", "mean
 
 
 def write_report(run_dir: str, metrics: dict) -> str:
-    """Writes `<run_dir>/report.md` and `<run_dir>/plots/*.png` (run_dir may be s3://); returns the markdown."""
+    """Writes `<run_dir>/report.md`, `<run_dir>/plots/*.png` and `<run_dir>/report.html` (the same report,
+    self-contained: the plots inline); run_dir may be s3://. Returns the markdown."""
     written = write_plots(metrics, storage.join(run_dir, PLOTS_DIR))
-    text = render_report(metrics, plots=[f"{PLOTS_DIR}/{path.rsplit('/', 1)[-1]}" for path in written])
+    plots = {f"{PLOTS_DIR}/{path.rsplit('/', 1)[-1]}": path for path in written}
+    text = render_report(metrics, plots=list(plots))
     storage.atomic_write_text(storage.join(run_dir, "report.md"), text)
+    images = {name: storage.read_bytes(path) for name, path in plots.items()}
+    storage.atomic_write_text(storage.join(run_dir, "report.html"),
+                              render_html(text, images, title=f"Distillation report: {metrics['job']}"))
     return text
+
+
+def render_html(markdown_text: str, images: dict[str, bytes], title: str) -> str:
+    """The Markdown report as one self-contained HTML page: the same content in the same order (converted by
+    the `markdown` package, tables included), each PNG inline as a data URI, no script, no network."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    for name, data in images.items():
+        body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{base64.b64encode(data).decode()}"')
+    return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
+        "table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.25rem .5rem}"
+        "th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}img{max-width:100%;display:block;margin:1rem 0}"
+        "code{background:#f3f3f3;padding:0 .2rem}")
 
 
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:

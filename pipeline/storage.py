@@ -238,7 +238,8 @@ def check_writable(uri: str, setting: str = "output.root") -> None:
 def atomic_write_json(uri: str, payload: Any) -> None:
     """Writes strict JSON: an undefined number (the AUC of a slice without clicks is NaN) is written as null,
     because NaN and Infinity are not JSON and strict parsers (browsers, jq, Java) refuse them."""
-    text = json.dumps(_strict_json(payload), indent=2, sort_keys=True, default=str, allow_nan=False)
+    # Keys stay in the order they were made: a report rebuilt from metrics.json lists models as the run did.
+    text = json.dumps(_strict_json(payload), indent=2, default=str, allow_nan=False)
     atomic_write_bytes(uri, (text + "\n").encode())
 
 

@@ -119,9 +119,13 @@ def test_rerun_reuses_every_finished_stage(finished_run, capsys):
 @pytest.mark.e2e
 def test_report_command_rebuilds_report(finished_run, capsys):
     spec, _ = finished_run
+    written = storage.read_bytes(storage.join(spec.run_dir, "report.md"))
     assert main(["report", spec.run_dir]) == 0
     out = capsys.readouterr().out
     assert "recovery" in out and "| student_distilled | mlp |" in out
+    assert storage.read_bytes(storage.join(spec.run_dir, "report.md")) == written  # byte for byte what run wrote
+    page = storage.read_bytes(storage.join(spec.run_dir, "report.html")).decode()
+    assert "<td>student_distilled</td>" in page and page.count('src="data:image/png;base64,') >= 3
 
 
 def test_cli_missing_data_exits_2_without_traceback(tmp_path, tiny_spec_dict):

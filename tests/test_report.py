@@ -199,6 +199,22 @@ def test_write_report_writes_the_markdown_and_non_empty_pngs(run_metrics, tmp_pa
     for name in pngs:
         assert (tmp_path / "plots" / name).read_bytes()[:8] == PNG_MAGIC
         assert f"(plots/{name})" in report
+    _same_report_as_html(report, (tmp_path / "report.html").read_text(), tmp_path / "plots")
+
+
+def _same_report_as_html(report: str, page: str, plots) -> None:
+    """report.html is report.md's content in its order, self-contained: every plot inline, nothing fetched."""
+    import base64
+    import re
+
+    headings = re.findall(r"^#+ (.+)$", report, flags=re.MULTILINE)
+    shown = [re.sub(r"<[^>]+>", "", h) for h in re.findall(r"<h[1-6][^>]*>(.*?)</h[1-6]>", page)]
+    assert shown == headings and headings
+    rows = [line for line in report.splitlines() if line.startswith("|") and not re.fullmatch(r"[|\s:-]+", line)]
+    assert page.count("<tr>") == len(rows)  # every table row, header rows included
+    for png in plots.iterdir():
+        assert f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"' in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page and 'src="plots/' not in page
 
 
 def test_write_plots_without_steps_draws_epochs(run_metrics, tmp_path):
