@@ -12,6 +12,7 @@ import zoneinfo
 
 from pipeline import registry, storage, submit
 from pipeline.errors import ParityError, UserError, WeakTeacher
+from pipeline.history_page import write_history_page
 from pipeline.report import render_table, write_report
 from pipeline.schedule import data_date
 from pipeline.spec import load_spec
@@ -119,6 +120,8 @@ def _nightly_commands(command) -> None:
     registry.add_argument("action", choices=["list", "show", "promote", "rollback"],
                           help="show prints the version's MODEL_CARD.md")
     registry.add_argument("version", nargs="?", help="the version id (show, promote)")
+    command("history", _history, "write the nightly history page (<run>/nightly/index.html): metrics, decisions, "
+            "rows relabelled and ECE per night")
 
 
 def _date(text: str) -> dt.date:
@@ -365,6 +368,7 @@ def _registry(args) -> int:
             print(f"{'*' if version == champion else ' '} {version}")
     elif args.action == "rollback":
         print(f"CURRENT is now {registry.rollback(root, model)}")
+        write_history_page(spec)
     elif not args.version:
         raise UserError(f"`distill registry {args.action}` needs a version id (see `distill registry list`)")
     elif args.action == "show":
@@ -377,6 +381,15 @@ def _registry(args) -> int:
     else:
         registry.promote(root, model, args.version, reason="manual promotion")
         print(f"CURRENT is now {args.version}")
+        write_history_page(spec)
+    return 0
+
+
+def _history(args) -> int:
+    spec = _load(args)
+    if spec.schedule is None:
+        raise UserError(f"{args.spec} has no schedule section, so no nightly history; add one (see jobs/nightly.yaml)")
+    print(f"wrote {write_history_page(spec)}")
     return 0
 
 

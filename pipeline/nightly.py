@@ -21,6 +21,7 @@ import time
 from pipeline import registry, runtime, storage
 from pipeline.calibration import Calibrator
 from pipeline.errors import ParityError, UserError
+from pipeline.history_page import write_history_page
 from pipeline.model_card import render_card
 from pipeline.models import ModelConfig, load_model
 from pipeline.schedule import CycleLock, data_date, due_dates, fire_times
@@ -77,7 +78,8 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     _apply_retention(spec, day)
     storage.atomic_write_json(record_path, record)  # last: a crashed cycle has no record and reruns
-    print(f"nightly {day}: {record['decision']} ({record['reason']})", flush=True)
+    page = write_history_page(spec)
+    print(f"nightly {day}: {record['decision']} ({record['reason']}); history: {page}", flush=True)
     return record
 
 
@@ -101,7 +103,10 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
                "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
                "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None,
                "student": kind}
+    rows = {day: m.total_rows for m in labelled.shard_set.days for day in m.inputs}  # soft-label rows per day
     record = {"date": day.isoformat(), "relabelled": labelled.relabelled, "reused": labelled.reused,
+              "relabelled_rows": sum(rows.get(d, 0) for d in labelled.relabelled),
+              "reused_rows": sum(rows.get(d, 0) for d in labelled.reused),
               "teacher_sha256": teacher_sha, "version": version, "champion_before": champion,
               "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
               "student": kind, "challenger_ece": served_ece(metrics["models"]["challenger"]),

@@ -34,12 +34,13 @@ def write_plots(metrics: dict, out_dir: str) -> list[str]:
     written = []
     for name in plot_names(metrics):
         path = storage.join(out_dir, name)
-        storage.atomic_write_bytes(path, _png(draw[name], metrics))
+        storage.atomic_write_bytes(path, png(draw[name], metrics))
         written.append(path)
     return written
 
 
-def _png(draw, metrics: dict) -> bytes:
+def png(draw, metrics: dict) -> bytes:
+    """PNG bytes of `draw(figure, metrics)` on a 6x4 inch figure."""
     figure = Figure(figsize=(6, 4), layout="constrained")  # no pyplot: no global state, no GUI backend
     FigureCanvasAgg(figure)
     draw(figure, metrics)

@@ -46,13 +46,14 @@ def render_html(markdown_text: str, images: dict[str, bytes], title: str) -> str
     for name, data in images.items():
         body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{base64.b64encode(data).decode()}"')
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+            f"<title>{html.escape(title)}</title>\n<style>{PAGE_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
 
 
-_CSS = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
-        "table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.25rem .5rem}"
-        "th{background:#f3f3f3}td{font-variant-numeric:tabular-nums}img{max-width:100%;display:block;margin:1rem 0}"
-        "code{background:#f3f3f3;padding:0 .2rem}")
+PAGE_CSS = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;color:#222}"
+            "table{border-collapse:collapse;margin:1rem 0;font-size:.9rem}"
+            "th,td{border:1px solid #ccc;padding:.25rem .5rem}th{background:#f3f3f3}"
+            "td{font-variant-numeric:tabular-nums}img{max-width:100%;display:block;margin:1rem 0}"
+            "code{background:#f3f3f3;padding:0 .2rem}")  # report.html and the nightly history page
 
 
 def render_report(metrics: dict, plots: list[str] | None = None) -> str:

@@ -206,6 +206,13 @@ def test_each_version_ships_parity_checked_exports_and_a_model_card(nights, tmp_
                     "## Latency", "## Size", "## Lineage"):
         assert heading in card, heading
     assert "| hist_item_ids | list<integer> | sequence |" in card and "Evaluated on: 2026-11-04" in card
+    page = storage.join(spec.nightly_dir, "index.html")
+    assert os.path.exists(page)  # each cycle refreshed it
+    os.remove(page)
+    assert main(["history", str(spec_file)]) == 0 and f"wrote {page}" in capsys.readouterr().out
+    text = storage.read_bytes(page).decode()
+    assert all(night.isoformat() in text for night in NIGHT[:5]) and text.count('src="data:image/png;base64,') == 3
+    assert "recalibrated" in text or "not better, champion kept" in text  # night 4's decision is listed
 
 
 def test_an_export_failing_parity_publishes_nothing(nights):
