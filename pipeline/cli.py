@@ -12,6 +12,7 @@ import zoneinfo
 
 from pipeline import registry, storage, submit
 from pipeline.errors import ParityError, UserError, WeakTeacher
+from pipeline.console import quiet_console
 from pipeline.history_page import write_history_page
 from pipeline.report import render_table, write_report
 from pipeline.schedule import data_date
@@ -65,7 +66,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return sub
 
-    command("run", _run, "run the job end to end: data, teacher, soft labels, students, report")
+    run = command("run", _run, "run the job end to end: data, teacher, soft labels, students, report")
+    run.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars (by default "
+                     "they go to <run_dir>/logs/stderr.log)")
     validate = command("validate", _validate, "check a job spec; exit 0 if valid, 2 with the problems otherwise")
     validate.add_argument("--data", action="store_true", help="also check the click logs: every day's files, "
                           "their schemas and their first rows, every problem at once")
@@ -111,6 +114,8 @@ def _nightly_commands(command) -> None:
     nightly.add_argument("--date", type=_date,
                          help="the day to evaluate on, YYYY-MM-DD (default: yesterday in schedule.timezone)")
     nightly.add_argument("--address", help="submit the cycle to this Ray cluster and wait, instead of running it here")
+    nightly.add_argument("--verbose", action="store_true", help="show Ray's own logs and progress bars (by default "
+                         "they go to <run_dir>/nightly/logs/stderr.log)")
     schedule = command("schedule", _schedule, "stay running and fire nightly cycles on the spec's cron")
     schedule.add_argument("--dry-run", action="store_true", help="list what would run between --from and --to")
     schedule.add_argument("--from", dest="start", type=_date, help="first day of the dry run (YYYY-MM-DD)")
@@ -160,7 +165,8 @@ def _run(args) -> int:
     from pipeline.job import run_job
 
     spec = _load(args)
-    metrics = run_job(spec)
+    with quiet_console(spec.run_dir, verbose=args.verbose):
+        metrics = run_job(spec)
     print(f"\n{render_table(metrics['models'], metrics['eval']['ceiling_auc'], metrics['task'])}\n")
     print(f"run directory: {spec.run_dir} (metrics.json, report.md); {metrics['wall_seconds']:.0f}s in all")
     return 0
@@ -318,7 +324,8 @@ def _nightly(args) -> int:
     if spec.schedule is None:
         raise UserError(f"{args.spec} has no schedule section; `distill nightly` needs one (see jobs/nightly.yaml)")
     day = args.date or data_date(dt.datetime.now(zoneinfo.ZoneInfo(spec.schedule.timezone)))
-    _cycle_runner(args, spec)(day)
+    with quiet_console(spec.nightly_dir, verbose=args.verbose or bool(args.address)):
+        _cycle_runner(args, spec)(day)
     return 0
 
 

@@ -14,6 +14,7 @@ from pipeline import report, runtime, storage
 from pipeline.errors import ExportError, ParityError
 from pipeline.spec import JobSpec
 from pipeline.stages import click_logs, export, gate, label, profile, scoring, students, teacher
+from pipeline.stages.training import training_records
 
 STAGES = 6
 SPEC_FILE = "spec.json"  # the spec the run used, as resolved (`distill export RUN_DIR` reads it)
@@ -30,24 +31,30 @@ def run_job(spec: JobSpec) -> dict:
     with runtime.ray_session(spec):
         spec = profile.data_aware_spec(spec)  # hash_buckets: auto sized from the click logs' distinct ids
         storage.atomic_write_bytes(storage.join(spec.run_dir, SPEC_FILE), spec.model_dump_json(indent=2).encode())
-        with _stage(2, _teacher_title(spec)):
+        with _stage(2, _teacher_title(spec)) as stage:
             # one pass over the click logs trains the teachers and the hard-label student (the gate's baseline)
             teachers = teacher.ensure_teachers(spec, baseline=students.hard_baseline(spec))
             hard = teachers.pop(students.HARD)
             verdict = gate.gate_teacher(spec, teachers, hard)  # None without a validation split
-        with _stage(3, "label: teacher actor pool -> soft-label shards"):
+            stage["rows"] = _trained_rows(spec.run_dir, students.HARD)
+        with _stage(3, "label: teacher actor pool -> soft-label shards") as stage:
             labelled = label.run_label_stage(spec, teachers, storage.join(spec.run_dir, "shards"))
-        with _stage(4, f"student: distilled on the soft labels ({_soft_loss_name(spec)})"):
+            stage["rows"] = labelled.shard_set.total_rows
+            stage["note"] = "" if labelled.relabelled else " (every day reused)"
+        with _stage(4, f"student: distilled on the soft labels ({_soft_loss_name(spec)})") as stage:
             trained = students.train_students(spec, labelled.shard_set, hard)
-        with _stage(5, "evaluate on held-out days"):
+            stage["rows"] = _trained_rows(spec.run_dir, trained.chosen)
+        with _stage(5, "evaluate on held-out days") as stage:
             metrics = scoring.evaluate_run(spec, teachers, trained, labelled, verdict)
+            stage["rows"] = metrics["eval"]["rows"]
     failure = None
-    with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed"):
+    with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed") as stage:
         try:
             metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"],
                                                   metrics)
         except (ParityError, ExportError) as exc:  # the run's results stand; what failed is the artifact
             metrics["export"], failure = {"error": str(exc)}, exc
+        stage["rows"] = metrics["export"].get("rows")
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
     report.write_report(spec.run_dir, metrics)
@@ -73,9 +80,20 @@ def _soft_loss_name(spec: JobSpec) -> str:
     return "KD loss" if spec.distill.soft_loss == "kd" else "logit-matching (MSE) loss"
 
 
+def _trained_rows(run_dir: str, role: str) -> int | None:
+    """Rows the role's last epoch trained on (its training record), for the stage's line."""
+    history = training_records(run_dir).get(role, {}).get("history") or [{}]
+    return history[-1].get("rows")
+
+
 @contextlib.contextmanager
 def _stage(number: int, title: str):
-    print(f"\n{'=' * 72}\n[stage {number}/{STAGES}] {title}\n{'=' * 72}", flush=True)
-    started = time.perf_counter()
-    yield
-    print(f"[stage {number}/{STAGES}] done in {time.perf_counter() - started:.1f}s", flush=True)
+    """One line when the stage starts and one when it ends: rows (when the stage sets them), seconds, rows/s."""
+    print(f"[stage {number}/{STAGES}] {title}", flush=True)
+    started, done = time.perf_counter(), {"rows": None, "note": ""}
+    yield done
+    seconds = time.perf_counter() - started
+    rows = f"{done['rows']:,} rows in " if done["rows"] else ""
+    # a stage that reused its outputs took no time worth a rate
+    speed = f" ({done['rows'] / seconds:,.0f} rows/s)" if done["rows"] and seconds >= 1 else ""
+    print(f"[stage {number}/{STAGES}] done: {rows}{seconds:.1f}s{speed}{done['note']}", flush=True)

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 
-from pipeline import storage
+from pipeline import console, storage
 
 log = logging.getLogger(__name__)
 # Seconds between Ray Train's checks on its workers (Ray's default: 2). The driver's value reaches the controller.
@@ -32,12 +32,15 @@ def ray_session(spec):
     # come from the environment they inherit locally, or the cluster's IAM role).
     runtime_env = {"env_vars": storage.worker_env()} if storage.worker_env() else None
     address = spec.ray.address or os.environ.get("RAY_ADDRESS")  # a spec's address, or the job server's
+    # A quiet console (pipeline/console.py) leaves the workers' output in Ray's session logs.
+    forward = not console.is_quiet()
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env, log_to_driver=forward)
     else:
         store = spec.ray.object_store_memory_mb
         start_local_ray(num_cpus=spec.ray.num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING,
-                        runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None)
+                        runtime_env=runtime_env, object_store_memory=store * 2**20 if store else None,
+                        log_to_driver=forward)
     limit_data_memory(spec.ray.data_memory_limit_mb)
     try:
         yield

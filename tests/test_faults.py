@@ -368,10 +368,10 @@ def test_cli_read_only_output_root_exits_2_before_any_work(read_only_dir, distil
     started = time.monotonic()
     proc = distill_run(spec_path, log.name)
     # Stop it as soon as it reaches the teacher stage: by then it has already failed this test.
-    _wait_for(lambda: proc.poll() is not None or "[stage 2/5]" in log.read_text(), 120, "`distill run` to stop")
+    _wait_for(lambda: proc.poll() is not None or "[stage 2/6]" in log.read_text(), 120, "`distill run` to stop")
     seconds = time.monotonic() - started
     output = log.read_text()
-    assert "[stage 2/5]" not in output, "went on to Ray and training with a read-only output root"
+    assert "[stage 2/6]" not in output, "went on to Ray and training with a read-only output root"
     assert proc.returncode == 2, output[-2000:]
     assert f"output directory {read_only_dir}/tiny is not writable" in output and "output.root" in output
     assert "Traceback" not in output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -114,6 +115,28 @@ def test_rerun_reuses_every_finished_stage(finished_run, capsys):
     assert {r: storage.filesystem(p)[0].modified(p) for r, p in
             ((r, storage.join(spec.run_dir, "models", f"{r}.pt")) for r in metrics["models"])} == before
     assert again["models"]["student_distilled"]["auc"] == pytest.approx(metrics["models"]["student_distilled"]["auc"])
+
+
+@pytest.mark.e2e
+def test_the_console_shows_stage_lines_and_the_table_and_ray_goes_to_a_log(finished_run, tmp_path, capfd):
+    """`distill run` on the finished run (every stage reused, but the evaluation and export run again, with
+    Ray Data's progress output): a line per stage start and end, the final table, nothing of Ray's."""
+    spec, _ = finished_run
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    capfd.readouterr()
+    assert main(["run", str(path)]) == 0
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert len(lines) <= 30, "\n".join(lines)
+    assert [line for line in lines if line.startswith("[stage ")][::2] == [
+        line for line in lines if line.startswith("[stage ") and "done" not in line]  # start, end, start, end, ...
+    assert any(line.startswith("[stage 5/6] done: 8,000 rows in ") and "rows/s" in line for line in lines), lines
+    for noise in ("Parquet dataset sampling", "logging_progress", "Running Dataset", "Token authentication",
+                  "core_worker", "Traceback"):
+        assert noise not in out + err, noise
+    assert "| student_distilled | mlp |" in out
+    assert (Path(spec.run_dir) / "logs" / "stderr.log").exists()  # where Ray's lines go (tests/test_console.py)
 
 
 @pytest.mark.e2e

@@ -162,6 +162,8 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
         manifests.append(_label_partition(spec, day, day_dir, columns, teacher=teacher, fingerprint=fingerprint,
                                           inputs=inputs, exported=exported))
         relabelled.append(day.isoformat())
+        print(f"  labelled {day}: {manifests[-1].total_rows:,} rows (day {len(manifests)} of {len(paths)})",
+              flush=True)  # the console's progress through a long stage
     log.info("label: %d day(s) labelled %s, %d reused %s", len(relabelled), relabelled, len(reused), reused)
     return Labelled(ShardSet(tuple(manifests)), relabelled, reused)
 
