@@ -7,7 +7,8 @@ BIN    := $(VENV)/bin
 # torch is pinned so pip takes the CPU wheel on disk, not a multi-GB CUDA build.
 PINS   := torch==2.13.0 "ray[default,train,data,tune]==2.60.0" deepspeed==0.19.8 pyarrow==26.0.1 \
           s3fs==2026.9.0 pyyaml==6.0.4 pydantic==2.14.4 numpy==2.4.6 scikit-learn==1.9.1 matplotlib==3.11.2 croniter==7.0.0 \
-          datasketches==5.2.0 onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 markdown==3.11.3
+          datasketches==5.2.0 onnx==1.23.2 onnxruntime==1.31.1 onnxscript==0.7.2 markdown==3.11.3 \
+          mlflow-skinny==3.18.0 sqlalchemy==2.1.9 alembic==1.20.1
 TEST_PINS := pytest==9.2.0 hypothesis==6.170.17 "moto[server]==5.2.5" boto3==1.43.117 playwright==1.65.2
 
 .PHONY: demo test setup browser clean

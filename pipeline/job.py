@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from pipeline import report, runtime, storage
+from pipeline import report, runtime, storage, tracking
 from pipeline.errors import ExportError, ParityError
 from pipeline.spec import JobSpec
 from pipeline.stages import click_logs, export, gate, label, profile, scoring, students, teacher
@@ -58,6 +58,7 @@ def run_job(spec: JobSpec) -> dict:
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     storage.atomic_write_json(storage.join(spec.run_dir, "metrics.json"), metrics)
     report.write_report(spec.run_dir, metrics)
+    tracking.log_run(spec, metrics)  # the run, its trials, its report and exported student, in MLflow
     if failure:
         raise failure
     return metrics

@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import time
 
-from pipeline import registry, runtime, storage
+from pipeline import registry, runtime, storage, tracking
 from pipeline.calibration import Calibrator
 from pipeline.errors import ParityError, UserError
 from pipeline.history_page import write_history_page
@@ -78,6 +78,7 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     _apply_retention(spec, day)
     storage.atomic_write_json(record_path, record)  # last: a crashed cycle has no record and reruns
+    tracking.log_cycle(spec, record, cycle.run_dir)
     page = write_history_page(spec)
     print(f"nightly {day}: {record['decision']} ({record['reason']}); history: {page}", flush=True)
     return record

@@ -27,6 +27,7 @@ def finished_run(ray_cluster, tmp_path_factory):
     raw["output"]["root"] = str(out / "runs")
     raw["export"] = {"formats": ["onnx", "torchscript"], "quantize": ["int8"], "serving_batches": [1, 512],
                      "serving_runs": 20}  # every export, and a short serving table
+    raw["tracking"] = {"enabled": True}  # the default store: <output.root>/mlflow.db
     spec = parse_spec(raw)
     return spec, run_job(spec)
 
@@ -137,6 +138,37 @@ def test_the_console_shows_stage_lines_and_the_table_and_ray_goes_to_a_log(finis
         assert noise not in out + err, noise
     assert "| student_distilled | mlp |" in out
     assert (Path(spec.run_dir) / "logs" / "stderr.log").exists()  # where Ray's lines go (tests/test_console.py)
+
+
+@pytest.mark.e2e
+def test_the_run_is_tracked_in_mlflow(finished_run):
+    """Read back through MlflowClient: the resolved spec as params, per-step and per-epoch training metrics
+    with their steps, each model's evaluation, the tags, and the report and exported student as artifacts."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import local_store
+
+    spec, metrics = finished_run
+    client = MlflowClient(tracking_uri=local_store(spec.output.root)[0])
+    experiment = client.get_experiment_by_name("tiny")
+    run = min(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)  # the fixture's
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    params, tags, logged = run.data.params, run.data.tags, run.data.metrics
+    assert params["train.lr"] == "0.003" and params["student.model"] == "mlp" and params["teacher.0.model"] == "dcn_v2"
+    assert tags["teacher_sha256"] == metrics["label"]["teacher_sha256"] and tags["eval_days"] == "2026-11-03"
+    for name in ("teacher", "student_distilled", "student_hard"):
+        assert logged[f"eval.{name}.auc"] == pytest.approx(metrics["models"][name]["auc"])
+        assert logged[f"eval.{name}.ece"] == pytest.approx(metrics["models"][name]["calibration"]["ece"])
+    epochs = client.get_metric_history(run.info.run_id, "teacher.epoch.loss")
+    assert [m.step for m in epochs] == [1, 2]
+    assert [m.value for m in epochs] == pytest.approx([e["loss"] for e in metrics["training"]["teacher"]["history"]])
+    steps = client.get_metric_history(run.info.run_id, "student_distilled.step.lr")
+    assert len(steps) == len(metrics["training"]["student_distilled"]["steps"]) > 1
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "report.html", "metrics.json", "plots", "export"} <= artifacts, artifacts
+    recommended = metrics["selection"]["recommended"]
+    exported = {a.path for a in client.list_artifacts(run.info.run_id, f"export/{recommended}/onnx")}
+    assert f"export/{recommended}/onnx/model.onnx" in exported
 
 
 @pytest.mark.e2e

@@ -184,6 +184,18 @@ def test_cycle_records_and_registry_lineage(nights):
     assert shown["lineage"]["train_days"] == ["2026-11-01", "2026-11-02", "2026-11-03"]
     assert shown["lineage"]["eval_day"] == "2026-11-04"
     assert shown["metrics"]["auc"] == pytest.approx(nights[1]["challenger"]["auc"])
+    # each cycle is one MLflow run in the model's experiment (a rerun of a finished night logs none)
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import local_store
+
+    client = MlflowClient(tracking_uri=local_store(spec.output.root)[0])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("nightly").experiment_id])}
+    assert sorted(runs) == [night.isoformat() for night in NIGHT[:5]]
+    fourth = runs[NIGHT[3].isoformat()].data
+    assert fourth.tags["decision"] == nights[4]["decision"] and fourth.tags["registry_version"] == nights[4]["version"]
+    assert fourth.metrics["challenger_ece"] == pytest.approx(nights[4]["challenger_ece"])
+    assert fourth.metrics["challenger.auc"] == pytest.approx(nights[4]["challenger"]["auc"])
 
 
 def test_each_version_ships_parity_checked_exports_and_a_model_card(nights, tmp_path, capsys):

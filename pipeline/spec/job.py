@@ -22,6 +22,7 @@ from pipeline.spec.sections import (
     RaySpec,
     Section,
     StorageSpec,
+    TrackingSpec,
     TrainSpec,
 )
 
@@ -42,6 +43,7 @@ class JobSpec(Section):
     ray: RaySpec = Field(default_factory=RaySpec)
     schedule: ScheduleSpec | None = None
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     def _onnxruntime_labelling(self) -> None:
         """label.runtime onnxruntime runs the exported teacher's logits on CPU: nothing else of the teacher."""

@@ -332,6 +332,36 @@ class StorageSpec(Section):
         return raw
 
 
+class TrackingSpec(Section):
+    """MLflow tracking (pipeline/tracking.py). Credentials never go here: MLflow reads its own environment
+    variables (MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_TOKEN)."""
+
+    enabled: bool = Field(True, description="log each run (and nightly cycle) to MLflow")
+    uri: str | None = Field(None, min_length=1, description="an MLflow tracking server, e.g. http://mlflow:5000 "
+                            "(default: a SQLite store, <output.root>/mlflow.db)")
+    experiment: str | None = Field(None, min_length=1, description="default: the job name (nightly: the registry "
+                                   "model name)")
+    required: bool = Field(False, description="an unreachable tracking.uri stops the run, instead of a warning "
+                           "and the local store")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
+        if secret:
+            raise ValueError(f"{secret} look like credentials, which never belong in a spec; export "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        return raw
+
+    @field_validator("uri")
+    @classmethod
+    def _no_userinfo(cls, uri: str | None) -> str | None:
+        if uri and re.match(r"^[a-z+]+://[^/@]+@", uri):
+            raise ValueError("the URI holds a user name or password, which never belong in a spec; give "
+                             "http://host:port and export MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return uri
+
+
 class RaySpec(Section):
     address: str | None = Field(None, description="Ray address to join; a local Ray is started when absent")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all cores)")
