@@ -141,6 +141,8 @@ def _cluster_commands(command) -> None:
     submit = command("submit", _submit, "run the job on a Ray cluster through the Ray Jobs API; prints the job id")
     submit.add_argument("--wait", action="store_true",
                         help="stream the job's logs; exit 0 if it succeeded, 1 with its error otherwise")
+    submit.add_argument("--max-upload-mb", type=float, metavar="MB", help="refuse to upload a working_dir larger "
+                        "than this (default: Ray's own limit, 512 MiB)")
     status = command("status", _status, "a cluster job's status and message", with_spec=False)
     logs = command("logs", _logs, "a cluster job's logs", with_spec=False)
     logs.add_argument("--follow", "-f", action="store_true",
@@ -256,7 +258,8 @@ def _submit(args) -> int:
     for warning in submit.submit_warnings(spec):
         print(f"warning: {warning}", file=sys.stderr)
     client = submit.connect(args.address, args.timeout)
-    job_id = submit.submit(client, spec, source=" ".join([args.spec, *(f"--set {o}" for o in args.overrides)]))
+    job_id = submit.submit(client, spec, source=" ".join([args.spec, *(f"--set {o}" for o in args.overrides)]),
+                           max_upload_mb=args.max_upload_mb)
     print(f"submitted job {job_id} to {client.get_address()} (run directory {spec.run_dir} on the cluster)")
     if not args.wait:
         print(f"follow it with: distill logs {job_id} --follow; stop it with: distill stop {job_id}")

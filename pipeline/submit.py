@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fnmatch
 import os
 import secrets
 import shutil
@@ -38,6 +39,13 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ROOT_EXCLUDES = frozenset({".venv", "venv", ".git", "data", "runs", "build", "dist", ".pytest_cache",
                            ".hypothesis", ".mypy_cache", ".ruff_cache", SPEC_FILE})
 EXCLUDES = frozenset({"__pycache__", ".DS_Store"})
+# Credentials, at any depth: never uploaded, whatever a project holds. Names matched with fnmatch.
+SECRETS = (".env", ".env.*", "*.env", "*.pem", "*.key", "*.p12", "*.pfx", "*.jks", "*.keystore", "id_rsa*",
+           "id_dsa*", "id_ecdsa*", "id_ed25519*", ".netrc", ".pypirc", ".npmrc", ".git-credentials", "credentials",
+           "credentials.*", "*credentials*.json", "service-account*.json", "*.kdbx", ".htpasswd")
+SECRET_DIRS = frozenset({".aws", ".ssh", ".gnupg", ".kube", ".docker", ".azure", ".config"})
+IGNORE_FILE = ".distillignore"  # more patterns, one per line (fnmatch, against the path or the name; # comments)
+MiB = 2**20
 # Job logs are a file, not a terminal: Ray Data's redrawn progress bars would be most of them.
 JOB_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
@@ -159,10 +167,13 @@ def _cluster_call(url: str, job_id: str | None = None):
         raise ClusterError(f"{url}: {text}") from None
 
 
-def stage_working_dir(spec: JobSpec, dest: Path, source: str = "") -> Path:
-    """Copies the project's code to `dest` and writes the resolved spec there as `job-spec.yaml`."""
+def stage_working_dir(spec: JobSpec, dest: Path, source: str = "", root: Path | None = None) -> Path:
+    """Copies the project's code to `dest` and writes the resolved spec there as `job-spec.yaml`: never data,
+    runs, environments, `.git`, credentials (SECRETS, SECRET_DIRS) or what `.distillignore` names.
+
+    `root`: the project to ship (default: the checkout this package runs from)."""
     package = Path(pipeline.__file__).resolve().parent
-    root = package.parent
+    root = root or package.parent
     if (root / "pyproject.toml").is_file():  # a checkout: ship it minus data, runs and environments
         shutil.copytree(root, dest, ignore=_ignore_for(root))
     else:  # an installed package: ship the package alone
@@ -172,11 +183,47 @@ def stage_working_dir(spec: JobSpec, dest: Path, source: str = "") -> Path:
 
 
 def _ignore_for(root: Path):
+    patterns = _ignore_patterns(root / IGNORE_FILE)
+
     def ignore(directory: str, names: list[str]) -> set[str]:
-        skipped = {n for n in names if n in EXCLUDES or n.endswith((".pyc", ".egg-info"))}
-        return skipped | (ROOT_EXCLUDES & set(names) if Path(directory) == root else set())
+        here = Path(directory)
+        skipped = {n for n in names if n in EXCLUDES or n.endswith((".pyc", ".egg-info")) or n in SECRET_DIRS
+                   or any(fnmatch.fnmatch(n, p) for p in SECRETS)}
+        skipped |= {n for n in names if _ignored(here / n, root, patterns)}
+        return skipped | (ROOT_EXCLUDES & set(names) if here == root else set())
 
     return ignore
+
+
+def _ignore_patterns(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line.rstrip("/") for line in lines if line and not line.startswith("#")]
+
+
+def _ignored(path: Path, root: Path, patterns: list[str]) -> bool:
+    relative = path.relative_to(root).as_posix()
+    return any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(path.name, p) for p in patterns)
+
+
+def check_upload(staged: Path, max_upload_mb: float | None = None) -> tuple[int, int]:
+    """(files, bytes) of the staged working_dir; raises UserError above `max_upload_mb`, or above Ray's own
+    limit on a working_dir package (its gRPC message size, 512 MiB: counted uncompressed here, so this errs
+    on the safe side), naming the largest files and `.distillignore`."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    sizes = {p: p.stat().st_size for p in staged.rglob("*") if p.is_file()}
+    total = sum(sizes.values())
+    limit = min(GCS_STORAGE_MAX_SIZE, max_upload_mb * MiB) if max_upload_mb else GCS_STORAGE_MAX_SIZE
+    if total > limit:
+        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        named = ", ".join(f"{p.relative_to(staged)} ({sizes[p] / MiB:.1f} MB)" for p in largest)
+        why = "--max-upload-mb" if max_upload_mb and max_upload_mb * MiB < GCS_STORAGE_MAX_SIZE else "Ray's limit"
+        raise UserError(f"the upload would be {total / MiB:.1f} MB, above {limit / MiB:.0f} MB ({why}); the largest "
+                        f"files: {named}. Name what the job does not need in {IGNORE_FILE} (one pattern a line), "
+                        "or keep data on shared storage or s3://")
+    return len(sizes), total
 
 
 def resolved_spec_yaml(spec: JobSpec, source: str = "") -> str:
@@ -200,13 +247,16 @@ def submit_warnings(spec: JobSpec) -> list[str]:
     return warnings
 
 
-def submit(client, spec: JobSpec, source: str = "", command: str = "run") -> str:
+def submit(client, spec: JobSpec, source: str = "", command: str = "run", max_upload_mb: float | None = None) -> str:
     """Uploads the staged project and starts `distill <command> job-spec.yaml` (e.g. "run", or
     "nightly job-spec.yaml --date D" given as "nightly --date D"); returns the submission id."""
     job_id = f"distill-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     metadata = {"distill_spec": spec.name, "distill_run_dir": spec.run_dir, "distill_spec_hash": spec.fingerprint()}
     with tempfile.TemporaryDirectory(prefix="distill-submit-") as tmp:
         working_dir = stage_working_dir(spec, Path(tmp) / "job", source)
+        files, size = check_upload(working_dir, max_upload_mb)
+        print(f"uploading the working_dir: {files} files, {size / MiB:.1f} MB (no data, runs, environments or "
+              f"credentials; more exclusions in {IGNORE_FILE})", flush=True)
         with _cluster_call(client.get_address()):
             verb, _, extra = command.partition(" ")
             entrypoint = f"python -m pipeline {verb} {SPEC_FILE}" + (f" {extra}" if extra else "")

@@ -338,3 +338,63 @@ def test_submit_wait_runs_the_whole_job_on_the_cluster(jobs_cluster, tmp_path):
     assert "[stage 5/6]" in distill("logs", job_id, env=env).stdout
     listed = distill("jobs", env=env).stdout
     assert any(line.split()[:2] == [job_id, "SUCCEEDED"] for line in listed.splitlines())
+
+
+def fake_project(tmp_path: Path, secret: str) -> Path:
+    """A project as a user's may be: the code, plus credentials and private files that must never leave."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
+    planted = {".env": f"API_TOKEN={secret}\n", ".env.production": secret, ".aws/credentials": secret,
+               ".ssh/id_rsa": secret, "deploy/server.pem": secret, "deploy/api.key": secret,
+               "conf/gcp-credentials.json": secret, "notes/private.txt": secret, "exports/clicks.csv": secret,
+               "pipeline/.env": secret}
+    for name, text in planted.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    (project / submit.IGNORE_FILE).write_text("# ours\nnotes/\n*.csv\n")
+    return project
+
+
+def test_credentials_and_ignored_files_are_never_staged(tmp_path):
+    secret = secrets.token_hex(16)
+    spec = load_spec(TINY, ["output.root=/abs/runs"])
+    staged = submit.stage_working_dir(spec, tmp_path / "job", root=fake_project(tmp_path, secret))
+    shipped = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
+    assert "pipeline/__main__.py" in shipped and submit.SPEC_FILE in shipped
+    assert not any(secret in p.read_text(errors="ignore") for p in staged.rglob("*") if p.is_file())
+    for name in (".env", ".env.production", ".aws", ".ssh", "deploy/server.pem", "deploy/api.key", "notes",
+                 "exports/clicks.csv", "pipeline/.env", "conf/gcp-credentials.json"):
+        assert not (staged / name).exists(), name
+    files, size = submit.check_upload(staged)
+    assert files == len(shipped) and size == sum((staged / p).stat().st_size for p in shipped)
+
+
+def test_an_upload_above_the_limit_is_refused_naming_the_largest_file(tmp_path):
+    project = fake_project(tmp_path, "x")
+    (project / "weights.bin").write_bytes(b"\0" * (3 * submit.MiB))
+    staged = submit.stage_working_dir(load_spec(TINY), tmp_path / "job", root=project)
+    with pytest.raises(submit.UserError, match=r"above 1 MB \(--max-upload-mb\); the largest files: weights.bin "
+                                               r"\(3.0 MB\).*\.distillignore"):
+        submit.check_upload(staged, max_upload_mb=1)
+    assert submit.check_upload(staged, max_upload_mb=10)[1] > 3 * submit.MiB
+
+
+@pytest.mark.ray
+def test_the_cluster_receives_no_credentials(jobs_cluster, tmp_path, monkeypatch):
+    """What the cluster's job sees in its working_dir: read back from the cluster, by a job that lists it."""
+    secret = secrets.token_hex(16)
+    staged = submit.stage_working_dir(load_spec(TINY, ["output.root=/abs/runs"]), tmp_path / "job",
+                                      root=fake_project(tmp_path, secret))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", jobs_cluster.token)
+    client = submit.connect(jobs_cluster.address)
+    job = client.submit_job(entrypoint="find . -type f | sort", runtime_env={"working_dir": str(staged)})
+    deadline = time.monotonic() + 120
+    while str(client.get_job_status(job)) not in submit.TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    logs = client.get_job_logs(job)
+    assert str(client.get_job_status(job)) == "SUCCEEDED", logs
+    listed = {line.removeprefix("./") for line in logs.splitlines() if line.startswith("./")}
+    assert "pipeline/__main__.py" in listed and submit.SPEC_FILE in listed
+    assert not {".env", ".env.production", "deploy/server.pem", "notes/private.txt"} & listed
+    assert not any(name.startswith((".aws/", ".ssh/")) for name in listed) and secret not in logs
