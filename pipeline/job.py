@@ -12,6 +12,7 @@ import time
 
 from pipeline import report, runtime, storage, tracking
 from pipeline.errors import ExportError, ParityError
+from pipeline.locks import RunLock
 from pipeline.spec import JobSpec
 from pipeline.stages import click_logs, export, gate, label, profile, scoring, students, teacher
 from pipeline.stages.training import training_records
@@ -21,10 +22,16 @@ SPEC_FILE = "spec.json"  # the spec the run used, as resolved (`distill export R
 
 
 def run_job(spec: JobSpec) -> dict:
-    """Runs the whole job described by `spec`; returns the metrics also written to `<run>/metrics.json`."""
+    """Runs the whole job described by `spec`; returns the metrics also written to `<run>/metrics.json`.
+    Raises DirectoryLocked when another process runs on the same run directory."""
     started = time.perf_counter()
     runtime.configure_storage(**spec.storage.model_dump())  # first: every stage may read or write s3:// paths
     storage.check_writable(spec.run_dir)  # a read-only or full output fails now, not after training
+    with RunLock(spec.run_dir):  # one run at a time per run directory
+        return _run_stages(spec, started)
+
+
+def _run_stages(spec: JobSpec, started: float) -> dict:
     with _stage(1, "click logs"):
         click_logs.ensure_click_logs(spec)
         click_logs.check_inputs(spec)

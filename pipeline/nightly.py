@@ -22,6 +22,7 @@ from pipeline import registry, runtime, storage, tracking
 from pipeline.calibration import Calibrator
 from pipeline.errors import ParityError, UserError
 from pipeline.history_page import write_history_page
+from pipeline.locks import RunLock
 from pipeline.model_card import render_card
 from pipeline.models import ModelConfig, load_model
 from pipeline.schedule import CycleLock, data_date, due_dates, fire_times
@@ -71,13 +72,14 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     runtime.configure_storage(**spec.storage.model_dump())
     storage.check_writable(spec.nightly_dir)  # fail before any work, not after training
     storage.check_writable(spec.schedule.registry, "schedule.registry")
-    ensure_click_logs(cycle)
-    with runtime.ray_session(cycle):
-        cycle = data_aware_spec(cycle)  # hash_buckets: auto sized from this window's click logs
-        record = _cycle(spec, cycle, day)
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
-    _apply_retention(spec, day)
-    storage.atomic_write_json(record_path, record)  # last: a crashed cycle has no record and reruns
+    with RunLock(spec.nightly_dir):  # one cycle at a time per nightly directory, whoever starts it
+        ensure_click_logs(cycle)
+        with runtime.ray_session(cycle):
+            cycle = data_aware_spec(cycle)  # hash_buckets: auto sized from this window's click logs
+            record = _cycle(spec, cycle, day)
+        record["wall_seconds"] = round(time.perf_counter() - started, 1)
+        _apply_retention(spec, day)
+        storage.atomic_write_json(record_path, record)  # last: a crashed cycle has no record and reruns
     tracking.log_cycle(spec, record, cycle.run_dir)
     page = write_history_page(spec)
     print(f"nightly {day}: {record['decision']} ({record['reason']}); history: {page}", flush=True)

@@ -207,6 +207,31 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
             raise
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Writes `data` to `uri` only if nothing is there; False if something is. Local: O_CREAT | O_EXCL (then
+    the bytes, fsynced). S3: one PUT with If-None-Match: * (AWS S3 since 2024, MinIO, moto); a store that ignores
+    the condition makes this a plain write, so two writers at the same instant could both think they won."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with s3_errors(uri):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:  # s3fs's name for 412 PreconditionFailed on If-None-Match
+                return False
+        return True
+    with local_write_errors(uri):
+        os.makedirs(os.path.dirname(os.path.abspath(uri)), exist_ok=True)
+        try:
+            fd = os.open(uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return True
+
+
 def check_writable(uri: str, setting: str = "output.root") -> None:
     """Fails fast, before any work, when `uri` (created if missing) cannot take a new file.
 

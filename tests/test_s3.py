@@ -131,6 +131,18 @@ def test_settings_reach_ray_workers_as_env_vars_without_credentials(bucket, moto
 
 # ---- clear errors, never a hang --------------------------------------------------------------------
 
+def test_a_run_directory_on_s3_is_locked_by_a_conditional_put(bucket):
+    from pipeline.locks import LOCK_FILE, DirectoryLocked, RunLock
+
+    run_dir = f"s3://{bucket}/runs/tiny"
+    with RunLock(run_dir):
+        assert storage.exists(f"{run_dir}/{LOCK_FILE}")
+        assert not storage.create_exclusive(f"{run_dir}/{LOCK_FILE}", b"{}")  # If-None-Match: * refused it
+        with pytest.raises(DirectoryLocked, match=f"s3://{bucket}/runs/tiny is in use by "):
+            RunLock(run_dir).acquire()
+    assert not storage.exists(f"{run_dir}/{LOCK_FILE}")
+
+
 def test_missing_bucket_is_a_data_error_naming_it(bucket):
     with pytest.raises(DataError, match=r"S3 bucket 'no-such-bucket-x1' .*does not exist") as err:
         clicklogs.partition_paths("s3://no-such-bucket-x1/clicks", DAYS)
