@@ -323,13 +323,16 @@ class StorageSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_credentials(cls, raw: Any) -> Any:
-        secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
-        if secret:  # name the keys only: the values are secrets
-            raise ValueError(
-                f"{secret} look like credentials, which never belong in a spec; export AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or name a profile (storage.profile or AWS_PROFILE), or use an IAM role"
-            )
-        return raw
+        return refuse_credentials(raw, "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or name a profile "
+                                       "(storage.profile or AWS_PROFILE), or use an IAM role")
+
+
+def refuse_credentials(raw: Any, instead: str) -> Any:
+    """A section's raw keys, refused when one looks like a credential (the spec is logged and hashed)."""
+    secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
+    if secret:  # name the keys only: the values are secrets
+        raise ValueError(f"{secret} look like credentials, which never belong in a spec; {instead}")
+    return raw
 
 
 class TrackingSpec(Section):
@@ -347,11 +350,8 @@ class TrackingSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _no_credentials(cls, raw: Any) -> Any:
-        secret = sorted(k for k in raw if _CREDENTIAL.search(str(k))) if isinstance(raw, dict) else []
-        if secret:
-            raise ValueError(f"{secret} look like credentials, which never belong in a spec; export "
-                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
-        return raw
+        return refuse_credentials(raw, "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                                       "MLFLOW_TRACKING_TOKEN)")
 
     @field_validator("uri")
     @classmethod
