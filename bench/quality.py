@@ -20,6 +20,13 @@ logs, so the teacher is checked against every family. Records the run with `benc
     .venv/bin/python bench/quality.py --seeds 0             # one seed (what fits a session on 2 cores)
     .venv/bin/python bench/quality.py --quick               # smoke check: small logs, 2 trials; prints only
     .venv/bin/python bench/quality.py --from-records /tmp/bench-quality/records-demo-marketplace-criteo-movielens.json
+    .venv/bin/python bench/quality.py --pfd                 # privileged-feature distillation (below), 3 seeds
+
+`--pfd`: privileged-feature distillation on the demo world with its privileged signal (`data.synthetic.privileged`:
+`affinity_hint`, a noisy view of the hidden user-item affinity, in the log but not at serving). Per seed, two whole
+jobs of the same GENERIC template on the same log: a plain teacher, and a privileged teacher that also reads
+`affinity_hint` (`teacher.extra_features`); the students read only `features` in both. Reports the privileged
+teacher against the plain one, and the students distilled from each against the hard-label student.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import common
 import results as bench_results
 import worlds
 
+from pipeline.data.synthetic import PRIVILEGED_COLUMN
 from pipeline.job import run_job
 from pipeline.models import ModelConfig
 from pipeline.runtime import ray_session
@@ -265,6 +273,112 @@ def render(records: list[dict], argv: list[str]) -> dict:
             "table_md": "\n".join(lines)}
 
 
+# --- privileged-feature distillation (--pfd) -----------------------------------------------------------
+
+PFD_TITLE = ("Privileged-feature distillation: a teacher with a teacher-only column vs a plain teacher, settings "
+             "chosen by the pipeline (`bench/quality.py --pfd`)")
+PFD_TARGET = ("means over seeds, demo world with its privileged signal: the student distilled from the privileged "
+              "teacher beats the hard-label student by >= 0.003 AUC, and the student distilled from the plain "
+              "teacher by >= 0.002 AUC")
+PFD_KINDS = ("plain", "privileged")
+
+
+def pfd_spec(seed: int, scratch: Path, quick: bool, overrides: list[str], kind: str) -> JobSpec:
+    """The demo data set with the privileged column in its log (its own path: the plain demo log stays cached);
+    the privileged teacher reads it, the plain one and every student do not."""
+    data, _ = data_section("demo", scratch, quick)
+    extra = [f"name=quality-pfd-{kind}", f"data.path={data['path']}-privileged", "data.synthetic.privileged=true"]
+    if kind == "privileged":
+        extra.append(f"teacher.extra_features={{dense: [{PRIVILEGED_COLUMN}]}}")
+    return bench_spec("demo", seed, scratch, quick, [*extra, *overrides])
+
+
+def run_pfd_seed(seed: int, scratch: Path, quick: bool, overrides: list[str]) -> dict:
+    """One seed: the plain-teacher job and the privileged-teacher job, on the same log and fit rows."""
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    runs = {}
+    for kind in PFD_KINDS:
+        spec = pfd_spec(seed, scratch, quick, overrides, kind)
+        metrics = run_job(spec)
+        trials = Path(spec.run_dir, "search", "trials.json")
+        runs[kind] = {"run_dir": spec.run_dir, "summary": metrics["summary"], "selection": metrics["selection"],
+                      "models": {name: {k: m[k] for k in ("auc", "log_loss", "params") if k in m}
+                                 for name, m in metrics["models"].items()},
+                      "search": json.loads(trials.read_text()) if trials.exists() else None,
+                      "job_seconds": metrics["wall_seconds"], "eval": metrics["eval"]}
+    evaluation = runs["plain"].pop("eval")
+    runs["privileged"].pop("eval")
+    return {"dataset": "demo-privileged", "seed": seed, "overrides": overrides, "rows": evaluation["rows"],
+            "positives": evaluation.get("positives"), "ceiling_auc": evaluation.get("ceiling_auc"), "runs": runs,
+            "seconds": round(time.perf_counter() - started, 1), "load_avg": [load_at_start, os.getloadavg()[0]]}
+
+
+def pfd_auc(record: dict, kind: str, model: str) -> float:
+    return record["runs"][kind]["models"][model]["auc"]
+
+
+def pfd_numbers(records: list[dict]) -> dict:
+    """Means over seeds: each teacher, the student distilled from each, the hard-label student (plain run's)."""
+    mean = lambda kind, model: float(np.mean([pfd_auc(r, kind, model) for r in records]))  # noqa: E731
+    n = {f"{model}_{kind}": mean(kind, model) for kind in PFD_KINDS for model in ("teacher", "student_distilled")}
+    n["hard"] = mean("plain", "student_hard")
+    n["gain_over_hard"] = n["student_distilled_privileged"] - n["hard"]
+    n["gain_over_plain"] = n["student_distilled_privileged"] - n["student_distilled_plain"]
+    return n
+
+
+def pfd_seed_rows(records: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in records:
+        plain, privileged = r["runs"]["plain"], r["runs"]["privileged"]
+        ci = privileged["summary"].get("distilled_minus_hard_ci")
+        lift = lambda run: f"{(run['selection'].get('gate') or {}).get('lift', float('nan')):+.4f}"  # noqa: E731
+        rows.append([r["seed"], f"{pfd_auc(r, 'plain', 'teacher'):.4f}", f"{pfd_auc(r, 'privileged', 'teacher'):.4f}",
+                     f"{pfd_auc(r, 'plain', 'student_distilled'):.4f}",
+                     f"{pfd_auc(r, 'privileged', 'student_distilled'):.4f}",
+                     f"{pfd_auc(r, 'plain', 'student_hard'):.4f} / {pfd_auc(r, 'privileged', 'student_hard'):.4f}",
+                     f"{pfd_auc(r, 'privileged', 'student_distilled') - pfd_auc(r, 'plain', 'student_hard'):+.4f}"
+                     + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else ""),
+                     f"{pfd_auc(r, 'privileged', 'student_distilled') - pfd_auc(r, 'plain', 'student_distilled'):+.4f}",
+                     f"{lift(plain)} / {lift(privileged)}",
+                     privileged["selection"]["recommended"].removeprefix("student_"), f"{r['seconds'] / 60:.1f}"])
+    return rows
+
+
+def render_pfd(records: list[dict], argv: list[str]) -> dict:
+    n, first = pfd_numbers(records), records[0]
+    met = lambda ok: "met" if ok else "**not met**"  # noqa: E731
+    minutes = sum(r["seconds"] for r in records) / 60
+    lines = [f"Time: {minutes:.0f} min, summed over the seeds (two jobs a seed). The demo world "
+             f"(`data.synthetic.privileged: true`, {first['rows']:,} eval rows, {first['positives']:,} positives, "
+             f"ceiling AUC {first['ceiling_auc']:.4f}): `{PRIVILEGED_COLUMN}` is the hidden user-item affinity "
+             "(0.55 x affinity in the click logit) plus N(0, 0.6^2) noise, in the log but not at serving. Both jobs "
+             "run the GENERIC template (teacher search, `distill.search: true`, early stopping) on the same log; the "
+             f"privileged one adds `teacher.extra_features: {{dense: [{PRIVILEGED_COLUMN}]}}`. The students read "
+             "`features` only. AUC on the held-out eval day; std is over seeds.", ""]
+    rows = [[label, mean_std([pfd_auc(r, kind, model) for r in records])] for label, kind, model in (
+        ("plain teacher (searched)", "plain", "teacher"), ("privileged teacher (searched)", "privileged", "teacher"),
+        ("student distilled from the plain teacher", "plain", "student_distilled"),
+        ("student distilled from the privileged teacher", "privileged", "student_distilled"),
+        ("hard-label student (plain job's)", "plain", "student_hard"))]
+    lines += common.table(rows, ["model", "AUC mean ± std"], left=1).splitlines()
+    lines += ["", "Per seed (distilled from privileged - hard with the privileged run's paired-bootstrap 95% CI; "
+              "hard: the plain / the privileged job's own, the same model trained twice):", ""]
+    lines += common.table(pfd_seed_rows(records), ["seed", "plain teacher", "privileged teacher", "distilled (plain)",
+                                                   "distilled (privileged)", "hard", "privileged distilled - hard",
+                                                   "privileged - plain distilled", "gate lift plain / privileged",
+                                                   "recommended (privileged job)", "minutes"]).splitlines()
+    targets = [["distilled from privileged - hard-label >= 0.003", f"{n['gain_over_hard']:+.4f}",
+                met(n["gain_over_hard"] >= 0.003)],
+               ["distilled from privileged - distilled from plain >= 0.002", f"{n['gain_over_plain']:+.4f}",
+                met(n["gain_over_plain"] >= 0.002)],
+               ["(privileged teacher - plain teacher)", f"{n['teacher_privileged'] - n['teacher_plain']:+.4f}", "-"]]
+    lines += ["", *common.table(targets, ["target (means over seeds)", "value", ""], left=1).splitlines(), ""]
+    command = " ".join([".venv/bin/python", "bench/quality.py", *argv])
+    return {"benchmark": "quality_pfd", "title": PFD_TITLE, "command": command, "machine": machine_line(records),
+            "target": PFD_TARGET, "figures": {"records": records, "means": n}, "table_md": "\n".join(lines)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2")
@@ -274,6 +388,7 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/bench-quality")
     parser.add_argument("--from-records", help="records-*.json of earlier runs (comma-separated): render and record only")
     parser.add_argument("--no-append", action="store_true", help="print only; record nothing")
+    parser.add_argument("--pfd", action="store_true", help="privileged vs plain teacher on the demo world (see above)")
     args = parser.parse_args()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     scratch = Path(args.scratch + ("-quick" if args.quick else ""))
@@ -281,13 +396,15 @@ def main() -> None:
     records = []
     if args.from_records:
         records = [r for path in args.from_records.split(",") for r in json.loads(Path(path).read_text())]
-    progress = scratch / f"records-{args.datasets.replace(',', '-')}.json"
+    progress = scratch / ("records-pfd.json" if args.pfd else f"records-{args.datasets.replace(',', '-')}.json")
     for seed in [] if args.from_records else seeds:  # seed-major: an interrupted run still covers every data set
-        for dataset in args.datasets.split(","):
-            records.append(run_seed(dataset, seed, scratch, args.quick, args.overrides))
+        for dataset in ["demo-privileged"] if args.pfd else args.datasets.split(","):
+            records.append(run_pfd_seed(seed, scratch, args.quick, args.overrides) if args.pfd
+                           else run_seed(dataset, seed, scratch, args.quick, args.overrides))
             progress.write_text(json.dumps(records, indent=1, default=str))
     argv = [a for a in sys.argv[1:] if a != "--no-append" and not a.startswith("--from-records")]
-    bench_results.publish(render(records, argv), dry_run=args.quick or args.no_append)
+    rendered = render_pfd(records, argv) if args.pfd else render(records, argv)
+    bench_results.publish(rendered, dry_run=args.quick or args.no_append)
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ def _run_stages(spec: JobSpec, started: float) -> dict:
     failure = None
     with _stage(6, "export: the recommended student for serving, parity-checked, and its serving speed") as stage:
         try:
-            metrics["export"] = export.export_run(spec, _checkpoints(metrics), metrics["selection"]["recommended"],
-                                                  metrics)
+            metrics["export"] = export.export_run(spec, _checkpoints(spec, metrics),
+                                                  metrics["selection"]["recommended"], metrics)
         except (ParityError, ExportError) as exc:  # the run's results stand; what failed is the artifact
             metrics["export"], failure = {"error": str(exc)}, exc
         stage["rows"] = metrics["export"].get("rows")
@@ -71,8 +71,15 @@ def _run_stages(spec: JobSpec, started: float) -> dict:
     return metrics
 
 
-def _checkpoints(metrics: dict) -> dict[str, str]:
-    return {name: m["checkpoint"] for name, m in metrics["models"].items() if m.get("checkpoint")}
+def _checkpoints(spec: JobSpec, metrics: dict) -> dict[str, str]:
+    """The models the export stage may take. A teacher with teacher-only features cannot serve (serving has
+    no such columns), so it is left out of the serving-speed table; `distill export RUN_DIR --model teacher`
+    still exports it, its signature listing the extra inputs."""
+    checkpoints = {name: m["checkpoint"] for name, m in metrics["models"].items() if m.get("checkpoint")}
+    if spec.teacher_only_columns and checkpoints.pop("teacher", None):
+        print(f"export: the teacher is not timed for serving: it reads teacher-only columns "
+              f"{spec.teacher_only_columns} (teacher.extra_features) that serving does not have", flush=True)
+    return checkpoints
 
 
 def _teacher_title(spec: JobSpec) -> str:

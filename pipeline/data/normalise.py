@@ -39,7 +39,7 @@ class Normaliser:
 
     @classmethod
     def from_spec(cls, spec) -> Normaliser:
-        f = spec.features
+        f = spec.log_features  # teacher-only columns too: a read for a teacher with extra features holds them
         ids = [f.id, f.group, *f.categorical, spec.validation_key]
         return cls(ids=tuple(dict.fromkeys(c for c in ids if c)), dense=tuple(f.dense), dense_fill=f.dense_fill,
                    label=f.label, label_threshold=f.label_threshold,

@@ -31,7 +31,7 @@ class RowRules:
 
     @classmethod
     def from_spec(cls, spec) -> RowRules:
-        features = spec.features
+        features = spec.log_features  # teacher-only columns are checked where a read holds them
         return cls(label=features.label, num_classes=features.num_classes or 2,
                    ids=tuple(dict.fromkeys(c for c in [features.id, *features.categorical] if c)), dense=tuple(features.dense),
                    sequence=features.sequence.column if features.sequence else None, max_id=spec.data.max_id,

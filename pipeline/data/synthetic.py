@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.synthetic_world import MAX_ROWS_PER_DAY, SYNTHETIC_COLUMNS, build_world, day_table
+from pipeline.data.synthetic_world import MAX_ROWS_PER_DAY, PRIVILEGED_COLUMN, SYNTHETIC_COLUMNS, build_world, day_table
 from pipeline.metrics import auc
 
-__all__ = ["SYNTHETIC_COLUMNS", "ceiling_auc", "generate_click_logs"]
+__all__ = ["PRIVILEGED_COLUMN", "SYNTHETIC_COLUMNS", "ceiling_auc", "generate_click_logs"]
 
 _ROW_GROUP_SIZE = 65_536  # fixed so the same rows always give the same bytes
 
@@ -52,7 +52,7 @@ def _check_args(days: int, rows_per_day: int, users: int, items: int, categories
 
 def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, rows_per_day: int,
                         users: int = 5000, items: int = 20000, categories: int = 50,
-                        seq_len: int = 10, seed: int = 0, drift: float = 0.0) -> list[str]:
+                        seq_len: int = 10, seed: int = 0, drift: float = 0.0, privileged: bool = False) -> list[str]:
     """Writes synthetic click logs, one Parquet partition per day.
 
     The world (users, items, latent vectors) depends only on ``seed`` and the sizes; each day's
@@ -72,6 +72,8 @@ def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, r
         seed: Seed of the world and of every day.
         drift: Radians per day by which user tastes rotate (0: a stationary world); e.g. 0.05 moves
             tastes noticeably within a couple of weeks, so nightly retraining has something to learn.
+        privileged: Adds PRIVILEGED_COLUMN (`affinity_hint`): a noisy view of the hidden user-item affinity,
+            for a teacher's extra features (privileged-feature distillation); the other columns stay the same.
 
     Returns:
         The partition directories ``<out_dir>/date=YYYY-MM-DD``, in date order.
@@ -86,7 +88,7 @@ def generate_click_logs(out_dir: str, *, start_date: datetime.date, days: int, r
         date = start_date + datetime.timedelta(days=offset)
         part_dir = os.path.join(out_dir, f"date={date.isoformat()}")
         os.makedirs(part_dir, exist_ok=True)
-        table = day_table(world, date.toordinal(), seed, rows_per_day, seq_len, drift)
+        table = day_table(world, date.toordinal(), seed, rows_per_day, seq_len, drift, privileged)
         _write_atomic(table, os.path.join(part_dir, "part-00000.parquet"))
         partitions.append(part_dir)
     return partitions

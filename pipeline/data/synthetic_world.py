@@ -20,6 +20,10 @@ SYNTHETIC_COLUMNS: tuple[str, ...] = (
     "user_activity", "item_popularity", "hist_item_ids", "clicked", "true_ctr",
 )
 
+# The privileged signal (`data.synthetic.privileged`): a noisy view of the hidden user-item affinity, a column
+# of the log that serving would not have (a post-impression signal, or a cross too costly to compute online).
+PRIVILEGED_COLUMN = "affinity_hint"
+_HINT_NOISE_STD = 0.6  # about half the affinity's spread (std ~1.16): corr(hint, affinity) ~0.89
 _LATENT_DIM = 8
 _POSITIONS = 10
 MAX_ROWS_PER_DAY = 10**9  # event_id = day * 10**9 + row must stay unique
@@ -200,7 +204,7 @@ def _click_logit(world: World, imp: dict) -> np.ndarray:
     """
     user, item, hour, hist = imp["user"], imp["item"], imp["hour"], imp["hist"]
     cat = world.item_category[item]
-    affinity = (world.user_latent[user] * world.item_latent[item]).sum(1) / np.sqrt(_LATENT_DIM)
+    affinity = _affinity(world, imp)
     position_bias = -0.55 * np.log(imp["position"])
     pop = world.item_popularity
     popularity = 0.12 * (pop[item] - pop.mean())  # (N,); log-views, so heavy-tailed items stay sane
@@ -213,6 +217,18 @@ def _click_logit(world: World, imp: dict) -> np.ndarray:
     seq_match = same_cat.sum(1) / np.maximum(valid.sum(1), 1)
     return (-3.9 + 0.55 * affinity + position_bias + popularity + price + context + 1.7 * seq_match
             + world.user_bias[user] + world.item_bias[item])
+
+
+def _affinity(world: World, imp: dict) -> np.ndarray:
+    """<user, item> / sqrt(D): the user-item affinity of each impression, 0.55 of it in the click logit."""
+    return (world.user_latent[imp["user"]] * world.item_latent[imp["item"]]).sum(1) / np.sqrt(_LATENT_DIM)
+
+
+def affinity_hint(world: World, imp: dict, seed: int, day: int) -> np.ndarray:
+    """The privileged column: affinity + N(0, _HINT_NOISE_STD^2), float32. Its noise has its own RNG stream,
+    so every other column of the day is the same with or without it."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3, day]))
+    return (_affinity(world, imp) + rng.normal(0.0, _HINT_NOISE_STD, len(imp["user"]))).astype(np.float32)
 
 
 _DRIFT_ANCHOR = datetime.date(2026, 1, 1).toordinal()
@@ -235,8 +251,10 @@ def _drifted(world: World, day: int, seed: int, drift: float) -> World:
     return replace(world, user_latent=np.cos(angle) * world.user_latent + np.sin(angle) * direction)
 
 
-def day_table(world: World, day: int, seed: int, rows: int, seq_len: int, drift: float = 0.0) -> pa.Table:
-    """One day's impressions, clicks and true CTRs as an Arrow table in SYNTHETIC_COLUMNS order."""
+def day_table(world: World, day: int, seed: int, rows: int, seq_len: int, drift: float = 0.0,
+              privileged: bool = False) -> pa.Table:
+    """One day's impressions, clicks and true CTRs as an Arrow table in SYNTHETIC_COLUMNS order, then (with
+    `privileged`) PRIVILEGED_COLUMN."""
     world = _drifted(world, day, seed, drift)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1, day]))
     imp = _draw_impressions(rng, world, rows, seq_len)
@@ -254,4 +272,7 @@ def day_table(world: World, day: int, seed: int, rows: int, seq_len: int, drift:
     ]
     arrays = [c if isinstance(c, pa.Array) else pa.array(c) for c in columns]
     arrays = [a.cast(pa.int64()) if pa.types.is_integer(a.type) else a for a in arrays]
-    return pa.Table.from_arrays(arrays, names=list(SYNTHETIC_COLUMNS))
+    table = pa.Table.from_arrays(arrays, names=list(SYNTHETIC_COLUMNS))
+    if privileged:
+        table = table.append_column(PRIVILEGED_COLUMN, pa.array(affinity_hint(world, imp, seed, day)))
+    return table

@@ -135,6 +135,68 @@ class JobSpec(Section):
                              f"{self.features.task!r}; use {self.selection_metric!r} or 'log_loss'")
         return self
 
+    @model_validator(mode="after")
+    def _teacher_only_rules(self) -> JobSpec:
+        """Teacher-only (privileged) columns are never the student's, nor the label; the log is read with one
+        role per column and one sequence."""
+        f = self.features
+        student = {c: f"features.{kind}" for kind, columns in (("categorical", f.categorical), ("dense", f.dense),
+                   ("sequence", [f.sequence.column] if f.sequence else [])) for c in columns}
+        roles = {}  # column -> (kind, where it was listed first), across every teacher
+        for index, teacher in enumerate(self.teacher):
+            where = "teacher" if len(self.teacher) == 1 else f"teacher[{index}]"
+            extra = teacher.extra_features
+            kinds = {"categorical": extra.categorical, "dense": extra.dense,
+                     "sequence": [extra.sequence.column] if extra.sequence else []}
+            for kind, columns in kinds.items():
+                for column in columns:
+                    field = f"{where}.extra_features.{kind}"
+                    if column in student:
+                        raise ValueError(f"{field}: {column!r} is a student feature ({student[column]}); a teacher-"
+                                         "only column is one the student never reads: remove it from one of the two")
+                    if column == self.features.label:
+                        raise ValueError(f"{field}: {column!r} is the label (features.label); a teacher reading it "
+                                         "would copy the clicks: remove it")
+                    seen = roles.setdefault(column, (kind, field))
+                    if columns.count(column) > 1:
+                        raise ValueError(f"{field}: {column!r} is listed twice; list each column once")
+                    if seen[0] != kind:
+                        raise ValueError(f"{field}: {column!r} is also listed in {seen[1]}; give each column one role")
+            self._teacher_sequence(where, teacher)
+        return self
+
+    def _teacher_sequence(self, where: str, teacher: TeacherSpec) -> None:
+        sequence = teacher.extra_features.sequence
+        if sequence is None:
+            return
+        if self.features.sequence is not None:
+            raise ValueError(f"{where}.extra_features.sequence: features.sequence is set and a model reads one "
+                             "sequence; remove one of them")
+        categorical = self.features.categorical + teacher.extra_features.categorical
+        if sequence.embedding_of not in categorical:
+            raise ValueError(f"{where}.extra_features.sequence.embedding_of {sequence.embedding_of!r} is not a "
+                             f"categorical column of this teacher; use one of {categorical}")
+        others = {t.extra_features.sequence.column for t in self.teacher if t.extra_features.sequence}
+        if len(others) > 1:
+            raise ValueError(f"{where}.extra_features.sequence: the teachers name different sequences "
+                             f"{sorted(others)}; the log is read with one sequence column")
+
+    def teacher_features(self, teacher: TeacherSpec) -> FeaturesSpec:
+        """`features` as `teacher` reads it: the student's columns, then its teacher-only ones (appended, so
+        the student's fields keep their places)."""
+        return _with_extra(self.features, [teacher.extra_features])
+
+    @property
+    def log_features(self) -> FeaturesSpec:
+        """`features` plus every teacher's teacher-only columns: what reading the click logs checks (bad rows)
+        and normalises (ids hashed, nulls filled), whichever model the read is for."""
+        return _with_extra(self.features, [t.extra_features for t in self.teacher])
+
+    @property
+    def teacher_only_columns(self) -> list[str]:
+        """Every teacher's teacher-only columns (none when no teacher has extra features)."""
+        return list(dict.fromkeys(c for t in self.teacher for c in t.extra_features.columns))
+
     @property
     def selection_metric(self) -> str:
         """What models are compared on: AUC (binary) or accuracy (multiclass), higher is better."""
@@ -170,3 +232,16 @@ class JobSpec(Section):
         dumped = self.model_dump(mode="json")
         chosen = {k: dumped[k] for k in sections} if sections else dumped
         return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _with_extra(features: FeaturesSpec, extras: list) -> FeaturesSpec:
+    """`features` with the teacher-only columns of `extras` (`TeacherFeaturesSpec`s) appended."""
+    if not any(extra.columns for extra in extras):
+        return features
+
+    def merged(kind: str) -> list[str]:
+        return list(dict.fromkeys([*getattr(features, kind), *(c for e in extras for c in getattr(e, kind))]))
+
+    sequence = features.sequence or next((e.sequence for e in extras if e.sequence), None)
+    return features.model_copy(update={"categorical": merged("categorical"), "dense": merged("dense"),
+                                       "sequence": sequence})

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.models.config import ModelConfig
 from pipeline.spec.base import Section
 from pipeline.spec.search import TeacherSearchSpec
+from pipeline.spec.sections import SequenceSpec
 
 TEACHER_MODELS = ("dcn_v2", "deepfm", "bst", "custom")
 STUDENT_MODELS = ("mlp", "fm", "dcn_v2", "custom")
@@ -120,6 +121,21 @@ def check_bucket_fields(section: str, hash_buckets: Any, categorical: list[str])
                          f"{categorical} or {OTHER_FIELDS!r} (every field not named)")
 
 
+class TeacherFeaturesSpec(Section):
+    """Privileged features (Taobao's PFD, arXiv 1907.05171): log columns only the teacher reads, e.g. post-click
+    signals or costly user-item crosses that serving never has. The student learns their effect through the
+    soft labels; the shards do not carry them. The rules against `features` are on `JobSpec`."""
+
+    categorical: list[str] = Field([], description="teacher-only id columns (hashed like features.categorical)")
+    dense: list[str] = Field([], description="teacher-only numeric columns (nulls become features.dense_fill)")
+    sequence: SequenceSpec | None = Field(None, description="a teacher-only behaviour sequence, only when "
+                                          "features has none (a model reads one sequence)")
+
+    @property
+    def columns(self) -> list[str]:
+        return self.categorical + self.dense + ([self.sequence.column] if self.sequence else [])
+
+
 class TeacherSpec(ModelSpec):
     model: str = "dcn_v2"
     name: str = Field("teacher", pattern=r"^[A-Za-z0-9_]+$", description="names this teacher in an ensemble")
@@ -128,6 +144,9 @@ class TeacherSpec(ModelSpec):
     epochs: int | None = Field(None, ge=1, description="teacher training epochs (default: train.epochs)")
     lr: float | None = Field(None, gt=0)
     search: TeacherSearchSpec | None = Field(None, description="Ray Tune search over this teacher's settings")
+    extra_features: TeacherFeaturesSpec = Field(
+        default_factory=TeacherFeaturesSpec, description="privileged (teacher-only) columns the teacher reads "
+        "besides `features`, e.g. a post-click signal absent at serving time; the student never reads them")
 
     @field_validator("model")
     @classmethod

@@ -45,6 +45,10 @@ class SyntheticSpec(Section):
     seq_len: int = Field(10, ge=1, le=200)
     seed: int = 0
     drift: float = Field(0.0, ge=0, le=1, description="radians a day by which user tastes rotate")
+    privileged: bool = Field(False, description="adds affinity_hint: a noisy view (noise std 0.6, correlation "
+                             "~0.89) of the hidden user-item affinity behind 0.55 x affinity in the click logit; a "
+                             "log column serving would not have, for a teacher's extra_features (privileged-feature "
+                             "distillation)")
 
 
 class CsvSpec(Section):

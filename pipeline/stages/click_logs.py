@@ -14,7 +14,7 @@ from pipeline.data import clicklogs, formats, validate
 from pipeline.data.normalise import Normaliser
 from pipeline.data.sources import LogSource
 from pipeline.data.split import keep_side
-from pipeline.data.synthetic import generate_click_logs
+from pipeline.data.synthetic import PRIVILEGED_COLUMN, generate_click_logs
 from pipeline.errors import DataError, UserError
 from pipeline.spec import JobSpec
 
@@ -25,13 +25,25 @@ def log_source(spec: JobSpec) -> LogSource:
 
 
 def ensure_click_logs(spec: JobSpec) -> None:
-    """For `data.source: synthetic`, generates the spec's days when they are not on disk yet."""
+    """For `data.source: synthetic`, generates the spec's days when they are not on disk yet (or were written
+    with the other `data.synthetic.privileged` setting)."""
     if spec.data.source != "synthetic":
         return
     present = clicklogs.available_days(log_source(spec)) if storage.exists(spec.data.path) else {}
     missing = [d for d in spec.data.all_days() if d not in present]
+    missing += _other_privileged_setting(spec, [d for d in spec.data.all_days() if d in present])
     if missing:
-        generate(spec, missing)  # only what is missing: existing partitions keep their fingerprints
+        generate(spec, sorted(missing))  # only what is missing: existing partitions keep their fingerprints
+
+
+def _other_privileged_setting(spec: JobSpec, days: list[dt.date]) -> list[dt.date]:
+    """Days written with the other `data.synthetic.privileged` setting (with or without its column): written
+    again, so the files are what the spec generates (their new fingerprints relabel them)."""
+    if not days:
+        return []
+    source, wanted = log_source(spec), spec.data.synthetic.privileged
+    return [d for d, day in clicklogs.day_inputs(source, days).items()
+            if (PRIVILEGED_COLUMN in formats.file_schema(source, day.files[0]).names) != wanted]
 
 
 def check_inputs(spec: JobSpec) -> None:
@@ -44,11 +56,32 @@ def check_inputs(spec: JobSpec) -> None:
     for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
         try:
             inputs = clicklogs.day_inputs(source, days)
-            validate.check_partitions(inputs, spec.features, [c for c in needed + extra if c], source)
+            lacking, present = _teacher_only_checks(spec, inputs, source)
+            problems += lacking
+            validate.check_partitions(inputs, spec.log_features, [c for c in needed + extra + present if c], source)
         except DataError as exc:
             problems += exc.each
     if problems:
         raise DataError.of_all(problems)
+
+
+def _teacher_only_checks(spec: JobSpec, inputs: dict, source: LogSource) -> tuple[list[str], list[str]]:
+    """(problems, the teacher-only columns every file has): a teacher-only column a file lacks is named with
+    the teacher that reads it (the teacher reads its extra columns on the training and the evaluation days)."""
+    if not spec.teacher_only_columns:
+        return [], []
+    footers, problems = validate.read_footers(inputs, source), []
+    for teacher in spec.teacher:
+        for column in teacher.extra_features.columns:
+            lacking = [f for f in footers if column not in f.schema.names]
+            if lacking:
+                more = f" (and {len(lacking) - 1} more file(s))" if len(lacking) > 1 else ""
+                problems.append(f"teacher {teacher.name!r} reads the teacher-only column {column!r} "
+                                f"(extra_features), which {lacking[0].uri!r}{more} lacks; columns present: "
+                                f"{lacking[0].schema.names}. Add the column to the log or remove it from the "
+                                "teacher's extra_features")
+    present = [c for c in spec.teacher_only_columns if all(c in f.schema.names for f in footers)]
+    return problems, present
 
 
 def generate(spec: JobSpec, days: list[dt.date] | None = None) -> list[str]:
@@ -62,7 +95,7 @@ def generate(spec: JobSpec, days: list[dt.date] | None = None) -> list[str]:
         paths += generate_click_logs(
             spec.data.path, start_date=day, days=1, rows_per_day=synthetic.rows_per_day, users=synthetic.users,
             items=synthetic.items, categories=synthetic.categories, seq_len=synthetic.seq_len,
-            seed=synthetic.seed, drift=synthetic.drift,
+            seed=synthetic.seed, drift=synthetic.drift, privileged=synthetic.privileged,
         )
     print(f"generated {len(paths)} days x {synthetic.rows_per_day:,} rows under {spec.data.path}", flush=True)
     return paths

@@ -24,7 +24,7 @@ import torch
 from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import DataError, UserError
-from pipeline.features import table_to_arrays, table_to_inputs
+from pipeline.features import FeatureLayout, table_to_arrays, table_to_inputs
 from pipeline.models import load_model
 from pipeline.serving import OnnxModel, read_signature
 from pipeline.shards import Manifest, ShardSet, TeacherIdentity, TeacherMember
@@ -50,21 +50,22 @@ class TeacherPredictor:
                  runtime: str = "torch"):
         torch.set_num_threads(max(1, threads))
         self.device = torch.device(device)
-        self.models, self.onnx = {}, {}
+        # Each model's own inputs: a teacher with extra features reads columns the students do not.
+        self.models, self.onnx, self.layouts = {}, {}, {}
         for column, path in checkpoints.items():
             if runtime == "onnxruntime":  # `path` is an export directory (pipeline/stages/export.py)
                 signature = read_signature(path)
                 self.onnx[column] = OnnxModel(storage.join(path, signature.file), threads=max(1, threads))
-                self.layout = signature.feature_layout
+                self.layouts[column] = signature.feature_layout
                 continue
-            model, _, self.layout = load_model(path)  # every model of one job shares the feature layout
+            model, _, self.layouts[column] = load_model(path)
             self.models[column] = model.to(self.device)
         self.logit_dtype = np.dtype(logit_dtype)
         self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        outputs = self._predict_onnx(batch) if self.onnx else self._predict(self._tensors(batch))
+        outputs = self._predict_onnx(batch) if self.onnx else self._predict(batch)
         if self.combine:
             weights = self.combine.weights
             outputs[self.combine.column] = sum(w * outputs[c] for c, w in weights.items()) / sum(weights.values())
@@ -74,21 +75,23 @@ class TeacherPredictor:
                 out = out.append_column(name, array)
         return out
 
-    def _tensors(self, batch: pa.Table) -> dict[str, torch.Tensor]:
-        inputs = table_to_inputs(batch, self.layout)
+    def _tensors(self, batch: pa.Table, layout: FeatureLayout) -> dict[str, torch.Tensor]:
+        inputs = table_to_inputs(batch, layout)
         if self.device.type == "cuda":  # pinned pages copy to the GPU asynchronously
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in inputs.items()}
 
     def _predict_onnx(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        arrays = table_to_arrays(batch, self.layout)
-        return {column: model(arrays) for column, model in self.onnx.items()}
+        arrays = {layout: table_to_arrays(batch, layout) for layout in set(self.layouts.values())}
+        return {column: model(arrays[self.layouts[column]]) for column, model in self.onnx.items()}
 
-    def _predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    def _predict(self, batch: pa.Table) -> dict[str, np.ndarray]:
         outputs = {}
+        tensors = {layout: self._tensors(batch, layout) for layout in set(self.layouts.values())}  # one per layout
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
                                                      enabled=self.autocast is not None):
             for index, (column, model) in enumerate(self.models.items()):
+                inputs = tensors[self.layouts[column]]
                 if self.hidden and index == 0:
                     logits, hidden = model.forward_with_hidden(inputs)
                     outputs[self.hidden] = hidden.float().cpu().numpy()  # (B, H)
@@ -143,7 +146,7 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
         teachers = {spec.teacher[0].name: teachers}
     source = log_source(spec)
     paths = clicklogs.day_inputs(source, days)
-    columns = label_columns(spec)
+    columns = [*label_columns(spec), *spec.teacher_only_columns]  # read; the shards keep label_columns only
     clicklogs.check_columns(list(paths.values()), columns, source)
     teacher = teacher_identity(spec, teachers)
     fingerprint = spec.fingerprint("features", "label")
@@ -169,7 +172,8 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
 
 
 def label_columns(spec) -> list[str]:
-    """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs."""
+    """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs;
+    never a teacher-only column (the teacher reads it, the shards drop it)."""
     f = spec.features
     return list(dict.fromkeys(c for c in [f.id, f.label, f.group, spec.validation_key, *f.input_columns()] if c))
 
@@ -204,6 +208,7 @@ def predictor_options(spec, teacher: TeacherIdentity, exported: dict[str, str] |
     if spec.label.runtime == "onnxruntime":
         checkpoints = {column: exported[path] for column, path in checkpoints.items()}
     return {"checkpoints": checkpoints, "combine": combine, "logit_dtype": spec.label.logit_dtype,
+            "keep_columns": label_columns(spec),  # the teachers' outputs are added to these
             "hidden": shards.TEACHER_HIDDEN if spec.label.store_hidden else None, "top_k": spec.label.top_k,
             "precision": spec.label.precision, "runtime": spec.label.runtime}
 

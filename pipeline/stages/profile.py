@@ -105,9 +105,11 @@ def resolve_hash_buckets(spec: JobSpec, profile: ClickLogProfile | None) -> JobS
     Raises:
         SpecError: the per-field form names a field that is not categorical.
     """
-    categorical = list(spec.features.categorical)
     updated = {}
     for role, section in _sections(spec):
+        # a teacher's fields include its teacher-only ones
+        features = spec.features if role == "student" else spec.teacher_features(section)
+        categorical = list(features.categorical)
         try:
             check_bucket_fields(_section_path(spec, role), section.hash_buckets, categorical)
         except ValueError as exc:
@@ -176,7 +178,7 @@ def profile_click_logs(spec: JobSpec) -> ClickLogProfile:
 
 
 def _columns(spec: JobSpec) -> dict[str, list[str]]:
-    features = spec.features
+    features = spec.log_features  # teacher-only columns get tables too
     return {"categorical": list(features.categorical), "dense": list(features.dense),
             "sequence": [features.sequence.column] if features.sequence else []}
 
@@ -190,8 +192,8 @@ def _measure(spec: JobSpec, days) -> tuple[int, dict[str, ColumnProfile], dict[s
     names = [name for group in kinds.values() for name in group]
     dataset = clicklogs.read_click_logs(log_source(spec), days, names)  # raw values: nulls not yet filled
     sketches = dataset.map_batches(sketch_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
-                                   fn_kwargs={"kinds": kinds, "delimiter": spec.features.sequence.delimiter
-                                              if spec.features.sequence else None})
+                                   fn_kwargs={"kinds": kinds, "delimiter": spec.log_features.sequence.delimiter
+                                              if spec.log_features.sequence else None})
     counted = [*kinds["categorical"], *kinds["sequence"]]
     unions = {name: datasketches.hll_union(LG_K) for name in counted}
     nulls, rows = dict.fromkeys(names, 0), 0
@@ -213,8 +215,9 @@ def _tables(spec: JobSpec, unions: dict) -> dict[str, int]:
     """Distinct ids per embedding table: a sequence shares its `embedding_of` field's table, so adds its ids."""
     import datasketches
 
-    tables = {name: _estimate(unions[name]) for name in spec.features.categorical}
-    sequence = spec.features.sequence
+    features = spec.log_features
+    tables = {name: _estimate(unions[name]) for name in features.categorical}
+    sequence = features.sequence
     if sequence:
         shared = datasketches.hll_union(LG_K)
         shared.update(unions[sequence.embedding_of].get_result())

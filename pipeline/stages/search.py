@@ -204,12 +204,13 @@ def _train_trial(plan: SearchPlan, settings: dict, trial: str, reports, finished
     try:
         spec = plan.spec
         teacher, train = trial_sections(spec, plan.teacher, settings)
-        columns = [spec.features.label, *spec.features.input_columns()]
+        features = spec.teacher_features(teacher)  # with its teacher-only columns, if any
+        columns = [spec.features.label, *features.input_columns()]
         key = [spec.validation_key] if spec.validation_key else []
         days = spec.data.fit_days()
         run = TrainingRun(role=f"{plan.role}-{plan.fingerprint}-{trial}", train=train, rows=plan.rows,
                           model=ModelConfig.from_section(teacher, spec.features.out_dim),
-                          layout=FeatureLayout.from_spec(spec.features), task=spec.features.task,
+                          layout=FeatureLayout.from_spec(features), task=spec.features.task,
                           label=spec.features.label, group=spec.features.group)
         with bad_rows_located(spec, days, columns):
             result = train_model(TrainRequest(
@@ -294,7 +295,8 @@ def _train_reused(spec: JobSpec, teacher: TeacherSpec, role: str) -> str:
     settings = storage.read_json(path)["settings"]
     searched, train = trial_sections(spec, teacher, settings)
     planned = click_log_model(spec, role, ModelConfig.from_section(searched, spec.features.out_dim), train,
-                              extra={"epochs": searched.epochs, "lr": searched.lr, "settings": settings})
+                              extra={"epochs": searched.epochs, "lr": searched.lr, "settings": settings},
+                              features=spec.teacher_features(searched))
     return train_on_click_logs(spec, [planned])[role]
 
 

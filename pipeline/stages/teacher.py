@@ -22,9 +22,24 @@ def ensure_teachers(spec: JobSpec, baseline: Planned | None = None) -> dict[str,
     planned = {t.name: _teacher_model(spec, t) for t in spec.teacher if ready[t.name] is None}
     if baseline is not None:
         planned[baseline.role] = baseline
-    trained = train_on_click_logs(spec, list(planned.values())) if planned else {}
+    trained = {}
+    for group in _by_layout(list(planned.values())):
+        trained |= train_on_click_logs(spec, group)
     paths = {name: trained[p.role] for name, p in planned.items()}
     return {name: path for name, path in ready.items() if path} | paths
+
+
+def _by_layout(planned: list[Planned]) -> list[list[Planned]]:
+    """The models grouped by the columns they read, one training pass per group.
+
+    A teacher with extra (teacher-only) features reads columns the hard-label student must never see. It
+    trains in a pass of its own rather than sharing one collate of the union of columns with per-model
+    input selection in every step and validation: simpler, and it costs one more training call only when
+    such a teacher is trained here (a searched teacher trains in its own trials anyway)."""
+    groups: dict = {}
+    for p in planned:
+        groups.setdefault(p.run.layout, []).append(p)
+    return list(groups.values())
 
 
 def ensure_teacher(spec: JobSpec, teacher: TeacherSpec | None = None) -> str:
@@ -52,4 +67,5 @@ def _teacher_model(spec: JobSpec, teacher: TeacherSpec) -> Planned:
                                           "lr": teacher.lr or spec.train.lr})
     role = teacher_role(spec, teacher)
     return click_log_model(spec, role, ModelConfig.from_section(teacher, spec.features.out_dim), train,
-                           extra={"epochs": teacher.epochs, "lr": teacher.lr})
+                           extra={"epochs": teacher.epochs, "lr": teacher.lr},
+                           features=spec.teacher_features(teacher))

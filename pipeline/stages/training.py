@@ -16,7 +16,7 @@ from pipeline import storage
 from pipeline.data import clicklogs
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig
-from pipeline.spec import JobSpec, TrainSpec
+from pipeline.spec import FeaturesSpec, JobSpec, TrainSpec
 from pipeline.stages.click_logs import bad_rows_located, log_source, read_validation, read_window, split_side
 from pipeline.train import TrainingRun, TrainPass, TrainResult, train_pass
 
@@ -103,22 +103,28 @@ def split_fingerprint(spec: JobSpec) -> dict:
     return {"validation": spec.data.validation.model_dump()} if spec.data.validation else {}
 
 
-def click_log_model(spec: JobSpec, role: str, model: ModelConfig, train: TrainSpec, extra: dict) -> Planned:
+def click_log_model(spec: JobSpec, role: str, model: ModelConfig, train: TrainSpec, extra: dict,
+                    features: FeaturesSpec | None = None) -> Planned:
     """A model to train on hard labels straight from the click logs' fit rows: the teacher, or the
-    hard-label student the teacher gate compares it with."""
+    hard-label student the teacher gate compares it with. `features`: what it reads (default: the
+    student's `features`; a teacher with extra features reads `spec.teacher_features(teacher)`)."""
     inputs = fit_inputs(spec)
-    run = TrainingRun(role=role, model=model, layout=FeatureLayout.from_spec(spec.features), train=train,
+    layout = FeatureLayout.from_spec(features or spec.features)
+    run = TrainingRun(role=role, model=model, layout=layout, train=train,
                       task=spec.features.task, label=spec.features.label, group=spec.features.group,
                       rows=round(sum(inputs.values()) * (1 - spec.data.held_out_fraction)))  # the lr schedule's
     depends_on = {"model": model.to_dict(), "train": spec.train.model_dump(), "inputs": inputs, **extra,
                   **split_fingerprint(spec)}
+    if features is not None and features != spec.features:  # teacher-only columns are an input too
+        depends_on["layout"] = layout.to_dict()
     return Planned(role, run, depends_on)
 
 
 def train_on_click_logs(spec: JobSpec, planned: list[Planned]) -> dict[str, str]:
     """{role: model path}: the models trained (or reused) together on one read of the click logs' fit rows,
-    validated when the spec holds some out."""
-    days, columns = spec.data.fit_days(), [spec.features.label, *spec.features.input_columns()]
+    validated when the spec holds some out. They read one feature layout (`train_pass` checks): its columns
+    are what is read."""
+    days, columns = spec.data.fit_days(), [spec.features.label, *planned[0].run.layout.columns]
     key = [spec.validation_key] if spec.validation_key else []
     with bad_rows_located(spec, days, columns):  # bad rows are dropped here, and quarantined by the label stage
         return train_or_reuse_together(
