@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import logging
 import os
+import socket
 import time
 
 from pipeline import console, storage
@@ -49,12 +50,21 @@ def ray_session(spec):
 
 
 def start_local_ray(attempts: int = 3, **options) -> None:
-    """`ray.init` for a new local Ray, tried again when its node times out starting (a busy machine)."""
+    """`ray.init` for a new local Ray of our own, tried again when its node times out starting (a busy machine).
+
+    Never a stranger's: `address="local"` starts one even when `ray start` left another running. And the
+    processes it starts are told its address (RAY_ADDRESS, with the GCS port chosen here), because Ray Train's
+    placement-group cleaner looks the cluster up by itself, and with two Rays on the machine it fails with
+    "Found multiple active Ray instances" tracebacks. Set only while the node starts: this process's own
+    environment stays as it was (its subprocesses must not join our Ray)."""
     import ray
 
     for attempt in range(1, attempts + 1):
+        port = _free_port()
+        address = f"{ray.util.get_node_ip_address()}:{port}"
         try:
-            ray.init(**options)
+            with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=address):
+                ray.init(address="local", **options)
             return
         except Exception as exc:  # Ray raises a bare Exception for a node start-up timeout
             if "timed out during startup" not in str(exc) or attempt == attempts:
@@ -62,6 +72,26 @@ def start_local_ray(attempts: int = 3, **options) -> None:
             log.warning("local Ray did not start in time (attempt %d of %d); trying again", attempt, attempts)
             ray.shutdown()
             time.sleep(5 * attempt)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def limit_data_memory(limit_mb: int | None) -> None:

@@ -185,9 +185,9 @@ def distill_run(tmp_path):
     marker = uuid.uuid4().hex
     started = []
 
-    def start(spec_path: Path, log_name: str) -> subprocess.Popen:
+    def start(spec_path: Path, log_name: str, *options: str) -> subprocess.Popen:
         with open(tmp_path / log_name, "w") as log:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec_path)], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(spec_path), *options], cwd=ROOT,
                                     env=_ray_env(ray_tmp, marker), stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         started.append(proc)
@@ -210,7 +210,7 @@ def _shard_state(day_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.e2e  # the rerun goes to the end: students and evaluation
-def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tiny_spec_dict, tmp_path):
+def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tiny_spec_dict, tmp_path, ray_cluster):
     days = [DAY, DAY + dt.timedelta(days=1)]
     rows = 3_000
     raw = tiny_spec_dict
@@ -243,9 +243,13 @@ def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tin
     planted.mkdir(parents=True)
     shutil.copy(next((shard_root / f"date={days[0]}" / "data").rglob("*.parquet")), planted / "planted.parquet")
 
-    # 3) Run the same job again to the end.
-    second = distill_run(spec_path, "second.log")
+    # 3) Run the same job again to the end, with Ray's own output shown (--verbose) while the session's
+    # Ray runs too: two Rays on the machine, which must not confuse Ray Train's placement-group cleaner.
+    second = distill_run(spec_path, "second.log", "--verbose")
     assert second.wait(timeout=420) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    output = (tmp_path / "second.log").read_text()
+    assert "Found multiple active Ray instances" not in output and "PlacementGroupCleanerMonitor" not in output
+    assert "taking over the lock" in output and "is no longer running on this host" in output  # the killed run's
 
     assert _shard_state(shard_root / f"date={days[0]}") == kept  # same files, untouched
     metrics = json.loads(Path(spec.run_dir, "metrics.json").read_text())
