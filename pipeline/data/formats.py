@@ -11,6 +11,7 @@ is written to the quarantine folder with its line and text (`RaggedRows`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 
@@ -66,6 +67,27 @@ def csv_options(source: LogSource, columns: list[str] | None = None, rows: Ragge
     }
 
 
+@contextlib.contextmanager
+def reading(uri: str):
+    """Turns a missing, truncated or corrupt file (or an S3 failure) into a `DataError` naming `uri`: every
+    driver-side read below goes through it, so a bad file never reaches the user as a traceback."""
+    try:
+        with storage.s3_errors(uri):
+            yield
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{uri} does not exist; check the path (if it was there a moment ago, something "
+                        "rewrote the click logs while the job ran: rerun when it is done)") from None
+    except PermissionError:
+        raise DataError(f"cannot read {uri}: permission denied; give this user read access to it") from None
+    except (pa.ArrowException, OSError, EOFError) as exc:  # OSError: a bad .gz too (gzip.BadGzipFile)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kind = "CSV" if not uri.endswith(".parquet") else "Parquet"
+        raise DataError(f"{uri} is not a readable {kind} file, truncated or corrupt ({reason}); rewrite it, "
+                        "or remove it from its partition") from None
+
+
 def _open(uri: str):
     fs, path = storage.filesystem(uri)
     handle = fs.open(path, "rb", compression="gzip" if uri.endswith(".gz") else None)
@@ -74,7 +96,7 @@ def _open(uri: str):
 
 def file_schema(source: LogSource, uri: str) -> pa.Schema:
     """A file's schema: the Parquet footer, or the types of a CSV's first block."""
-    with storage.s3_errors(uri), _open(uri) as handle:
+    with reading(uri), _open(uri) as handle:
         if source.format == "parquet":
             return pq.ParquetFile(handle).schema_arrow
         with pacsv.open_csv(handle, **csv_options(source, rows=RaggedRows(fail=False))) as reader:
@@ -84,7 +106,7 @@ def file_schema(source: LogSource, uri: str) -> pa.Schema:
 def file_rows(source: LogSource, uri: str) -> int:
     """Rows of a file: the Parquet footer's count, or a CSV's records (ragged rows included) from a parse of
     its first column."""
-    with storage.s3_errors(uri), _open(uri) as handle:
+    with reading(uri), _open(uri) as handle:
         if source.format == "parquet":
             return pq.ParquetFile(handle).metadata.num_rows
         rows = RaggedRows(fail=False)
@@ -97,7 +119,7 @@ def file_rows(source: LogSource, uri: str) -> int:
 
 def read_columns(source: LogSource, uri: str, columns: list[str], rows: RaggedRows | None = None) -> pa.Table:
     """`columns` of one file, read on the driver (a time column, a sample for checks)."""
-    with storage.s3_errors(uri), _open(uri) as handle:
+    with reading(uri), _open(uri) as handle:
         if source.format == "parquet":
             return pq.read_table(handle, columns=columns)
         return pacsv.read_csv(handle, **csv_options(source, columns, rows or RaggedRows(fail=False)))
@@ -105,7 +127,7 @@ def read_columns(source: LogSource, uri: str, columns: list[str], rows: RaggedRo
 
 def head(source: LogSource, uri: str, rows: int, ragged: RaggedRows | None = None) -> pa.Table:
     """About the first `rows` rows of a file (whole Parquet row groups or CSV blocks), for checks."""
-    with storage.s3_errors(uri), _open(uri) as handle:
+    with reading(uri), _open(uri) as handle:
         if source.format == "parquet":
             parquet = pq.ParquetFile(handle)
             first = next(parquet.iter_batches(batch_size=rows), None)

@@ -281,5 +281,9 @@ def rows_by_day(source: LogSource, files: tuple[str, ...]) -> dict[dt.date, int]
 def _file_days(source: LogSource, uri: str, version: str) -> dict[dt.date, int]:
     from pipeline.data import formats  # formats reads files; sources only finds them
 
+    names = formats.file_schema(source, uri).names
+    if source.time.column not in names:  # else pyarrow's "No match for FieldRef" reads as a corrupt file
+        raise DataError(f"data.time_column {source.time.column!r} is not a column of {uri!r}; columns present: "
+                        f"{names}; set data.time_column to the event-time column")
     column = formats.read_columns(source, uri, [source.time.column]).column(source.time.column)
     return source.time.days_of(column, f" in {uri!r}")

@@ -12,7 +12,6 @@ rows aside (`split_bad_rows`, `write_quarantine`), by `data.on_bad_rows`.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -47,26 +46,6 @@ class Footer:
     row_groups: int
 
 
-@contextlib.contextmanager
-def _reading(uri: str):
-    """Turns a missing, truncated or corrupt file (or an S3 failure) into a `DataError` naming `uri`."""
-    try:
-        with storage.s3_errors(uri):
-            yield
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{uri} does not exist; check the path (if it was there a moment ago, something "
-                        "rewrote the click logs while the job ran: rerun when it is done)") from None
-    except PermissionError:
-        raise DataError(f"cannot read {uri}: permission denied; give this user read access to it") from None
-    except (pa.ArrowException, OSError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        kind = "CSV" if not uri.endswith(".parquet") else "Parquet"
-        raise DataError(f"{uri} is not a readable {kind} file, truncated or corrupt ({reason}); rewrite it, "
-                        "or remove it from its partition") from None
-
-
 def parquet_files(paths: list[str]) -> list[str]:
     """The Parquet files of the given partitions; a missing or empty partition is an error, not zero rows."""
     return [f for path in paths for f in LogSource.of(path).files(path)]
@@ -90,7 +69,7 @@ def read_footers(days, source: LogSource | None = None) -> list[Footer]:
 
 
 def _footer(source: LogSource, uri: str, partition: str) -> Footer:
-    with _reading(uri):
+    with formats.reading(uri):
         if source.format != "parquet":
             return Footer(uri, partition, formats.file_schema(source, uri), -1, 0)
         fs, path = storage.filesystem(uri)
@@ -238,12 +217,12 @@ def locate_bad_rows(file_uri: str, rules: RowRules, columns: list[str] | None = 
         {"file", "row_group", "row_in_group", "column", "reason", "bad_rows_in_group"}.
     """
     if source is not None and source.format != "parquet":
-        with _reading(file_uri):
+        with formats.reading(file_uri):
             names = formats.file_schema(source, file_uri).names
             table = formats.read_columns(source, file_uri, [c for c in (columns or rules.columns) if c in names])
         return _first_bad(file_uri, 0, table, rules, table.column_names)
     fs, path = storage.filesystem(file_uri)
-    with _reading(file_uri), fs.open(path, "rb") as handle:
+    with formats.reading(file_uri), fs.open(path, "rb") as handle:
         parquet = pq.ParquetFile(handle)
         present = [c for c in (columns or rules.columns) if c in parquet.schema_arrow.names]
         for group in range(parquet.num_row_groups):

@@ -163,6 +163,9 @@ class JobSpec(Section):
                     if seen[0] != kind:
                         raise ValueError(f"{field}: {column!r} is also listed in {seen[1]}; give each column one role")
             self._teacher_sequence(where, teacher)
+            if teacher.model == "bst" and self.teacher_features(teacher).sequence is None:  # else it fails on Ray
+                raise ValueError(f"{where}.model: bst reads a behaviour sequence, but this teacher has none; add "
+                                 "features.sequence (column, length, embedding_of) or choose dcn_v2 or deepfm")
         return self
 
     def _teacher_sequence(self, where: str, teacher: TeacherSpec) -> None:

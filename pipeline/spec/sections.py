@@ -50,6 +50,13 @@ class SyntheticSpec(Section):
                              "log column serving would not have, for a teacher's extra_features (privileged-feature "
                              "distillation)")
 
+    @model_validator(mode="after")
+    def _an_item_per_category(self) -> SyntheticSpec:
+        if self.items < self.categories:  # else the generator stops with a traceback after the spec passed
+            raise ValueError(f"items ({self.items}) must be >= categories ({self.categories}) so every category "
+                             "has an item; raise items or lower categories")
+        return self
+
 
 class CsvSpec(Section):
     """How CSV/TSV click logs are parsed (pyarrow's CSV reader; `.gz` files are decompressed)."""
