@@ -81,7 +81,7 @@ def reading(uri: str):
                         "rewrote the click logs while the job ran: rerun when it is done)") from None
     except PermissionError:
         raise DataError(f"cannot read {uri}: permission denied; give this user read access to it") from None
-    except (pa.ArrowException, OSError, EOFError) as exc:  # OSError: a bad .gz too (gzip.BadGzipFile)
+    except (pa.ArrowException, OSError, EOFError, UnicodeDecodeError) as exc:  # OSError: a bad .gz too
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         kind = "CSV" if not uri.endswith(".parquet") else "Parquet"
         raise DataError(f"{uri} is not a readable {kind} file, truncated or corrupt ({reason}); rewrite it, "
@@ -100,6 +100,7 @@ def file_schema(source: LogSource, uri: str) -> pa.Schema:
         if source.format == "parquet":
             return pq.ParquetFile(handle).schema_arrow
         with pacsv.open_csv(handle, **csv_options(source, rows=RaggedRows(fail=False))) as reader:
+            _ = reader.schema.names  # decoded here, so that a header that is not UTF-8 fails inside reading()
             return reader.schema  # a ragged row is the read's business, not the schema's
 
 
@@ -175,6 +176,21 @@ def keep_days(batch: pa.Table, time, days: list, columns: list[str]) -> pa.Table
     """The rows of `batch` on `days` (by the time column), with only `columns`: a `map_batches` step."""
     keep = time.mask(batch.column(time.column), days)
     return batch.filter(pa.array(keep)).select(columns)
+
+
+def locate_unreadable(source: LogSource, files: list[str], columns: list[str]) -> None:
+    """Raises the `DataError` naming the first of `files` whose `columns` cannot be decoded (a data page
+    corrupt behind a sound footer: the file checks read footers only, so a read task is the first to see it)."""
+    for uri in files:  # one batch at a time: a day is never held whole
+        with reading(uri), _open(uri) as handle:
+            if source.format == "parquet":
+                parquet = pq.ParquetFile(handle)
+                for _ in parquet.iter_batches(columns=[c for c in columns if c in parquet.schema_arrow.names]):
+                    pass
+            else:
+                with pacsv.open_csv(handle, **csv_options(source, rows=RaggedRows(fail=False))) as reader:
+                    for _ in reader:
+                        pass
 
 
 def locate_csv_error(source: LogSource, files: list[str]) -> None:

@@ -176,9 +176,23 @@ def bad_rows_located(spec: JobSpec, days: list[dt.date], columns: list[str]):
             formats.locate_csv_error(source, files)
             raise DataError(f"a CSV row stopped the stage but could not be located again: {exc}") from None
         if validate.BAD_ROWS_MARKER not in str(exc):
+            if _is_read_error(exc):
+                formats.locate_unreadable(source, files, columns)  # a file that cannot be decoded, named
             raise
         validate.check_rows(files, validate.RowRules.from_spec(spec), columns, source)
         raise DataError(f"a bad row stopped the stage but could not be located again: {exc}") from None
+
+
+def _is_read_error(exc: BaseException) -> bool:
+    """Whether a failed Ray task failed decoding a file: Ray's task error subclasses the cause's type (and
+    keeps it as `cause`), so a read task's ArrowInvalid or OSError shows through."""
+    seen, depth = exc, 0
+    while seen is not None and depth < 10:
+        if isinstance(seen, (pa.ArrowException, EOFError)) or \
+                (isinstance(seen, OSError) and not isinstance(seen, ConnectionError)):
+            return True
+        seen, depth = getattr(seen, "cause", None) or seen.__cause__, depth + 1
+    return False
 
 
 def check_data(spec: JobSpec, rows_per_file: int = 10_000) -> None:
