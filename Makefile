@@ -11,7 +11,7 @@ PINS   := torch==2.13.0 "ray[default,train,data,tune]==2.60.0" deepspeed==0.19.8
           mlflow-skinny==3.18.0 sqlalchemy==2.1.9 alembic==1.20.1
 TEST_PINS := pytest==9.2.0 hypothesis==6.170.17 "moto[server]==5.2.5" boto3==1.43.117 playwright==1.65.2
 
-.PHONY: demo test setup browser clean
+.PHONY: demo test soak setup browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ demo: setup
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The long fault tests `make test` leaves out: 30 nightly cycles killed at random points (tests/test_soak.py;
+# SOAK_NIGHTS=N for a bounded run) and nodes lost on a multi-node cluster (tests/test_node_loss.py).
+SOAK_NIGHTS ?= 30
+soak: setup
+	DISTILL_SOAK_NIGHTS=$(SOAK_NIGHTS) $(BIN)/python -m pytest -m soak -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache

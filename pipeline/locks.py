@@ -41,6 +41,7 @@ class RunLock:
                    "command": " ".join(sys.argv)[:300]}
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self.took_over = False  # from a dead or expired holder (which may have left temporary files)
 
     def _record(self, started: str) -> bytes:
         expires = (self.clock() + self.ttl).isoformat(timespec="seconds")
@@ -61,6 +62,11 @@ class RunLock:
         storage.remove_tree(self.path)
         if not storage.create_exclusive(self.path, self._record(self.started)):  # someone else took it first
             raise DirectoryLocked(f"{self.path} was taken over by {describe(self.holder() or {})} first")
+        self.took_over = True
+        # A holder that died without releasing may have died mid-write: its temporary files are orphans now.
+        removed = storage.remove_temporary_files(os.path.dirname(self.path))
+        if removed:
+            log.warning("removed %d temporary file(s) the dead holder left: %s", len(removed), ", ".join(removed[:5]))
         self._start_renewing()
 
     def holder(self) -> dict | None:

@@ -37,6 +37,7 @@ from pipeline.stages.students import train_challenger
 from pipeline.stages.teacher import ensure_teacher
 
 log = logging.getLogger(__name__)
+CYCLE_FILE = "cycle.json"  # in a registry version: the record of the night that published it, as decided
 
 
 def cycle_path(spec: JobSpec, day: dt.date) -> str:
@@ -72,7 +73,9 @@ def run_cycle(spec: JobSpec, day: dt.date) -> dict:
     runtime.configure_storage(**spec.storage.model_dump())
     storage.check_writable(spec.nightly_dir)  # fail before any work, not after training
     storage.check_writable(spec.schedule.registry, "schedule.registry")
-    with RunLock(spec.nightly_dir):  # one cycle at a time per nightly directory, whoever starts it
+    with RunLock(spec.nightly_dir) as lock:  # one cycle at a time per nightly directory, whoever starts it
+        if lock.took_over:  # the dead holder may have died writing to the registry too
+            storage.remove_temporary_files(storage.join(spec.schedule.registry, spec.registry_model_name))
         ensure_click_logs(cycle)
         with runtime.ray_session(cycle):
             cycle = data_aware_spec(cycle)  # hash_buckets: auto sized from this window's click logs
@@ -91,6 +94,15 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     teacher = _teacher(spec, cycle)
     labelled = label_days(cycle, teacher, storage.join(spec.nightly_dir, "shards"), cycle.data.fit_days())
     model, root = spec.registry_model_name, schedule.registry
+    teacher_sha = labelled.shard_set.teacher.checkpoint_sha256
+    version = f"{day.isoformat()}-{teacher_sha[:8]}"
+    if registry.is_complete(root, model, version) and \
+            storage.exists(storage.join(registry.version_dir(root, model, version), CYCLE_FILE)):
+        # A run of this night that was killed after publishing: finish what it decided. Training another
+        # challenger would ship the first one's files (versions are immutable) under the second one's scores.
+        log.warning("nightly %s: version %s was published by a run that did not finish; finishing that run",
+                    day, version)
+        return _finish_published(cycle, version)
     champion = registry.current(root, model)
     champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt") if champion else None
     warm = champion_path if schedule.warm_start and _same_architecture(champion_path, cycle) else None
@@ -100,8 +112,6 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
     calibrators = _calibrators(cycle, challenger, registry.version_dir(root, model, champion) if champion else None)
     metrics = evaluate_models(cycle, checkpoints, calibrators=calibrators)
     decision, reason = gate(metrics, schedule.gate.metric, schedule.gate.max_regression, schedule.gate.max_ece)
-    teacher_sha = labelled.shard_set.teacher.checkpoint_sha256
-    version = f"{day.isoformat()}-{teacher_sha[:8]}"
     lineage = {"teacher": labelled.shard_set.teacher.to_dict(), "eval_day": day.isoformat(),
                "train_days": [d.isoformat() for d in cycle.data.train_days.days()],
                "shards": labelled.shard_set.inputs, "warm_start_from": champion if warm else None,
@@ -113,23 +123,41 @@ def _cycle(spec: JobSpec, cycle: JobSpec, day: dt.date) -> dict:
               "teacher_sha256": teacher_sha, "version": version, "champion_before": champion,
               "challenger": metrics["models"]["challenger"], "champion": metrics["models"].get("champion"),
               "student": kind, "challenger_ece": served_ece(metrics["models"]["challenger"]),
-              "champion_ece": served_ece(metrics["models"]["champion"]) if champion else None}
+              "champion_ece": served_ece(metrics["models"]["champion"]) if champion else None,
+              "decision": decision, "reason": reason}
     try:
         files, parity = _export_challenger(cycle, challenger, metrics["models"]["challenger"], lineage,
                                            f"{model} {version}", calibrators.get("challenger"))
     except ParityError as exc:  # nothing is published from an export that does not compute what was evaluated
         return record | {"champion_after": champion, "decision": "rejected", "export": {"error": str(exc)},
                          "reason": f"export parity failed, nothing published: {exc}"}
+    # The version carries the night's record as decided: a rerun after a kill finishes it from there.
     registry.publish(root, model, version, {"model.pt": storage.read_bytes(challenger),
                                             "spec.json": _spec_bytes(cycle), **files},
-                     {"metrics": metrics["models"]["challenger"], "lineage": lineage, "parity": parity})
-    if decision != "rejected":
-        registry.promote(root, model, version, reason)
+                     {"metrics": metrics["models"]["challenger"], "lineage": lineage, "parity": parity,
+                      CYCLE_FILE.removesuffix(".json"): record})
+    return _after_publish(cycle, record, lineage, parity)
+
+
+def _after_publish(cycle: JobSpec, record: dict, lineage: dict, parity: dict) -> dict:
+    """What follows the publication of the night's version: its promotion, or the kept champion's recalibration."""
+    schedule = _schedule(cycle)
+    root, model, champion = schedule.registry, cycle.registry_model_name, record["champion_before"]
+    if record["decision"] != "rejected":
+        registry.promote(root, model, record["version"], record["reason"])
     elif champion and needs_recalibration(record["champion_ece"], schedule.gate.max_ece, cycle.eval.calibration):
-        return record | _recalibrate(cycle, champion, champion_path, metrics["models"]["champion"], version,
-                                     lineage, reason, parity)
-    return record | {"champion_after": registry.current(root, model), "export": parity, "decision": decision,
-                     "reason": reason}
+        champion_path = storage.join(registry.version_dir(root, model, champion), "model.pt")
+        return record | _recalibrate(cycle, champion, champion_path, record["champion"], record["version"],
+                                     lineage, record["reason"], parity)
+    return record | {"champion_after": registry.current(root, model), "export": parity}
+
+
+def _finish_published(cycle: JobSpec, version: str) -> dict:
+    """The steps after publishing, for a version a killed run published, from the record it published."""
+    directory = registry.version_dir(_schedule(cycle).registry, cycle.registry_model_name, version)
+    record, lineage, parity = (storage.read_json(storage.join(directory, name))
+                               for name in (CYCLE_FILE, "lineage.json", registry.PARITY))
+    return _after_publish(cycle, record, lineage, parity) | {"finished_after_a_kill": True}
 
 
 def _calibrators(cycle: JobSpec, challenger: str, champion_dir: str | None) -> dict[str, Calibrator]:

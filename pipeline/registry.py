@@ -142,8 +142,13 @@ def show(root: str, model: str, version: str) -> dict:
 
 
 def _append_history(root: str, model: str, entry: dict) -> None:
-    # History is written before CURRENT: a crash in between leaves a note, never a wrong champion.
-    entries = history(root, model) + [entry | {"at": _now()}]
+    # History is written before CURRENT: a crash in between leaves a note, never a wrong champion. The rerun
+    # that finishes the move replaces that note rather than adding a second one, so HISTORY stays one chain.
+    entries = history(root, model)
+    if entries and {k: entries[-1].get(k) for k in ("action", "version", "previous")} == \
+            {k: entry.get(k) for k in ("action", "version", "previous")}:
+        entries = entries[:-1]
+    entries = entries + [entry | {"at": _now()}]
     storage.atomic_write_json(storage.join(_model_dir(root, model), "HISTORY.json"), entries)
 
 

@@ -31,6 +31,7 @@ from pipeline.write_errors import local_write_errors, write_error  # noqa: F401 
 # Spec field -> environment variable that carries it to every process (driver and Ray workers).
 SETTINGS_ENV = {"endpoint_url": "DISTILL_S3_ENDPOINT_URL", "region": "DISTILL_S3_REGION", "profile": "AWS_PROFILE"}
 # A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
+TEMPORARY_PREFIX = ".tmp-"  # an atomic write's file before its rename; never complete data
 _BOTO_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
 # Error codes S3 answers when the credentials are missing, wrong or not allowed.
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",
@@ -194,7 +195,7 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
     with local_write_errors(uri):
         directory = os.path.dirname(os.path.abspath(uri))
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(uri))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=TEMPORARY_PREFIX, suffix=os.path.basename(uri))
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -205,6 +206,22 @@ def atomic_write_bytes(uri: str, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # never leave a partial temp file next to the destination
             raise
+
+
+def remove_temporary_files(uri: str) -> list[str]:
+    """Deletes the temporary files `atomic_write_bytes` left under `uri` (recursively) when its process was
+    killed between writing and renaming; returns their paths. Only for a directory's lock holder: a live
+    writer's temporary file would go too. Local only: an S3 write is one PUT and leaves none."""
+    if is_remote(uri) or not os.path.isdir(uri):
+        return []
+    removed = []
+    for directory, _, files in os.walk(uri):
+        for name in files:
+            if name.startswith(TEMPORARY_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed.append(os.path.join(directory, name))
+    return removed
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:

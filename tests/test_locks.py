@@ -80,6 +80,26 @@ def test_a_dead_holders_lock_is_taken_over_with_a_warning(tmp_path, caplog):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_taking_over_removes_the_temporary_files_the_dead_holder_left(tmp_path, caplog):
+    plant(tmp_path, pid=dead_pid())
+    (tmp_path / "models").mkdir()
+    orphans = [tmp_path / ".tmp-abc123metrics.json", tmp_path / "models" / ".tmp-x9student.pt"]
+    kept = [tmp_path / "metrics.json", tmp_path / "models" / "student.pt", tmp_path / ".hidden"]
+    for path in orphans + kept:
+        path.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="pipeline.locks"), RunLock(str(tmp_path)) as lock:
+        assert lock.took_over
+    assert [p.exists() for p in orphans] == [False, False] and all(p.exists() for p in kept)
+    assert "removed 2 temporary file(s) the dead holder left" in caplog.text
+
+
+def test_a_released_lock_is_not_a_take_over_and_removes_nothing(tmp_path):
+    (tmp_path / ".tmp-abc123metrics.json").write_text("a live writer's")  # no dead holder: not ours to remove
+    with RunLock(str(tmp_path)) as lock:
+        assert not lock.took_over
+    assert (tmp_path / ".tmp-abc123metrics.json").exists()
+
+
 def test_another_hosts_lock_holds_until_it_expires(tmp_path, caplog):
     plant(tmp_path, host="other-host", pid=4242, expires="2026-12-04T10:00:00+00:00")
     before = lambda: dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.timezone.utc)  # noqa: E731

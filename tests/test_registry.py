@@ -81,6 +81,11 @@ def test_crash_between_publish_and_switch_keeps_the_old_champion(root, monkeypat
     monkeypatch.undo()
     assert registry.current(root, "ctr") == "v1"
     assert not [p for p in storage.list_dir(storage.join(root, "ctr")) if p.startswith(".tmp")]
+    # The rerun that finishes the promotion replaces the note the crash left: HISTORY stays one chain.
+    registry.promote(root, "ctr", "v2", "second, again")
+    moves = [(e["version"], e["previous"], e["reason"]) for e in registry.history(root, "ctr")]
+    assert moves == [("v1", None, "first"), ("v2", "v1", "second, again")]
+    assert registry.current(root, "ctr") == "v2"
 
 
 def test_current_moves_only_to_a_version_whose_export_passed_parity(root):
