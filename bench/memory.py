@@ -7,12 +7,14 @@ the resident memory of the driver and every process under it (gcs_server, raylet
 every 0.2 s; the peak sum is reported, with the proportional set size (shared pages split) beside it.
 
     .venv/bin/python bench/memory.py                                   # 5M and 20M rows, recorded (bench/results.py)
+    .venv/bin/python bench/memory.py --string-ids --teacher student    # the same logs with text ids, recorded
     .venv/bin/python bench/memory.py --sizes 200000,400000 --no-append # smoke check
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import time
@@ -30,7 +32,7 @@ def label_with_sampling(rows: int, args) -> dict:
 
     from pipeline.stages.label import label_days
 
-    data_root, days = common.click_log(rows, 1)
+    data_root, days = prepare_log(rows, args.string_ids)  # made already, in another process (see main)
     spec = common.bench_spec(data_root, days, common.DATA / "runs", ray={
         "object_store_memory_mb": args.object_store_mb, "data_memory_limit_mb": args.data_memory_limit_mb,
     }, label={"batch_size": args.batch_size, "actors": [1, 1], "cpus_per_actor": 1})
@@ -59,6 +61,20 @@ def label_with_sampling(rows: int, args) -> dict:
             "startup": startup, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "idle_rss": idle_rss,
             "by_name": sampler.peak_by_name, "samples": sampler.samples, "spill": spill, "wiring": wiring,
             "block_mib": block_mib}
+
+
+def prepare_log(rows: int, string_ids: bool):
+    """The one-day log of `rows` rows (its ids as text with `string_ids`), made once and kept on disk."""
+    data_root, days = common.click_log(rows, 1)
+    if string_ids:  # the same rows with text ids, hashed by the pipeline in the read tasks
+        features = common.bench_spec(data_root, days, common.DATA / "runs").features
+        data_root = common.string_id_log(data_root, [features.id, *features.categorical], features.sequence.column)
+    return data_root, days
+
+
+def _prepare_logs(sizes: list[int], string_ids: bool) -> None:
+    for rows in sizes:
+        prepare_log(rows, string_ids)
 
 
 def _arrow_bytes(root, columns: list[str]) -> int:
@@ -107,12 +123,21 @@ def main() -> None:
                         help="the labelling model: the demo teacher, or the demo student's architecture (a "
                              "fast labeller, so Parquet reads and writes, not the model, set the pace)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--string-ids", action="store_true", help="the log's ids (row id, categorical ids, sequence "
+                        "items) written as text, hashed by the pipeline; recorded as memory_string_ids")
     parser.add_argument("--no-append", action="store_true", help="print only; record nothing (bench/results/, RESULTS.md)")
     args = parser.parse_args()
 
+    sizes = [int(s) for s in args.sizes.split(",")]
+    # Made in a child process: the memory a conversion leaves in this process's allocator is not the stage's.
+    maker = multiprocessing.get_context("spawn").Process(target=_prepare_logs, args=(sizes, args.string_ids))
+    maker.start()
+    maker.join()
+    if maker.exitcode != 0:
+        raise SystemExit(f"making the logs failed (exit code {maker.exitcode})")
     load_before = os.getloadavg()
     results = []
-    for rows in (int(s) for s in args.sizes.split(",")):
+    for rows in sizes:
         result = label_with_sampling(rows, args)
         print(f"{rows:,} rows: {result}", flush=True)
         results.append(result)
@@ -133,7 +158,8 @@ def render(args, results: list[dict], load_before, load_after) -> dict:
     lines = [
         f"Settings: ray.object_store_memory_mb {args.object_store_mb}, ray.data_memory_limit_mb "
         f"{args.data_memory_limit_mb}, target_max_block_size in effect {results[0]['block_mib']:g} MiB; label batch "
-        f"{args.batch_size}, labelling model: demo {args.teacher} (untrained), 1 actor x 1 CPU, Ray num_cpus {args.num_cpus}; each log is one date= partition "
+        f"{args.batch_size}, labelling model: demo {args.teacher} (untrained), 1 actor x 1 CPU, Ray num_cpus {args.num_cpus}; "
+        f"ids {'as text (sku-<hex>, hashed by the pipeline)' if args.string_ids else 'integers'}; each log is one date= partition "
         "(files of 1M rows); memory of the driver and all its descendant processes, sampled every 0.2 s "
         "(PSS every 2 s).",
         f"Limit wiring: {results[0]['wiring']}.",
@@ -143,7 +169,9 @@ def render(args, results: list[dict], load_before, load_after) -> dict:
         "",
         *[f"- {r['rows']:,} rows, object store: {r['spill']}" for r in results],
     ]
-    return {"benchmark": "memory", "title": "Label-stage peak memory vs log size", "command": common.command(),
+    name, title = ("memory_string_ids", "Label-stage peak memory vs log size, text ids") if args.string_ids else \
+        ("memory", "Label-stage peak memory vs log size")
+    return {"benchmark": name, "title": title, "command": common.command(),
             "machine": machine, "target": TARGET, "figures": {"runs": results}, "table_md": "\n".join(lines)}
 
 
