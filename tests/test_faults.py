@@ -210,6 +210,7 @@ def _shard_state(day_dir: Path) -> dict[str, int]:
 
 
 @pytest.mark.e2e  # the rerun goes to the end: students and evaluation
+@pytest.mark.soak  # a minute and more of a whole job in a process of its own: `make soak`, and .ci/run, run it
 def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tiny_spec_dict, tmp_path, ray_cluster):
     days = [DAY, DAY + dt.timedelta(days=1)]
     rows = 3_000
@@ -283,6 +284,7 @@ def _committed_epochs(train_root: Path) -> int:
     return latest["metrics"]["epoch"] if latest else 0
 
 
+@pytest.mark.soak  # 40,000 rows x 2 epochs, so that the kill lands inside epoch 2: `make soak` runs it
 def test_training_worker_killed_mid_run_resumes_from_last_epoch(ray_cluster, tiny_spec_dict, click_logs):
     from pipeline.stages.teacher import ensure_teacher
 
