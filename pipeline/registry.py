@@ -145,11 +145,14 @@ def _append_history(root: str, model: str, entry: dict) -> None:
     # History is written before CURRENT: a crash in between leaves a note, never a wrong champion. The rerun
     # that finishes the move replaces that note rather than adding a second one, so HISTORY stays one chain.
     entries = history(root, model)
-    if entries and {k: entries[-1].get(k) for k in ("action", "version", "previous")} == \
-            {k: entry.get(k) for k in ("action", "version", "previous")}:
+    if entries and _move(entries[-1]) == _move(entry):
         entries = entries[:-1]
     entries = entries + [entry | {"at": _now()}]
     storage.atomic_write_json(storage.join(_model_dir(root, model), "HISTORY.json"), entries)
+
+
+def _move(entry: dict) -> tuple:
+    return entry.get("action"), entry.get("version"), entry.get("previous")
 
 
 def _now() -> str:

@@ -30,8 +30,8 @@ from pipeline.write_errors import local_write_errors, write_error  # noqa: F401 
 
 # Spec field -> environment variable that carries it to every process (driver and Ray workers).
 SETTINGS_ENV = {"endpoint_url": "DISTILL_S3_ENDPOINT_URL", "region": "DISTILL_S3_REGION", "profile": "AWS_PROFILE"}
-# A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
 TEMPORARY_PREFIX = ".tmp-"  # an atomic write's file before its rename; never complete data
+# A wrong endpoint must fail in seconds, not hang: short connect timeout, few retries (AWS "standard" mode).
 _BOTO_CONFIG = {"connect_timeout": 5, "retries": {"max_attempts": 3, "mode": "standard"}}
 # Error codes S3 answers when the credentials are missing, wrong or not allowed.
 _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "InvalidAccessKeyId",

@@ -272,9 +272,9 @@ def test_driver_killed_mid_label_then_rerun_keeps_finished_days(distill_run, tin
 
 # --- 3. a training worker killed mid-run --------------------------------------------------------------------
 
-def _committed_epochs(train_root: Path) -> int:
+def _committed_epochs(train_root: Path, role: str = "teacher") -> int:
     """Epochs whose checkpoint Ray Train has committed (in its snapshot): only those survive a worker failure."""
-    snapshots = list(train_root.glob("teacher-*/checkpoint_manager_snapshot.json"))
+    snapshots = list(train_root.glob(f"{role}-*/checkpoint_manager_snapshot.json"))
     if not snapshots:
         return 0
     try:

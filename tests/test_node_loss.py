@@ -36,8 +36,8 @@ import yaml
 
 from pipeline import shards
 from pipeline.spec import parse_spec
-from tests.conftest import ROOT
-from tests.test_faults import _save_teacher, _wait_for
+from tests.conftest import ROOT, free_port
+from tests.test_faults import _committed_epochs, _save_teacher, _wait_for
 from tests.test_submit import JobsCluster, _suppress_gone
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
@@ -105,12 +105,6 @@ class LossCluster(JobsCluster):
         self.killed.append(node)
 
 
-def free_port() -> int:
-    from tests.conftest import free_port as port
-
-    return port()
-
-
 @pytest.fixture
 def cluster():
     cluster = LossCluster(tempfile.mkdtemp(prefix="dloss-", dir="/tmp"))  # short: Ray's socket paths
@@ -171,7 +165,7 @@ def test_a_node_lost_mid_label_and_mid_training_loses_and_repeats_no_row(cluster
         cluster.add_worker("worker-c")
         # 2. mid-training: the node hosting the student's training worker, after epoch 1 is committed
         train_root = Path(spec.run_dir, "train")
-        _wait_for(lambda: run.poll() is not None or _committed_epochs_of(train_root, "student_distilled") >= 1, 600,
+        _wait_for(lambda: run.poll() is not None or _committed_epochs(train_root, "student_distilled") >= 1, 600,
                   "the student's first committed checkpoint")
         assert run.poll() is None, _tail(log)
         worker = _actors(cluster, "RayTrainWorker")[0]
@@ -191,15 +185,6 @@ def test_a_node_lost_mid_label_and_mid_training_loses_and_repeats_no_row(cluster
 def _unlabelled(spec) -> list[dt.date]:
     """Days without a manifest yet."""
     return [day for day in DAYS if not Path(spec.run_dir, "shards", f"date={day}", shards.MANIFEST).exists()]
-
-
-def _committed_epochs_of(train_root: Path, role: str) -> int:
-    with contextlib.suppress(FileNotFoundError, json.JSONDecodeError, KeyError):
-        snapshots = sorted(train_root.glob(f"{role}-*/checkpoint_manager_snapshot.json"))
-        if snapshots:
-            latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result")
-            return latest["metrics"]["epoch"] if latest else 0
-    return 0
 
 
 def _assert_labelled_exactly_once(spec, day: dt.date) -> None:

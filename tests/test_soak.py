@@ -71,7 +71,7 @@ def test_nights_killed_at_random_points_keep_every_invariant(ray_cluster, tmp_pa
     rng = random.Random(SEED)
     crashing = set(rng.sample(range(NIGHTS), max(1, NIGHTS // 3)))
     runner = CycleRunner(spec_path, ray_cluster.get_runtime_context().gcs_address, tmp_path / "logs")
-    seen = Seen()
+    seen: dict[str, bytes] = {}  # each day's manifest bytes, as first seen
     for night in range(NIGHTS):
         day = FIRST_DAY + dt.timedelta(days=night)
         clock = FakeClock(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(3, 0), tzinfo=dt.timezone.utc))
@@ -114,7 +114,7 @@ def test_a_night_killed_after_publishing_is_finished_not_trained_again(ray_clust
     assert record["finished_after_a_kill"] and record["decision"] == "promoted"
     assert registry.current(root, model) == published[0] == record["champion_after"]
     assert record["challenger"] == evaluated
-    check_invariants(spec, second, Seen(), finished=True)
+    check_invariants(spec, second, {}, finished=True)
 
 
 class CycleRunner:
@@ -163,14 +163,7 @@ class CycleRunner:
         return f"{self.runs} cycle runs, {self.kills} killed:\n  " + "\n  ".join(self.faults)
 
 
-class Seen:
-    """What earlier checks saw: each day's manifest bytes, and each finished cycle's record."""
-
-    def __init__(self):
-        self.manifests: dict[str, bytes] = {}
-
-
-def check_invariants(spec, day: dt.date, seen: Seen, finished: bool) -> None:
+def check_invariants(spec, day: dt.date, seen: dict[str, bytes], finished: bool) -> None:
     _check_registry(spec)
     _check_labelled_once(spec, seen, window=_window(spec, day) if finished else [])
     if finished:
@@ -198,7 +191,7 @@ def _window(spec, day: dt.date) -> list[str]:
     return [(day - dt.timedelta(days=k)).isoformat() for k in range(1, days + 1)]
 
 
-def _check_labelled_once(spec, seen: Seen, window: list[str]) -> None:
+def _check_labelled_once(spec, seen: dict[str, bytes], window: list[str]) -> None:
     shard_root = storage.join(spec.nightly_dir, "shards")
     teacher = shards.file_sha256(storage.join(spec.nightly_dir, "teacher.pt")) if window else None
     for name in storage.list_dir(shard_root):
@@ -208,7 +201,7 @@ def _check_labelled_once(spec, seen: Seen, window: list[str]) -> None:
             assert name[5:] not in window, f"{name} of the finished night's window has no manifest"
             continue
         raw = storage.read_bytes(storage.join(day_dir, shards.MANIFEST))
-        assert seen.manifests.setdefault(name, raw) == raw, f"{name} was labelled again: its manifest changed"
+        assert seen.setdefault(name, raw) == raw, f"{name} was labelled again: its manifest changed"
         if teacher:
             assert manifest.teacher.checkpoint_sha256 == teacher, f"{name} was labelled by another teacher"
         ids = [pq.read_table(_in(day_dir, s.path), columns=[spec.features.id]).column(0) for s in manifest.shards]
