@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import time
 
 from pipeline import console, storage
@@ -19,6 +20,8 @@ from pipeline import console, storage
 log = logging.getLogger(__name__)
 # Seconds between Ray Train's checks on its workers (Ray's default: 2). The driver's value reaches the controller.
 HEALTH_CHECK_ENV, HEALTH_CHECK_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+_local_ray_address: str | None = None  # the GCS address of the local Ray this process started, if any
 
 
 @contextlib.contextmanager
@@ -59,12 +62,14 @@ def start_local_ray(attempts: int = 3, **options) -> None:
     environment stays as it was (its subprocesses must not join our Ray)."""
     import ray
 
+    global _local_ray_address
     for attempt in range(1, attempts + 1):
         port = _free_port()
         address = f"{ray.util.get_node_ip_address()}:{port}"
         try:
             with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=address):
                 ray.init(address="local", **options)
+            _local_ray_address = ray.get_runtime_context().gcs_address
             return
         except Exception as exc:  # Ray raises a bare Exception for a node start-up timeout
             if "timed out during startup" not in str(exc) or attempt == attempts:
@@ -131,6 +136,23 @@ def quick_health_checks() -> None:
 
 
 @contextlib.contextmanager
+def train_call_environment():
+    """The settings of one Ray Train call (read by its controller, which inherits the driver's values):
+    quick health checks, and on the local Ray this process started, no preemption watcher.
+
+    The watcher is an actor (a new process importing Ray: 1.2-1.4 CPU-seconds of every training call's fixed
+    cost on 2 cores, docs/SCALING.md) that waits for a cloud's notice that a node will be taken away; a local
+    machine gets none. A user's own `RAY_TRAIN_ENABLE_PREEMPTION_WATCHER` wins; on a cluster it stays on.
+    """
+    import ray
+
+    quick_health_checks()
+    local = _local_ray_address is not None and ray.get_runtime_context().gcs_address == _local_ray_address
+    with _environment(**({PREEMPTION_WATCHER_ENV: "0"} if local and PREEMPTION_WATCHER_ENV not in os.environ else {})):
+        yield
+
+
+@contextlib.contextmanager
 def parquet_reader_v1():
     """Ray Data's V1 Parquet reader for files we already know (a day's log files, a manifest's shards).
 
@@ -158,6 +180,38 @@ def quiet_training_worker() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its path
 
 
+# DeepSpeed's ZeRO code imports its Muon optimizer, whose module `torch.compile`s kernels as it is imported
+# (torch._inductor: 1.3 s more in every worker at ZeRO 1-3). Every model here trains with AdamW (engine.adamw).
+DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def lean_deepspeed() -> None:
+    """Imports DeepSpeed in a training worker without two costs of its start that training never uses.
+
+    - mlflow: DeepSpeed's autotuner imports it whenever it is installed (it is: the driver tracks runs with
+      it), 0.9-1.3 s of DeepSpeed's 1.6 s import. Workers never log to MLflow, the driver does
+      (pipeline/tracking.py). Hidden from that import (DeepSpeed takes it as absent).
+    - Muon's kernels (`DEEPSPEED_MUON`): imported with `torch.compile` as a no-op, so they stay plain
+      functions and torch._inductor is not loaded; the optimizer class is the real one.
+    """
+    if "deepspeed" in sys.modules:
+        return
+    import torch
+
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which DeepSpeed handles
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **_: model if model is not None else (lambda function: function)
+    try:
+        importlib.import_module("deepspeed")
+        importlib.import_module(DEEPSPEED_MUON)
+    finally:
+        torch.compile = compile_
+        if hide:
+            del sys.modules["mlflow"]
+
+
 def skip_deepspeed_inference_op() -> None:
     """Stops DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
 
@@ -165,6 +219,7 @@ def skip_deepspeed_inference_op() -> None:
     through torch.distributed (gloo). Compiling it takes minutes on a small CPU machine, and again
     whenever the virtual environment's path changes (a fresh clone), for nothing we use.
     """
+    lean_deepspeed()
     # By module name: the attribute `deepspeed.comm.torch` is the torch package, re-exported.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 

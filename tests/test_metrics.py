@@ -33,6 +33,15 @@ def test_auc_handles_ties_like_sklearn():
     assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
 
 
+def test_average_ranks_are_scipys_rankdata():
+    from scipy.stats import rankdata
+
+    from pipeline.metrics import average_ranks
+
+    values = np.random.default_rng(3).integers(0, 50, 1000).astype(float)  # many ties
+    assert average_ranks(values) == pytest.approx(rankdata(values))
+
+
 def test_auc_of_one_class_is_nan():
     assert np.isnan(auc(np.ones(5), np.arange(5)))
 

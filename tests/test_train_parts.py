@@ -213,12 +213,37 @@ def test_one_training_worker_reads_the_whole_dataset_without_a_split_coordinator
     tiny_spec_dict["train"].update(num_workers=1, cpus_per_worker=1, epochs=2, batch_size=128, prefetch_batches=2)
     spec = parse_spec(tiny_spec_dict)
 
-    def coordinators() -> set[str]:  # alive or finished, of this whole test session
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000)}
+    def actors(name: str) -> set[str]:  # alive or finished, of this whole test session
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", name)], limit=10_000)}
 
-    before = coordinators()
+    before = {name: actors(name) for name in ("SplitCoordinator", "PreemptionWatcher")}
     ensure_teacher(spec)
 
     record = json.loads(Path(spec.run_dir, "models", "teacher.json").read_text())
     assert [(e["epoch"], e["rows"]) for e in record["history"]] == [(1, 700), (2, 700)]
-    assert coordinators() == before
+    assert actors("SplitCoordinator") == before["SplitCoordinator"]
+    # On the local Ray this process started, no preemption watcher (a process of its own) is started.
+    assert actors("PreemptionWatcher") == before["PreemptionWatcher"]
+
+
+def test_deepspeed_starts_without_mlflow_or_torch_inductor_and_keeps_its_real_classes():
+    """`runtime.lean_deepspeed` in a fresh interpreter (as a training worker starts): DeepSpeed takes MLflow as
+    absent and does not load torch._inductor for its Muon kernels; everything else is as installed."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys, torch
+compile_ = torch.compile
+from pipeline import runtime
+runtime.lean_deepspeed()
+import deepspeed.autotuning.autotuner as autotuner
+from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
+print(sorted(m for m in ("mlflow", "torch._inductor") if m in sys.modules), autotuner.has_mlflow,
+      torch.compile is compile_, issubclass(MuonWithAuxAdam, torch.optim.Optimizer))
+import mlflow  # hidden from DeepSpeed's import only
+print(mlflow.__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-3:-1] == ["[] False True True", "mlflow"]  # after DeepSpeed's own lines

@@ -77,7 +77,6 @@ def train_pass(request: TrainPass) -> dict[str, TrainResult]:
     runs = [dataclasses.replace(r, validate=request.validation is not None) for r in request.runs]
     check_shared(runs)
     lead = runs[0]
-    runtime.quick_health_checks()
     if warning := zero_stage_warning(lead.train.num_workers, lead.train.zero_stage):
         log.warning("%s: %s", request.name, warning)
     trainer = TorchTrainer(
@@ -88,7 +87,8 @@ def train_pass(request: TrainPass) -> dict[str, TrainResult]:
         datasets={"train": request.dataset, **({"validation": request.validation} if lead.validate else {})},
         dataset_config=data_config(lead.train.num_workers),
     )
-    result = trainer.fit()
+    with runtime.train_call_environment():
+        result = trainer.fit()
     with result.checkpoint.as_directory() as directory:  # the latest (downloaded when on S3): every epoch's history
         with open(os.path.join(directory, PROGRESS_FILE)) as handle:
             progress = json.load(handle)
