@@ -43,8 +43,8 @@ def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, ba
                logit_dtype: str, shard_rows: int, plan=None) -> dict:
     """(a) One process, no Ray: read batches, run the teacher, write shards of about `shard_rows` rows.
 
-    `plan`: a `Normaliser` (string ids): each batch is normalised as the pipeline's read does it, by the
-    same function (`pipeline.data.normalise`), timed on its own as "hash"."""
+    `plan`: a `Normaliser` (string ids): read and normalised as the pipeline's read does it (text ids as
+    Parquet dictionaries, then `pipeline.data.normalise`), the normalising timed on its own as "hash"."""
     from pipeline.data.normalise import normalise
     from pipeline.features import table_to_inputs
     from pipeline.models import load_model
@@ -56,7 +56,8 @@ def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, ba
     started, cpu = time.perf_counter(), time.process_time()
     for day in days:
         files = sorted(str(p) for p in (data_root / f"date={day.isoformat()}").glob("*.parquet"))
-        batches = pads.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size)
+        batches = pads.dataset(files, format=_parquet_format(files[0], columns, plan)).to_batches(
+            columns=columns, batch_size=batch_size)
         day_dir = out_dir / f"date={day.isoformat()}"
         day_dir.mkdir(parents=True)
         writer, in_file, part = None, 0, 0
@@ -90,6 +91,16 @@ def bare_label(data_root, days, teacher: str, columns: list[str], out_dir, *, ba
         if writer is not None:
             writer.close()
     return {"rows": rows, "seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, **seconds}
+
+
+def _parquet_format(first_file: str, columns: list[str], plan) -> pads.ParquetFileFormat:
+    """Parquet read as the pipeline reads it: with a `plan` (text ids), its text id columns as dictionaries."""
+    from pipeline.data.formats import dictionary_paths
+
+    if plan is None:
+        return pads.ParquetFileFormat()
+    paths = dictionary_paths(first_file, [c for c in plan.text_id_columns() if c in columns])
+    return pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=paths))
 
 
 def stage_costs(data_root, teacher: str, columns: list[str], out_dir, *, batch_size: int, rows: int) -> dict:

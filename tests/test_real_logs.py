@@ -52,6 +52,40 @@ def test_string_id_hash_is_pinned_for_serving_systems():
         4360171819779719520, None, 6975175471489867752, None, 6975175471489867752]
 
 
+def test_text_ids_read_as_parquet_dictionaries_hash_alike_and_once_per_row_group(tmp_path, monkeypatch):
+    """Parquet text ids come as dictionaries (`formats.dictionary_paths`): the same ids as plain text, a
+    sequence's items too, and each row group's dictionary is hashed once, not once per batch."""
+    import pyarrow.dataset as pads
+
+    from pipeline.data import formats, ids
+    from pipeline.data.normalise import normalise
+
+    rng = np.random.default_rng(1)
+    table = pa.table({"ev_id": [f"e{i}" for i in range(6000)],
+                      "sku": [None if i % 13 == 0 else f"sku-{rng.integers(40)}" for i in range(6000)],
+                      "hist": [[f"sku-{x}" if x % 5 else "" for x in rng.integers(0, 40, 3)] for _ in range(6000)],
+                      "clicked": rng.integers(0, 2, 6000)})
+    pq.write_table(table, tmp_path / "day.parquet", row_group_size=3000)
+    plan = _plan(ids=("ev_id", "sku"), dense=(), sequence="hist", sequence_of="sku", row_id="ev_id")
+    paths = formats.dictionary_paths(str(tmp_path / "day.parquet"), list(plan.text_id_columns()))
+    assert paths == ["sku", "hist.list.element"]  # not the row id: all different
+    read = pads.ParquetFileFormat(read_options=pads.ParquetReadOptions(dictionary_columns=paths))
+    batches = list(pads.dataset(str(tmp_path / "day.parquet"), format=read).to_batches(batch_size=500))
+    assert pa.types.is_dictionary(batches[0].schema.field("sku").type)
+    expected, hashed, real_hash = normalise(table, plan), [], ids._hash  # the ids of plain text
+
+    def counted(values, empty_is_null):
+        hashed.append(len(values))
+        return real_hash(values, empty_is_null)
+
+    monkeypatch.setattr(ids, "_hash", counted)
+    ids._HASHED_DICTIONARIES.clear()
+    normalised = pa.concat_tables([normalise(pa.Table.from_batches([b]), plan) for b in batches])
+    assert normalised.equals(expected)
+    # 12 batches of 2 row groups: sku and the sequence's items hashed once per row group, the row ids per batch
+    assert len(hashed) == 2 * 2 + len(batches)
+
+
 def test_int_ids_pass_through_and_nulls_become_the_missing_id():
     assert as_int_ids(pa.array([7, None, 2**40], pa.int64())).to_pylist() == [7, MISSING_ID, 2**40]
     assert as_int_ids(pa.array(["a", None])).to_pylist()[1] == MISSING_ID

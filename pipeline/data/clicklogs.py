@@ -111,7 +111,8 @@ def read_click_logs(source: LogSource | str | dict, days: list[dt.date], columns
     inputs = list(day_inputs(source, days).values())
     check_columns(inputs, columns, source)
     ragged = formats.RaggedRows(fail=fail, quarantine_dir=quarantine_dir)
-    dataset = formats.read_days(source, inputs, columns, ragged)  # only `columns` are decoded
+    text_ids = normaliser.text_id_columns() if normaliser is not None else ()
+    dataset = formats.read_days(source, inputs, columns, ragged, text_ids)  # only `columns` are decoded
     if rules is not None or normaliser is not None:
         # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
         env = storage.worker_env() if quarantine_dir else {}

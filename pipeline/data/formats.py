@@ -20,6 +20,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data.ids import is_string_like
 from pipeline.data.sources import DayInput, LogSource
 from pipeline.errors import DataError
 
@@ -142,8 +143,13 @@ def head(source: LogSource, uri: str, rows: int, ragged: RaggedRows | None = Non
         return pa.Table.from_batches(batches, schema=reader.schema)
 
 
-def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], rows: RaggedRows | None = None):
-    """The days' files as a lazy Ray Dataset of `columns` (one read task per file), time window applied."""
+def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], rows: RaggedRows | None = None,
+              text_ids: tuple[str, ...] = ()):
+    """The days' files as a lazy Ray Dataset of `columns` (one read task per file), time window applied.
+
+    `text_ids`: the id columns (or a sequence of ids) the read will hash when they hold text; Parquet gives
+    those as dictionaries (`dictionary_paths`), so each row group's distinct ids are hashed once.
+    """
     import ray.data
 
     from pipeline import runtime
@@ -154,9 +160,11 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
     days = [d.day for d in inputs]
     paths, filesystem = storage.arrow_paths(files)  # on S3, carries the endpoint to Ray's readers
     if source.format == "parquet":
+        dictionaries = dictionary_paths(files[0], [c for c in text_ids if c in wanted]) if files and text_ids else []
         with runtime.parquet_reader_v1():  # one read task per file: see clicklogs.read_named_files
             dataset = ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
-                                            columns=wanted)
+                                            columns=wanted, dataset_kwargs={"read_dictionary": dictionaries}
+                                            if dictionaries else None)
         # A flat log's time window goes into the scan (Ray Data's predicate pushdown): row groups outside it
         # are not read.
         if time is not None and files:
@@ -170,6 +178,25 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
         dataset = dataset.map_batches(keep_days, batch_format="pyarrow", zero_copy_batch=True,
                                       fn_kwargs={"time": time, "days": days, "columns": columns})
     return dataset
+
+
+def dictionary_paths(uri: str, columns: list[str]) -> list[str]:
+    """The Parquet column paths of `columns` that hold text, a column's own or its list items' (e.g.
+    `hist.list.element`), from `uri`'s footer: what the reader can hand over as Arrow dictionaries (the
+    file's dictionary pages, not a string per value). Every file of a log holds one type per column
+    (`validate.check_partitions`)."""
+    with reading(uri), _open(uri) as handle:
+        parquet = pq.ParquetFile(handle)
+        arrow, schema = parquet.schema_arrow, parquet.schema
+    text = set()
+    for name in columns:
+        kind = arrow.field(name).type
+        if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+            kind = kind.value_type
+        if is_string_like(kind) and not pa.types.is_dictionary(kind):
+            text.add(name)
+    leaves = [schema.column(i).path for i in range(len(schema))]
+    return [path for path in leaves if path.split(".", 1)[0] in text]
 
 
 def keep_days(batch: pa.Table, time, days: list, columns: list[str]) -> pa.Table:

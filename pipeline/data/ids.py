@@ -11,13 +11,17 @@ pins known values.
 
 Each distinct value is hashed once per batch (Arrow's dictionary encoding finds them), so the cost
 follows the distinct ids, not the rows (a row id, all different, is hashed as it is), and no Python runs
-per row.
+per row. Parquet text ids are read as dictionaries (`formats.read_days`): the batches of one row group share
+its dictionary, which is hashed once (`_hash_dictionary`), not once per batch.
 
 A missing id (null) becomes `MISSING_ID` (-1): no real id is negative, so it is a value of its own in
 every field, and the model hashes it into that field's table like any other id.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -26,6 +30,9 @@ import pyarrow.compute as pc
 
 MISSING_ID = -1
 HASH_KEY = "0123456789123456"  # pandas' default SipHash key, stated so that it never changes under us
+# The hashed dictionaries of this process, newest last: {key of the dictionary's buffers: (dictionary, hashes)}.
+_HASHED_DICTIONARIES: OrderedDict = OrderedDict()
+_HASHED_DICTIONARIES_KEPT = 32  # a read holds a few text columns; each dictionary is a row group's distinct ids
 
 
 def is_string_like(kind: pa.DataType) -> bool:
@@ -45,12 +52,40 @@ def hash_string_ids(values: pa.Array | pa.ChunkedArray, *, distinct: bool = Fals
             finding the distinct ones first would cost more than it saves. The ids are the same.
         empty_is_null: an empty string becomes null too (a sequence's "a^^b" has two items, not three).
     """
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if distinct and not pa.types.is_dictionary(values.type):
+    if isinstance(values, pa.ChunkedArray):  # chunk by chunk: chunks of one row group share a dictionary
+        return per_chunk(values, lambda chunk: hash_string_ids(chunk, distinct=distinct, empty_is_null=empty_is_null))
+    if pa.types.is_dictionary(values.type):
+        return pc.take(_hash_dictionary(values.dictionary, empty_is_null), values.indices)
+    if distinct:
         return _hash(values, empty_is_null)
-    encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+    encoded = pc.dictionary_encode(values)
     return pc.take(_hash(encoded.dictionary, empty_is_null), encoded.indices)
+
+
+def per_chunk(values: pa.ChunkedArray, convert: Callable[[pa.Array], pa.Array]) -> pa.Array:
+    """`convert` applied to each chunk, the results as one array."""
+    if values.num_chunks == 1:
+        return convert(values.chunk(0))
+    return pa.concat_arrays([convert(chunk) for chunk in values.chunks]) if values.num_chunks else \
+        convert(pa.array([], values.type))
+
+
+def _hash_dictionary(dictionary: pa.Array, empty_is_null: bool) -> pa.Array:
+    """`_hash` of a dictionary read from Parquet, computed once for all the batches that share it.
+
+    Keyed by the addresses of its buffers: while cached, the dictionary is held here, so its buffers stay
+    alive and no other array can have them; Arrow buffers never change.
+    """
+    key = (tuple(b.address if b is not None else 0 for b in dictionary.buffers()), dictionary.offset,
+           len(dictionary), empty_is_null)
+    if key in _HASHED_DICTIONARIES:
+        _HASHED_DICTIONARIES.move_to_end(key)
+        return _HASHED_DICTIONARIES[key][1]
+    hashed = _hash(dictionary, empty_is_null)
+    _HASHED_DICTIONARIES[key] = (dictionary, hashed)
+    if len(_HASHED_DICTIONARIES) > _HASHED_DICTIONARIES_KEPT:
+        _HASHED_DICTIONARIES.popitem(last=False)
+    return hashed
 
 
 def _hash(values: pa.Array, empty_is_null: bool) -> pa.Array:
@@ -70,6 +105,6 @@ def as_int_ids(values: pa.Array | pa.ChunkedArray, *, distinct: bool = False) ->
 
     `distinct`: as in `hash_string_ids` (the row id)."""
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        return per_chunk(values, lambda chunk: as_int_ids(chunk, distinct=distinct))
     ids = hash_string_ids(values, distinct=distinct) if is_string_like(values.type) else pc.cast(values, pa.int64())
     return pc.fill_null(ids, MISSING_ID) if ids.null_count else ids

@@ -1,6 +1,6 @@
 """Click-log values as the models take them, in the read tasks, after the bad-row checks (pure pyarrow):
 
-- string ids (row id, group, categorical columns, the validation key) -> int64 by `ids.hash_string_ids`;
+- string ids (row id, group, categorical columns, the row-split keys) -> int64 by `ids.hash_string_ids`;
 - a null categorical or group id -> `ids.MISSING_ID`: missing is a value, not a bad row;
 - a null or NaN dense value -> `features.dense_fill`, and every dense column float32;
 - a delimited text sequence (`1^2^3`) -> list<int64>: items hashed when the column it shares an
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.data.ids import as_int_ids, hash_string_ids, is_string_like
+from pipeline.data.ids import as_int_ids, hash_string_ids, is_string_like, per_chunk
 from pipeline.errors import DataError
 
 
@@ -40,12 +40,18 @@ class Normaliser:
     @classmethod
     def from_spec(cls, spec) -> Normaliser:
         f = spec.log_features  # teacher-only columns too: a read for a teacher with extra features holds them
-        ids = [f.id, f.group, *f.categorical, spec.validation_key]
+        ids = [f.id, f.group, *f.categorical, *spec.split_keys]
         return cls(ids=tuple(dict.fromkeys(c for c in ids if c)), dense=tuple(f.dense), dense_fill=f.dense_fill,
                    label=f.label, label_threshold=f.label_threshold,
                    sequence=f.sequence.column if f.sequence else None,
                    sequence_of=f.sequence.embedding_of if f.sequence else None,
                    delimiter=f.sequence.delimiter if f.sequence else None, row_id=f.id)
+
+    def text_id_columns(self) -> tuple[str, ...]:
+        """The columns hashed when they hold text, worth reading as dictionaries (`formats.read_days`): the
+        ids but the row id (all different: its dictionary would be the whole file) and a list sequence."""
+        listed = (self.sequence,) if self.sequence and self.delimiter is None else ()
+        return tuple(c for c in self.ids if c != self.row_id) + listed
 
 
 def normalise(table: pa.Table, plan: Normaliser) -> pa.Table:
@@ -79,7 +85,9 @@ def _dense(column: pa.ChunkedArray, fill: float) -> pa.Array:
 def sequence_ids(column: pa.Array | pa.ChunkedArray, delimiter: str | None, text_items: bool = True,
                  name: str = "sequence") -> pa.Array:
     """A behaviour sequence as list<int64>: text items hashed (or parsed, for integer ids), nulls -> 0."""
-    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(column, pa.ChunkedArray):  # chunk by chunk: chunks of one row group share a dictionary
+        return per_chunk(column, lambda chunk: sequence_ids(chunk, delimiter, text_items, name))
+    values = column
     if is_string_like(values.type):
         if delimiter is None:
             raise DataError(f"sequence column {name!r} holds text, e.g. {_first(values)!r}; set "
@@ -92,6 +100,7 @@ def sequence_ids(column: pa.Array | pa.ChunkedArray, delimiter: str | None, text
         if text_items:
             items = hash_string_ids(items, empty_is_null=True)
         else:
+            items = pc.cast(items, items.type.value_type) if pa.types.is_dictionary(items.type) else items
             items = _parse_integers(pc.if_else(pc.equal(pc.binary_length(items), 0), None, items), name)
     ids = pc.fill_null(pc.cast(items, pa.int64()), 0)
     return pa.ListArray.from_arrays(offsets, ids)
