@@ -27,6 +27,10 @@ class FeatureLayout:
     sequence: str | None = None
     sequence_length: int = 0
     sequence_field: int = -1  # index in `categorical` whose embedding table the sequence shares
+    # Missing dense values reach the model as NaN, which it fills with `dense_fill` and flags in one more
+    # 0/1 input per column (`features.dense_missing_indicators`); without, they arrive filled.
+    missing_indicators: bool = False
+    dense_fill: float = 0.0
 
     @classmethod
     def from_spec(cls, features) -> FeatureLayout:
@@ -37,6 +41,8 @@ class FeatureLayout:
             sequence=seq.column if seq else None,
             sequence_length=seq.length if seq else 0,
             sequence_field=features.categorical.index(seq.embedding_of) if seq else -1,
+            missing_indicators=getattr(features, "dense_missing_indicators", False),
+            dense_fill=features.dense_fill if getattr(features, "dense_missing_indicators", False) else 0.0,
         )
 
     @classmethod
@@ -45,7 +51,11 @@ class FeatureLayout:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain form; without missing indicators, exactly the form older checkpoints and manifests hold."""
+        raw = dataclasses.asdict(self)
+        if not self.missing_indicators:
+            del raw["missing_indicators"], raw["dense_fill"]
+        return raw
 
     @property
     def columns(self) -> list[str]:

@@ -60,7 +60,9 @@ class Signature:
 
     def normaliser(self) -> Normaliser:
         layout = self.feature_layout
-        return Normaliser(ids=layout.categorical, dense=layout.dense, dense_fill=self.dense_fill, label="",
+        # With missing indicators the graph fills (and flags) a missing dense value: it gets NaN.
+        fill = None if layout.missing_indicators else self.dense_fill
+        return Normaliser(ids=layout.categorical, dense=layout.dense, dense_fill=fill, label="",
                           label_threshold=None, sequence=layout.sequence,
                           sequence_of=layout.categorical[layout.sequence_field] if layout.sequence else None,
                           delimiter=self.sequence_delimiter)

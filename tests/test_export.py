@@ -17,6 +17,7 @@ import torch
 
 from pipeline import storage
 from pipeline.cli import main
+from pipeline.data.normalise import normalise
 from pipeline.errors import DataError, ParityError
 from pipeline.export import ExportError, TOLERANCE, export_model
 from pipeline.features import FeatureLayout
@@ -86,6 +87,34 @@ def test_every_family_exports_with_parity(world, tmp_path, family):
         assert storage.exists(f"{results[fmt]['dir']}/{SIGNATURE}")
     assert json.loads(open(f"{results['onnx']['dir']}/parity.json").read())["max_abs_diff"] == \
         results["onnx"]["parity"]["max_abs_diff"]
+
+
+@pytest.mark.parametrize("family", ["mlp", "deepfm"])
+def test_missing_indicators_export_with_parity_and_a_nan_in_the_signature(world, family):
+    """A model with missing indicators fills and flags missing dense values inside the graph: the exports
+    give the eager logits on rows with NaN dense values, and the scorer's normaliser hands over NaN."""
+    from pipeline.export import eager_predictor, exported_predictor
+    from pipeline.features import table_to_arrays
+
+    spec, plain, _ = world
+    layout = FeatureLayout(**{**plain.to_dict(), "missing_indicators": True, "dense_fill": 1.5})
+    model, config = spread_model(family, layout)
+    rows = parity_rows(spec, layout)
+    arrays = {k: v.copy() for k, v in rows.arrays.items()}
+    arrays["dense"][::7, 0] = np.nan  # every 7th row misses its first dense value
+    arrays["dense"][::11, -1] = np.nan
+    eager = eager_predictor(model)(arrays)
+    assert np.isfinite(eager).all()
+    for fmt in ("onnx", "torchscript"):
+        exported = export_model(model, config, layout, fmt, raw_columns={}, dense_fill=1.5, sequence_delimiter=None,
+                                about={"role": "student"})
+        assert np.abs(exported_predictor(exported)(arrays) - eager).max() <= 1e-5, fmt
+    signature = exported.signature
+    assert signature.feature_layout.missing_indicators and signature.normaliser().dense_fill is None
+    column = plain.dense[0]
+    table = pa.table({column: pa.array([1.0, None], pa.float32())})
+    assert np.isnan(table_to_arrays(normalise(table, signature.normaliser()), FeatureLayout(
+        categorical=(), dense=(column,)))["dense"][1, 0])
 
 
 def test_multiclass_export_keeps_every_logit(world, tmp_path):

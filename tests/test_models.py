@@ -276,3 +276,29 @@ def test_plugin_builds_through_the_factory_with_its_arguments():
 def test_plugin_contract_violations_name_the_factory(factory, args, message):
     with pytest.raises(ValueError, match=message):
         build_model(_config("custom", factory=factory, factory_args=args), LAYOUT)
+
+
+@pytest.mark.parametrize("family", BUILT_IN)
+def test_missing_indicators_fill_and_flag_each_missing_dense_value(family):
+    """With `missing_indicators`, a NaN dense value is filled with `dense_fill` and flagged in one more 0/1
+    input: finite logits, and the flag is an input the model reads (it changes the logit)."""
+    layout = FeatureLayout(categorical=("user_id", "item_id"), dense=("price", "stock"), sequence="hist",
+                           sequence_length=3, sequence_field=1, missing_indicators=True, dense_fill=2.0)
+    table = _table(6).append_column("stock", pa.array([1.0, None, 3.0, 4.0, 5.0, 6.0], pa.float32()))
+    table = table.set_column(2, "price", pa.array([float("nan"), 2.0, 5.0, 7.0, 9.0, 1.0], pa.float32()))
+    torch.manual_seed(0)
+    model = build_model(_config(family), layout).eval()
+    inputs = table_to_inputs(table, layout)
+    assert torch.isnan(inputs["dense"]).sum() == 2  # a NaN price, and the null stock arrives as NaN too
+    dense = model.encoder.dense(inputs)
+    assert dense.shape == (6, 4)
+    filled = torch.tensor([[2.0, 1.0], [2.0, 2.0]])  # row 0: price filled; row 1: stock filled
+    assert torch.allclose(dense[:2, :2], torch.sign(filled) * torch.log1p(filled.abs()))
+    assert dense[:2, 2:].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    logits = model(inputs)
+    assert torch.isfinite(logits).all()
+    with torch.no_grad():  # the same value, not missing: another input, another logit
+        present = {**inputs, "dense": torch.where(torch.isnan(inputs["dense"]), 2.0, inputs["dense"])}
+        assert not torch.allclose(model(present)[:2], logits[:2])
+    plain = FeatureLayout(**{**layout.to_dict(), "missing_indicators": False})
+    assert build_model(_config(family), plain).encoder.dense_dim == 2 and "missing_indicators" not in plain.to_dict()

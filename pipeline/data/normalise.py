@@ -2,7 +2,8 @@
 
 - string ids (row id, group, categorical columns, the row-split keys) -> int64 by `ids.hash_string_ids`;
 - a null categorical or group id -> `ids.MISSING_ID`: missing is a value, not a bad row;
-- a null or NaN dense value -> `features.dense_fill`, and every dense column float32;
+- a null or NaN dense value -> `features.dense_fill` (or NaN, filled and flagged in the model, with
+  `features.dense_missing_indicators`), and every dense column float32;
 - a delimited text sequence (`1^2^3`) -> list<int64>: items hashed when the column it shares an
   embedding with holds text, parsed as integers when that column holds integers; a null list is empty
   and a null or empty item is padding (0);
@@ -29,7 +30,7 @@ class Normaliser:
 
     ids: tuple[str, ...]  # hashed when text; nulls -> MISSING_ID
     dense: tuple[str, ...]
-    dense_fill: float
+    dense_fill: float | None  # None: a missing dense value stays NaN, for a model with missing indicators
     label: str
     label_threshold: float | None
     sequence: str | None
@@ -41,7 +42,8 @@ class Normaliser:
     def from_spec(cls, spec) -> Normaliser:
         f = spec.log_features  # teacher-only columns too: a read for a teacher with extra features holds them
         ids = [f.id, f.group, *f.categorical, *spec.split_keys]
-        return cls(ids=tuple(dict.fromkeys(c for c in ids if c)), dense=tuple(f.dense), dense_fill=f.dense_fill,
+        return cls(ids=tuple(dict.fromkeys(c for c in ids if c)), dense=tuple(f.dense),
+                   dense_fill=None if getattr(f, "dense_missing_indicators", False) else f.dense_fill,
                    label=f.label, label_threshold=f.label_threshold,
                    sequence=f.sequence.column if f.sequence else None,
                    sequence_of=f.sequence.embedding_of if f.sequence else None,
@@ -75,8 +77,11 @@ def normalise(table: pa.Table, plan: Normaliser) -> pa.Table:
     return table
 
 
-def _dense(column: pa.ChunkedArray, fill: float) -> pa.Array:
+def _dense(column: pa.ChunkedArray, fill: float | None) -> pa.Array:
+    """float32 values, missing ones (null or NaN) filled with `fill`, or NaN when `fill` is None."""
     values = pc.cast(column.combine_chunks(), pa.float32())
+    if fill is None:
+        return pc.fill_null(values, pa.scalar(float("nan"), pa.float32())) if values.null_count else values
     if values.null_count or pc.any(pc.is_nan(values)).as_py():
         values = pc.fill_null(pc.if_else(pc.is_nan(values), None, values), pa.scalar(fill, pa.float32()))
     return values

@@ -42,6 +42,8 @@ def _encoder(config: ModelConfig, layout: FeatureLayout, with_sequence: bool = T
         dim=config.embedding_dim,
         sequence_field=layout.sequence_field if with_sequence else -1,
         pooling=config.sequence_pooling,
+        missing_indicators=layout.missing_indicators,
+        dense_fill=layout.dense_fill,
     )
 
 
@@ -69,12 +71,14 @@ def _mlp(config: ModelConfig, layout: FeatureLayout) -> nn.Module:
 
 
 def _deepfm(config: ModelConfig, layout: FeatureLayout) -> nn.Module:
-    return DeepFM(_encoder(config, layout), num_dense=len(layout.dense), hidden=list(config.hidden),
-                  out_dim=config.out_dim, dropout=config.dropout)
+    encoder = _encoder(config, layout)
+    return DeepFM(encoder, num_dense=encoder.dense_dim, hidden=list(config.hidden), out_dim=config.out_dim,
+                  dropout=config.dropout)
 
 
 def _fm(config: ModelConfig, layout: FeatureLayout) -> nn.Module:
-    return FMStudent(_encoder(config, layout), num_dense=len(layout.dense), out_dim=config.out_dim)
+    encoder = _encoder(config, layout)
+    return FMStudent(encoder, num_dense=encoder.dense_dim, out_dim=config.out_dim)
 
 
 def _bst(config: ModelConfig, layout: FeatureLayout) -> nn.Module:

@@ -46,16 +46,20 @@ def as_logits(scores: torch.Tensor) -> torch.Tensor:
 
 class FeatureEncoder(nn.Module):
     """Embeds F categorical fields (one table of F * buckets rows, or of the per-field sizes' sum), pools
-    the sequence, transforms dense.
+    the sequence, transforms dense (with `missing_indicators`, fills missing values and flags them).
 
-    Output: (B, output_dim) = F * dim [+ dim for the sequence] + D.
+    Output: (B, output_dim) = F * dim [+ dim for the sequence] + D (2D with missing indicators).
     """
 
     def __init__(self, num_fields: int, num_dense: int, buckets: int | Sequence[int], dim: int,
-                 sequence_field: int = -1, pooling: str = "mean"):
+                 sequence_field: int = -1, pooling: str = "mean", missing_indicators: bool = False,
+                 dense_fill: float = 0.0):
         super().__init__()
         self.num_fields, self.buckets, self.dim = num_fields, buckets, dim
         self.sequence_field = sequence_field
+        # Missing dense values arrive as NaN: filled here, and flagged in one more 0/1 input each.
+        self.missing_indicators, self.dense_fill = missing_indicators, dense_fill
+        self.dense_dim = num_dense * (2 if missing_indicators else 1)  # columns of `dense`'s output
         sizes, offsets = field_tables(buckets, num_fields)
         self.embedding = nn.Embedding(int(sizes.sum()), dim)
         nn.init.normal_(self.embedding.weight, std=0.01)
@@ -63,7 +67,7 @@ class FeatureEncoder(nn.Module):
         self.register_buffer("offsets", offsets, persistent=False)  # (F,) first row of each field's table
         self.attention = SequenceAttention(dim) if sequence_field >= 0 and pooling == "attention" else None
         self.num_vectors = num_fields + (1 if sequence_field >= 0 else 0)  # rows of `embed`
-        self.output_dim = self.num_vectors * dim + num_dense
+        self.output_dim = self.num_vectors * dim + self.dense_dim
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([self.embed(inputs).flatten(1), self.dense(inputs)], dim=1)  # (B, output_dim)
@@ -77,7 +81,13 @@ class FeatureEncoder(nn.Module):
         return torch.cat([fields, pooled.unsqueeze(1)], dim=1)
 
     def dense(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return log_dense(inputs["dense"].to(self.embedding.weight.dtype))  # (B, D)
+        """(B, D) transformed dense values, or (B, 2D) with each missing (NaN) value's 0/1 indicator after them."""
+        values = inputs["dense"].to(self.embedding.weight.dtype)  # (B, D)
+        if not self.missing_indicators:
+            return log_dense(values)
+        missing = torch.isnan(values)
+        filled = torch.where(missing, torch.full_like(values, self.dense_fill), values)
+        return torch.cat([log_dense(filled), missing.to(values.dtype)], dim=1)  # (B, 2D)
 
     def lookup(self, ids: torch.Tensor, field: int) -> torch.Tensor:
         """Embeds raw ids with field `field`'s table: how a sequence shares its item table. (..., dim)"""
