@@ -160,7 +160,45 @@ def test_missing_required_section(raw, section):
 
 def test_eval_days_must_not_overlap_train_days(raw):
     raw["data"]["eval_days"] = {"start": "2026-11-02", "end": "2026-11-03"}
-    _error(raw, r"data: .*eval_days overlap train_days \(e\.g\. 2026-11-02\)")
+    message = _error(raw, r"data: .*eval_days overlap train_days \(e\.g\. 2026-11-02\)")
+    assert "data.evaluation" in message  # the way to evaluate inside the training days
+
+
+def _evaluated_in_training_days(raw: dict, **evaluation) -> dict:
+    raw["data"] |= {"eval_days": raw["data"]["train_days"], "evaluation": {"fraction": 0.2} | evaluation}
+    return raw
+
+
+def test_evaluation_rows_let_eval_days_overlap_train_days(raw):
+    spec = parse_spec(_evaluated_in_training_days(raw))
+    assert spec.data.eval_days == spec.data.train_days and spec.evaluation_key == "event_id"
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5])
+def test_evaluation_fraction_must_be_within_zero_and_one(raw, fraction):
+    _error(_evaluated_in_training_days(raw, fraction=fraction), r"data\.evaluation\.fraction: Input should be")
+
+
+def test_evaluation_needs_a_key_to_hash(raw):
+    raw["features"] |= {"id": None, "group": None}
+    _error(_evaluated_in_training_days(raw), r"data\.evaluation hashes a row key: set data\.evaluation\.by")
+
+
+def test_evaluation_leaves_rows_to_train_on(raw):
+    raw["data"]["validation"] = {"fraction": 0.5}
+    _error(_evaluated_in_training_days(raw, fraction=0.5), r"data\.validation\.fraction 0\.5 \+ data\.evaluation"
+           r"\.fraction 0\.5 hold out most rows: about 25% would be left")
+
+
+@pytest.mark.parametrize(("by", "role"), [("clicked", "is the label"), ("hist_item_ids", "is the behaviour sequence")])
+def test_evaluation_hashes_a_row_or_user_column(raw, by, role):
+    _error(_evaluated_in_training_days(raw, by=by), rf"data\.evaluation\.by '{by}' {role}")
+
+
+def test_nightly_cycles_refuse_evaluation_rows(raw):
+    raw["schedule"] = {"registry": "r", "cron": "30 2 * * *"}
+    _error(_evaluated_in_training_days(raw), "data.evaluation holds out rows of the eval days, but a nightly "
+           r"cycle \(schedule\) evaluates on the new day")
 
 
 def test_day_range_must_be_ordered(raw):
@@ -275,6 +313,7 @@ def test_cli_validate_exit_codes(tmp_path, raw, capsys):
     ("schedule", {"registry": "r", "cron": "61 * * * *"}, "schedule.cron"),
     ("eval", {"slice_by": "price"}, "eval.slice_by 'price'"),
     ("teacher", [], "the teacher list is empty"),
+    ("data.evaluation", {"fraction": 1}, "data.evaluation.fraction"),
 ])
 def test_cli_validate_exits_2_naming_the_problem(tmp_path, raw, capsys, field, value, shown):
     section, _, key = field.partition(".")

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.data.split import keep_side, validation_mask
+from pipeline.data.split import RowSplit, validation_mask
 from pipeline.errors import SpecError
 from pipeline.spec import parse_spec
 from pipeline.stages.scoring import recommend
@@ -81,7 +81,8 @@ def test_the_row_split_is_stable_and_keeps_each_key_on_one_side():
     pinned = [True, False, False, False, False, True, False, False, False, False]  # pandas' hash_array of 0..9
     assert validation_mask(pa.array(np.arange(10)), 0.5).tolist() == pinned
     table = pa.table({"k": keys, "x": np.arange(20_000)})
-    train, held = keep_side(table, "k", 0.2, False), keep_side(table, "k", 0.2, True)
+    split = RowSplit(validation_key="k", validation_fraction=0.2)
+    train, held = split.keep(table, "train"), split.keep(table, "validation")
     assert train.num_rows + held.num_rows == 20_000  # every row on exactly one side
     assert not set(train.column("x").to_pylist()) & set(held.column("x").to_pylist())
 

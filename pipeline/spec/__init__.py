@@ -12,7 +12,7 @@ from pipeline.spec.job import JobSpec
 from pipeline.spec.loading import apply_override, load_spec, parse_spec
 from pipeline.spec.models import STUDENT_MODELS, TEACHER_MODELS, ModelSpec, StudentSpec, TeacherSpec
 from pipeline.spec.schedule import GateSpec, ScheduleSpec
-from pipeline.spec.validation import EarlyStoppingSpec, ValidationSpec
+from pipeline.spec.validation import EarlyStoppingSpec, EvaluationSpec, ValidationSpec
 from pipeline.spec.sections import (
     DataSpec,
     DayRange,
@@ -35,5 +35,5 @@ __all__ = [
     "STUDENT_MODELS", "TEACHER_MODELS", "DataSpec", "DayRange", "DistillSpec", "EvalSpec", "ExportSpec", "FeaturesSpec",
     "GateSpec", "JobSpec", "LRScheduleSpec", "LabelSpec", "ModelSpec", "OutputSpec", "RaySpec", "ScheduleSpec",
     "Section", "SequenceSpec", "StorageSpec", "StudentSpec", "SyntheticSpec", "TeacherSpec", "TrainSpec",
-    "EarlyStoppingSpec", "ValidationSpec", "apply_override", "load_spec", "parse_spec",
+    "EarlyStoppingSpec", "EvaluationSpec", "ValidationSpec", "apply_override", "load_spec", "parse_spec",
 ]

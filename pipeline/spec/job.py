@@ -102,6 +102,10 @@ class JobSpec(Section):
                 "label.gpus_per_actor > 0 but train.use_gpu is false; set train.use_gpu: true on a GPU cluster "
                 "or label.gpus_per_actor: 0"
             )
+        if self.schedule is not None and self.data.evaluation is not None:
+            raise ValueError("data.evaluation holds out rows of the eval days, but a nightly cycle (schedule) "
+                             "evaluates on the new day, held out whole: remove data.evaluation from the nightly "
+                             "spec (keep it in a `distill run` job)")
         if self.schedule is not None and len(self.teacher) > 1:
             raise ValueError("schedule (nightly) runs take one teacher; distil the ensemble in a `distill run` job, "
                              "or list a single teacher")
@@ -120,6 +124,7 @@ class JobSpec(Section):
         if validation and validation.fraction and not self.validation_key:
             raise ValueError("data.validation.fraction hashes a row key: set data.validation.by, features.id "
                              "or features.group")
+        self._evaluation_rules()
         if stopping and not validation:
             raise ValueError("train.early_stopping stops on the validation split: add data.validation")
         if self.eval.calibration != "none" and not validation:
@@ -134,6 +139,25 @@ class JobSpec(Section):
             raise ValueError(f"train.early_stopping.metric {stopping.metric!r} does not exist for task "
                              f"{self.features.task!r}; use {self.selection_metric!r} or 'log_loss'")
         return self
+
+    def _evaluation_rules(self) -> None:
+        """The evaluation rows (data.evaluation): a key to hash, and training rows left beside them."""
+        evaluation, validation = self.data.evaluation, self.data.validation
+        if evaluation is None:
+            return
+        if not self.evaluation_key:
+            raise ValueError("data.evaluation hashes a row key: set data.evaluation.by (e.g. the row id column), "
+                             "features.id or features.group")
+        if self.evaluation_key == self.features.label:
+            raise ValueError(f"data.evaluation.by {self.evaluation_key!r} is the label: the clicks would all fall on "
+                             "one side; hash a row id or a user column")
+        if self.features.sequence and self.evaluation_key == self.features.sequence.column:
+            raise ValueError(f"data.evaluation.by {self.evaluation_key!r} is the behaviour sequence (a list); hash "
+                             "a row id or a user column")
+        if validation and validation.fraction + evaluation.fraction >= 1:
+            raise ValueError(f"data.validation.fraction {validation.fraction:g} + data.evaluation.fraction "
+                             f"{evaluation.fraction:g} hold out most rows: about {1 - self.data.held_out_fraction:.0%} "
+                             "would be left to train on; keep their sum well below 1 (e.g. 0.1 and 0.2)")
 
     @model_validator(mode="after")
     def _teacher_only_rules(self) -> JobSpec:
@@ -212,6 +236,19 @@ class JobSpec(Section):
         if validation is None or not validation.fraction:
             return None
         return validation.by or self.features.id or self.features.group
+
+    @property
+    def evaluation_key(self) -> str | None:
+        """The column the evaluation rows' split hashes; None when the eval days are held out whole."""
+        evaluation = self.data.evaluation
+        if evaluation is None:
+            return None
+        return evaluation.by or self.features.id or self.features.group
+
+    @property
+    def split_keys(self) -> list[str]:
+        """The distinct columns the row splits hash (validation, evaluation): every read that splits carries them."""
+        return list(dict.fromkeys(k for k in (self.validation_key, self.evaluation_key) if k))
 
     @property
     def run_dir(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.spec.base import Section, time_zone
-from pipeline.spec.validation import DistillSearchSpec, EarlyStoppingSpec, ValidationSpec
+from pipeline.spec.validation import DistillSearchSpec, EarlyStoppingSpec, EvaluationSpec, ValidationSpec
 
 _CREDENTIAL = re.compile(r"key|secret|token|password|credential", re.IGNORECASE)
 
@@ -97,6 +97,9 @@ class DataSpec(Section):
                             "quarantine: set bad rows aside under <run>/quarantine/ with a reason and go on")
     max_id: int = Field(2**53, ge=1, description="ids above this (or below 0) are bad rows: corrupt, not real ids")
     validation: ValidationSpec | None = Field(None, description="rows held out of training to choose models on")
+    evaluation: EvaluationSpec | None = Field(None, description="rows held out of training and choice, by a hash: "
+                                              "the only rows of the eval days scored; eval_days may then overlap "
+                                              "train_days")
 
     @property
     def location(self) -> str | dict[dt.date, str]:
@@ -125,10 +128,11 @@ class DataSpec(Section):
     @model_validator(mode="after")
     def _disjoint(self) -> DataSpec:
         overlap = set(self.train_days.days()) & set(self.eval_days.days())
-        if overlap:
+        if overlap and self.evaluation is None:  # with it, the evaluation rows are held out on every day
             first = min(overlap).isoformat()
             raise ValueError(
-                f"eval_days overlap train_days (e.g. {first}); evaluate on held-out days after the training window"
+                f"eval_days overlap train_days (e.g. {first}); evaluate on held-out days after the training window, "
+                "or hold out evaluation rows inside the training days with data.evaluation: {fraction: 0.2}"
             )
         return self
 
@@ -137,8 +141,11 @@ class DataSpec(Section):
 
     @property
     def held_out_fraction(self) -> float:
-        """The share of the fit days' rows a row split holds out (0 for a days split or none)."""
-        return self.validation.fraction if self.validation else 0.0
+        """The share of the fit days' rows that rows splits hold out of training: validation (a fraction; a
+        days split holds out days) and evaluation rows, two independent hash sides."""
+        validation = self.validation.fraction if self.validation else 0.0
+        evaluation = self.evaluation.fraction if self.evaluation else 0.0
+        return 1 - (1 - validation) * (1 - evaluation)
 
     def fit_days(self) -> list[dt.date]:
         """The training days models fit on: all of them, less the last `validation.days`."""

@@ -1,4 +1,5 @@
-"""The validation split and early stopping: what models are chosen on, never the evaluation days."""
+"""The held-out rows: the validation split (what models are chosen on), the evaluation split by rows (what
+they are scored on, when the eval days are training days too), and early stopping."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ class ValidationSpec(Section):
         if self.by is not None and self.days:
             raise ValueError("validation.by picks the column a fraction split hashes; remove it with validation.days")
         return self
+
+
+class EvaluationSpec(Section):
+    """Rows held out of everything but the evaluation: a stable hash fraction of the rows, never trained or
+    chosen on, on any day; the evaluation stage scores only these rows of the eval days. For a log without
+    days (one file), or to evaluate inside the training days."""
+
+    fraction: float = Field(gt=0, lt=1, description="this fraction of rows, by a stable hash of `by`, is "
+                            "evaluated on and never trained on")
+    by: str | None = Field(None, description="the column hashed (default: features.id, else features.group); "
+                                               "a group column keeps each user's rows on one side")
 
 
 class EarlyStoppingSpec(Section):

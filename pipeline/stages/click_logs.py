@@ -13,7 +13,7 @@ from pipeline import storage
 from pipeline.data import clicklogs, formats, validate
 from pipeline.data.normalise import Normaliser
 from pipeline.data.sources import LogSource
-from pipeline.data.split import keep_side
+from pipeline.data.split import RowSplit, Side
 from pipeline.data.synthetic import PRIVILEGED_COLUMN, generate_click_logs
 from pipeline.errors import DataError, UserError
 from pipeline.spec import JobSpec
@@ -49,9 +49,7 @@ def _other_privileged_setting(spec: JobSpec, days: list[dt.date]) -> list[dt.dat
 def check_inputs(spec: JobSpec) -> None:
     """Fails before Ray starts when a selected day, a needed column or a file is missing, unreadable or of
     the wrong type, with every such problem in one error (schemas only: no data is read here)."""
-    needed = [spec.features.label, spec.features.group, *spec.features.input_columns()]
-    if spec.validation_key:
-        needed.append(spec.validation_key)  # a row split hashes it
+    needed = [spec.features.label, spec.features.group, *spec.features.input_columns(), *spec.split_keys]
     source, problems = log_source(spec), []
     for days, extra in ((spec.data.train_days.days(), [spec.features.id]), (spec.data.eval_days.days(), [])):
         try:
@@ -141,23 +139,29 @@ def schema_names(spec: JobSpec, days: list[dt.date]) -> list[str]:
     return formats.file_schema(source, next(iter(clicklogs.day_inputs(source, days).values())).files[0]).names
 
 
-def split_side(dataset, spec: JobSpec, validation: bool):
-    """The training (or validation) rows of `dataset` under a fraction split; a days split is by day, so a
-    dataset of fit days (or validation days) is already one side."""
-    if not spec.validation_key:
+def split_side(dataset, spec: JobSpec, side: Side):
+    """The `side` rows (train, validation or evaluation) of `dataset` under the spec's row splits; a side held
+    out by days needs no row filter (a dataset of fit days, validation days or eval days is that side), but
+    evaluation rows are taken out of every other side on every day."""
+    if not spec.split_keys:
         return dataset
-    return dataset.map_batches(keep_side, batch_format="pyarrow", zero_copy_batch=True,
-                               fn_kwargs={"key": spec.validation_key, "fraction": spec.data.held_out_fraction,
-                                          "validation": validation})
+    return dataset.map_batches(RowSplit.from_spec(spec).keep, batch_format="pyarrow", zero_copy_batch=True,
+                               fn_kwargs={"side": side})
 
 
 def read_validation(spec: JobSpec, columns: list[str]):
     """The validation rows of the click logs (label and model inputs), or None without a split."""
     if spec.data.validation is None:
         return None
-    wanted = list(dict.fromkeys([*columns, *([spec.validation_key] if spec.validation_key else [])]))
-    days = spec.data.validation_days()
-    return split_side(read_window(spec, days, wanted), spec, validation=True)
+    wanted = list(dict.fromkeys([*columns, *spec.split_keys]))
+    return split_side(read_window(spec, spec.data.validation_days(), wanted), spec, "validation")
+
+
+def read_evaluation(spec: JobSpec, columns: list[str]):
+    """The evaluation rows of the click logs: the eval days' rows, or with `data.evaluation` only those whose
+    key hashes into the evaluation side."""
+    wanted = list(dict.fromkeys([*columns, *spec.split_keys]))
+    return split_side(read_window(spec, spec.data.eval_days.days(), wanted), spec, "evaluation")
 
 
 @contextlib.contextmanager

@@ -155,8 +155,7 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
         day_dir = storage.join(shard_root, f"date={day.isoformat()}")
         inputs = {day.isoformat(): clicklogs.partition_fingerprint(source, path)}
         existing = shards.read_manifest(day_dir)
-        if existing and existing.is_reusable(teacher_sha256=teacher.checkpoint_sha256,
-                                             label_fingerprint=fingerprint, inputs=inputs):
+        if _reusable(existing, teacher, fingerprint, inputs, label_columns(spec)):
             manifests.append(existing)
             reused.append(day.isoformat())
             continue
@@ -171,11 +170,20 @@ def label_days(spec, teachers: dict[str, str] | str, shard_root: str, days: list
     return Labelled(ShardSet(tuple(manifests)), relabelled, reused)
 
 
+def _reusable(existing: Manifest | None, teacher: TeacherIdentity, fingerprint: str, inputs: dict,
+              kept: list[str]) -> bool:
+    """A day's shards made by this teacher, these label settings and inputs, holding every column `kept`: a
+    row-split key added since (with a given teacher checkpoint, nothing else changed) relabels the day."""
+    return (existing is not None and existing.is_reusable(teacher_sha256=teacher.checkpoint_sha256,
+                                                          label_fingerprint=fingerprint, inputs=inputs)
+            and (not existing.shards or set(kept) <= set(existing.columns)))
+
+
 def label_columns(spec) -> list[str]:
     """Click-log columns the shards carry: row id, label, group (listwise KD, slices) and the student's inputs;
     never a teacher-only column (the teacher reads it, the shards drop it)."""
     f = spec.features
-    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, spec.validation_key, *f.input_columns()] if c))
+    return list(dict.fromkeys(c for c in [f.id, f.label, f.group, *spec.split_keys, *f.input_columns()] if c))
 
 
 def teacher_identity(spec, teachers: dict[str, str]) -> TeacherIdentity:

@@ -1,4 +1,5 @@
-"""Evaluation scoring: every model of a run scored on the evaluation days in one actor-pool pass.
+"""Evaluation scoring: every model of a run scored on the evaluation rows (the eval days' rows, or with
+`data.evaluation` a hash fraction of them) in one actor-pool pass.
 
 Input: the spec, the checkpoints, and what the label stage did; output: the run's metrics (what
 `metrics.json` holds). The metrics themselves are pure functions in `pipeline/metrics.py`.
@@ -17,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.features import table_to_inputs
 from pipeline.models import count_parameters, load_model, model_bytes
 from pipeline.spec import JobSpec
-from pipeline.stages.click_logs import bad_rows_located, read_validation, read_window, sample_rows, schema_names
+from pipeline.stages.click_logs import bad_rows_located, read_evaluation, read_validation, sample_rows, schema_names
 from pipeline.stages.label import Ensemble, Labelled, map_with_teachers
 from pipeline.stages.search import search_records
 from pipeline.stages.students import DISTILLED, HARD, Students
@@ -136,7 +137,8 @@ def _label_summary(labelled: Labelled) -> dict:
 
 def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None = None,
                     roles: dict[str, str] | None = None, calibrators: dict[str, Calibrator] | None = None) -> dict:
-    """Scores every model on the eval days in one actor-pool pass; returns {"eval": ..., "models": ..., "summary"}.
+    """Scores every model on the evaluation rows in one actor-pool pass; returns {"eval": ..., "models": ...,
+    "summary"}.
 
     "eval" holds the paired-bootstrap intervals (`eval.bootstrap` resamples; None when 0) that the summary's
     verdicts rest on: gap recovery only when the teacher's lead is above its noise.
@@ -171,15 +173,15 @@ def evaluate_models(spec: JobSpec, checkpoints: dict[str, str], combine: Ensembl
 
 def _scored_table(spec: JobSpec, checkpoints: dict[str, str], combine: Ensemble | None,
                   on_validation: bool = False) -> pa.Table:
-    """The eval days' (or the validation split's) rows (label, group, slice column, true CTR) with one
-    logit column per model."""
+    """The evaluation rows, or the validation rows, with their label, group, slice column and true CTR, and
+    one logit column per model."""
     columns = _eval_columns(spec)
     keep = [c for c in (spec.features.label, spec.features.group, spec.eval.slice_by, "true_ctr") if c in columns]
     predictor = {"checkpoints": dict(checkpoints), "keep_columns": list(dict.fromkeys(keep)), "combine": combine}
     if on_validation:
         days, rows = spec.data.validation_days(), read_validation(spec, columns)
     else:
-        days, rows = spec.data.eval_days.days(), read_window(spec, spec.data.eval_days.days(), columns)
+        days, rows = spec.data.eval_days.days(), read_evaluation(spec, columns)
     scored = map_with_teachers(rows, spec, predictor)
     with bad_rows_located(spec, days, columns):
         return pa.concat_tables(list(scored.iter_batches(batch_format="pyarrow", batch_size=None)))
@@ -215,10 +217,19 @@ def _eval_summary(spec: JobSpec, labels: np.ndarray, table: pa.Table) -> dict:
     binary = spec.features.task == "binary"
     has_ceiling = binary and "true_ctr" in table.column_names  # synthetic logs only
     ceiling = metrics.auc(labels, table.column("true_ctr").to_numpy()) if has_ceiling else None
-    return {"days": [d.isoformat() for d in spec.data.eval_days.days()], "rows": table.num_rows,
+    return {"days": [d.isoformat() for d in spec.data.eval_days.days()], "held_out": _held_out(spec),
+            "rows": table.num_rows,
             "positives": int(np.sum(labels)) if binary else None,
             "click_rate": float(np.mean(labels)) if binary else None, "ceiling_auc": ceiling,
             "slice_by": spec.eval.slice_by, "min_slice_positives": spec.eval.min_slice_positives}
+
+
+def _held_out(spec: JobSpec) -> dict:
+    """How the evaluation rows were held out of training: whole days, or a hash fraction of the eval days' rows
+    (`data.evaluation`), never trained on on any day."""
+    if spec.data.evaluation is None:
+        return {"by": "days"}
+    return {"by": "rows", "fraction": spec.data.evaluation.fraction, "key": spec.evaluation_key}
 
 
 def _logits(column: pa.ChunkedArray) -> np.ndarray:

@@ -206,7 +206,6 @@ def _train_trial(plan: SearchPlan, settings: dict, trial: str, reports, finished
         teacher, train = trial_sections(spec, plan.teacher, settings)
         features = spec.teacher_features(teacher)  # with its teacher-only columns, if any
         columns = [spec.features.label, *features.input_columns()]
-        key = [spec.validation_key] if spec.validation_key else []
         days = spec.data.fit_days()
         run = TrainingRun(role=f"{plan.role}-{plan.fingerprint}-{trial}", train=train, rows=plan.rows,
                           model=ModelConfig.from_section(teacher, spec.features.out_dim),
@@ -214,7 +213,7 @@ def _train_trial(plan: SearchPlan, settings: dict, trial: str, reports, finished
                           label=spec.features.label, group=spec.features.group)
         with bad_rows_located(spec, days, columns):
             result = train_model(TrainRequest(
-                run=run, dataset=split_side(read_window(spec, days, columns + key), spec, False),
+                run=run, dataset=split_side(read_window(spec, days, columns + spec.split_keys), spec, "train"),
                 model_path=storage.join(plan.directory, "trials", f"{trial}.pt"), run_dir=plan.directory,
                 validation=read_validation(spec, columns), callbacks=(_epoch_reports(reports),)))
         storage.atomic_write_json(storage.join(plan.directory, "trials", f"{trial}.json"),

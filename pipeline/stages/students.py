@@ -104,13 +104,12 @@ def _train_on_shards(spec: JobSpec, shard_set: ShardSet, settings: dict[str, Dis
                       "init_model": init_model, **split_fingerprint(spec)}
         planned.append(Planned(role, run, depends_on))
     targets = next((p.run.targets for p in planned if p.run.targets), None)
-    key = [spec.validation_key] if spec.validation_key else []
-    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), *key,
+    wanted = [spec.features.label, spec.features.group, *spec.features.input_columns(), *spec.split_keys,
               *(targets.columns if targets else [])]
     columns = [c for c in dict.fromkeys(wanted) if c and c in shard_set.columns]
     inputs = [spec.features.label, *spec.features.input_columns()]
     return train_or_reuse_together(spec.run_dir, planned,
-                                   dataset=lambda: split_side(read_shards(shard_set, columns), spec, validation=False),
+                                   dataset=lambda: split_side(read_shards(shard_set, columns), spec, "train"),
                                    validation=lambda: read_validation(spec, inputs))
 
 

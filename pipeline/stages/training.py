@@ -98,9 +98,10 @@ def training_records(run_dir: str) -> dict:
 
 
 def split_fingerprint(spec: JobSpec) -> dict:
-    """What a model's fingerprint adds for the validation split; nothing without one, so a run without a
-    split keeps the fingerprint it always had."""
-    return {"validation": spec.data.validation.model_dump()} if spec.data.validation else {}
+    """What a model's fingerprint adds for the held-out rows (validation, evaluation); nothing without them,
+    so a run without a split keeps the fingerprint it always had."""
+    held_out = {"validation": spec.data.validation, "evaluation": spec.data.evaluation}
+    return {name: section.model_dump() for name, section in held_out.items() if section is not None}
 
 
 def click_log_model(spec: JobSpec, role: str, model: ModelConfig, train: TrainSpec, extra: dict,
@@ -125,10 +126,10 @@ def train_on_click_logs(spec: JobSpec, planned: list[Planned]) -> dict[str, str]
     validated when the spec holds some out. They read one feature layout (`train_pass` checks): its columns
     are what is read."""
     days, columns = spec.data.fit_days(), [spec.features.label, *planned[0].run.layout.columns]
-    key = [spec.validation_key] if spec.validation_key else []
     with bad_rows_located(spec, days, columns):  # bad rows are dropped here, and quarantined by the label stage
         return train_or_reuse_together(
-            spec.run_dir, planned, dataset=lambda: split_side(read_window(spec, days, columns + key), spec, False),
+            spec.run_dir, planned, dataset=lambda: split_side(read_window(spec, days, columns + spec.split_keys),
+                                                              spec, "train"),
             validation=lambda: read_validation(spec, columns))
 
 
