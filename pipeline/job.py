@@ -51,7 +51,7 @@ def _run_stages(spec: JobSpec, started: float) -> dict:
         with _stage(4, f"student: distilled on the soft labels ({_soft_loss_name(spec)})") as stage:
             trained = students.train_students(spec, labelled.shard_set, hard)
             stage["rows"] = _trained_rows(spec.run_dir, trained.chosen)
-        with _stage(5, "evaluate on held-out days") as stage:
+        with _stage(5, f"evaluate on held-out {'rows' if spec.data.evaluation else 'days'}") as stage:
             metrics = scoring.evaluate_run(spec, teachers, trained, labelled, verdict)
             stage["rows"] = metrics["eval"]["rows"]
     failure = None

@@ -64,7 +64,7 @@ def render_report(metrics: dict, plots: list[str] | None = None) -> str:
         _header(metrics),
         [render_table(models, metrics["eval"]["ceiling_auc"], task, bootstrap), *_ceiling(metrics)],
         _summary(metrics, summary, task),
-        _selection(metrics.get("selection"), summary),
+        _selection(metrics.get("selection"), summary, metrics["eval"].get("held_out")),
         _search(metrics.get("search") or {}),
         _calibration(models),
         _agreement(models),
@@ -109,7 +109,18 @@ def _header(metrics: dict) -> list[str]:
         rate_text += f", {_count(evaluation['positives'])} positives"
     return [f"# Distillation report: {metrics['job']}", "",
             f"Evaluated on {_count(evaluation['rows'])} rows from {', '.join(evaluation['days'])}{rate_text} "
-            f"(held out from training on {', '.join(metrics['train']['days'])}). Spec {metrics['spec_hash']}."]
+            f"({_held_out(metrics)}). Spec {metrics['spec_hash']}."]
+
+
+def _held_out(metrics: dict) -> str:
+    """How the evaluation rows were kept from training: whole days, or a hash fraction of the rows
+    (`data.evaluation`; runs before it have no `held_out`)."""
+    held_out, trained = metrics["eval"].get("held_out") or {"by": "days"}, ", ".join(metrics["train"]["days"])
+    if held_out["by"] == "rows":
+        return (f"held-out rows, not held-out days: the {held_out['fraction'] * 100:g}% of the rows whose "
+                f"`{held_out['key']}` hashes into the evaluation side, kept out of training and of every choice "
+                f"on {trained}")
+    return f"held out from training on {trained}"
 
 
 def _ceiling(metrics: dict) -> list[str]:
@@ -171,9 +182,10 @@ def _label_line(label: dict) -> str:
     return line + "".join(f", {item}" for item in extra) + "."
 
 
-def _selection(selection: dict | None, summary: dict) -> list[str]:
+def _selection(selection: dict | None, summary: dict, held_out: dict | None = None) -> list[str]:
     """The teacher gate and the student the run recommends, both decided on validation, and what the eval
-    days (held out from that choice) say. Absent from runs written before the validation split existed."""
+    days or evaluation rows (`held_out`, held out from that choice) say. Absent from runs written before the
+    validation split existed."""
     if not selection:
         return []
     lines = ["## Chosen on validation", ""]
@@ -193,7 +205,8 @@ def _selection(selection: dict | None, summary: dict) -> list[str]:
         lines.append("")
     lines.append(f"- Recommended student: **{selection['recommended']}**; {selection['reason']}.")
     if said := _ON_EVAL_DAYS.get(summary.get("distillation")):
-        lines.append(f"- On the eval days, which took no part in the choice, {said} "
+        where = "evaluation rows" if (held_out or {}).get("by") == "rows" else "eval days"  # data.evaluation
+        lines.append(f"- On the {where}, which took no part in the choice, {said} "
                      f"(distilled - hard {summary['distilled_minus_hard']:+.4f}).")
     return lines
 
