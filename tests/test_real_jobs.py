@@ -1,5 +1,6 @@
 """The shipped jobs for the real samples, end to end on real Ray and DeepSpeed, read as shipped: the Taobao CSV
-with the `features:` section `distill inspect` proposes, and the MovieLens flat log with time-derived days.
+with the `features:` section `distill inspect` proposes, the MovieLens flat log with time-derived days, and
+Criteo's raw sample, a log without days, evaluated on held-out rows.
 
 They are schema fixtures, not quality benchmarks (a few thousand rows at most), so the assertions are about
 rows and the run's honesty, not about AUC floors: every row in is labelled or quarantined, and a teacher that
@@ -17,6 +18,7 @@ import yaml
 
 from pipeline import shards, storage
 from pipeline.cli import main
+from pipeline.data.split import evaluation_mask, validation_mask
 from pipeline.job import run_job
 from pipeline.spec import parse_spec
 from tests.conftest import ROOT
@@ -92,4 +94,48 @@ def test_movielens_flat_log_runs_on_days_from_its_timestamp(ray_cluster, tmp_pat
     in_eval = (days >= dt.date(2017, 5, 15)) & (days <= dt.date(2017, 5, 31))
     assert metrics["eval"]["rows"] == int(in_eval.sum())
     assert metrics["eval"]["positives"] == int((ratings.column("rating").to_numpy()[in_eval] >= 4).sum())
+    _honest_about_a_weak_teacher(metrics)
+
+
+def _ids(dataset) -> list[int]:
+    return pa.concat_tables(list(dataset.iter_batches(batch_format="pyarrow", batch_size=None))).column("Id").to_pylist()
+
+
+def test_criteo_raw_log_without_days_is_evaluated_on_held_out_rows(ray_cluster, tmp_path, monkeypatch):
+    from pipeline.stages.click_logs import read_evaluation, split_side
+    from pipeline.stages.students import read_shards
+
+    spec = parse_spec(_job("criteo-raw", tmp_path, monkeypatch))
+    metrics = run_job(spec)
+    # The sides, computed here from the file with the split functions alone (no Ray, no pipeline read).
+    log = pq.read_table(SHARED / "criteo" / "criteo_raw_tiny.parquet", columns=["Id", "Label"])
+    ids, clicks = log.column("Id").to_numpy(), log.column("Label").to_numpy()
+    evaluation = evaluation_mask(log.column("Id"), 0.2)
+    validation = validation_mask(log.column("Id"), 0.15) & ~evaluation
+    held_out = set(ids[evaluation].tolist())
+    assert len(held_out) == 403 and int(validation.sum()) == 280 and log.num_rows == 1_999
+
+    # Evaluation scored exactly the evaluation rows, and says they are held-out rows of the one day.
+    assert metrics["eval"]["rows"] == 403 and metrics["eval"]["positives"] == int(clicks[evaluation].sum()) == 86
+    assert metrics["eval"]["held_out"] == {"by": "rows", "fraction": 0.2, "key": "Id"}
+    evaluated = _ids(read_evaluation(spec, ["Id"]))  # the read the evaluation stage scores
+    assert len(evaluated) == 403 and set(evaluated) == held_out
+    report = (tmp_path / "runs" / "criteo-raw" / "report.md").read_text()
+    assert "held-out rows, not held-out days: the 20% of the rows whose `Id` hashes" in report
+    assert "- On the evaluation rows, which took no part in the choice," in report
+
+    # Every row was labelled once; the students' read of the soft labels holds no evaluation row.
+    manifest = _manifest(spec, "2026-01-01")
+    assert manifest.input_rows == manifest.total_rows == 1_999 and manifest.quarantined_rows == 0
+    trained_on = _ids(split_side(read_shards(shards.ShardSet((manifest,)), ["Id"]), spec, "train"))
+    assert len(trained_on) == 1_316 and not set(trained_on) & held_out
+    # Every model trained on the training rows and validated on the validation rows, nothing else.
+    for role in ("teacher", "student_hard", "student_distilled"):
+        epoch = metrics["training"][role]["history"][-1]
+        assert (epoch["rows"], epoch["val_rows"]) == (1_316, 280)
+        assert epoch["rows"] + epoch["val_rows"] + metrics["eval"]["rows"] == 1_999  # no bad rows in this file
+    assert metrics["selection"]["gate"]["rows"] == 280
+    for model in ("teacher", "student_distilled", "student_hard"):
+        assert np.isfinite(metrics["models"][model]["auc"])
+    assert metrics["selection"]["recommended"] in ("student_distilled", "student_hard")
     _honest_about_a_weak_teacher(metrics)
