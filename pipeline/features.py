@@ -41,8 +41,8 @@ class FeatureLayout:
             sequence=seq.column if seq else None,
             sequence_length=seq.length if seq else 0,
             sequence_field=features.categorical.index(seq.embedding_of) if seq else -1,
-            missing_indicators=getattr(features, "dense_missing_indicators", False),
-            dense_fill=features.dense_fill if getattr(features, "dense_missing_indicators", False) else 0.0,
+            missing_indicators=features.dense_missing_indicators,
+            dense_fill=features.dense_fill if features.dense_missing_indicators else 0.0,
         )
 
     @classmethod

@@ -20,6 +20,7 @@ from pipeline import shards, storage
 from pipeline.cli import main
 from pipeline.data.split import evaluation_mask, validation_mask
 from pipeline.job import run_job
+from pipeline.serving import read_signature
 from pipeline.spec import parse_spec
 from tests.conftest import ROOT
 
@@ -69,8 +70,6 @@ def test_taobao_csv_runs_with_the_features_inspect_proposes(ray_cluster, tmp_pat
     # the exported student reads the log as shipped: text ids hashed outside its graph, as the signature says
     exported = metrics["export"]["models"][metrics["selection"]["recommended"]]["onnx"]
     assert exported["parity"]["passed"] and exported["parity"]["rows"] == 100
-    from pipeline.serving import read_signature
-
     kinds = read_signature(exported["dir"]).raw_columns
     assert kinds["pid"] == kinds["userid"] == "text"
     out = tmp_path / "scored.parquet"
@@ -139,3 +138,8 @@ def test_criteo_raw_log_without_days_is_evaluated_on_held_out_rows(ray_cluster, 
         assert np.isfinite(metrics["models"][model]["auc"])
     assert metrics["selection"]["recommended"] in ("student_distilled", "student_hard")
     _honest_about_a_weak_teacher(metrics)
+    # The exported student was checked on the evaluation rows too, and fills and flags missing counts itself.
+    exported = metrics["export"]["models"][metrics["selection"]["recommended"]]["onnx"]
+    assert exported["parity"]["passed"] and exported["parity"]["rows"] == 403
+    layout = read_signature(exported["dir"]).feature_layout
+    assert layout.missing_indicators and len(layout.dense) == 13

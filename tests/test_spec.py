@@ -107,6 +107,13 @@ def test_malformed_plugin_path(raw):
     _error(raw, r"student\.factory: 'not a path' is not 'package\.module:function'; write an importable module")
 
 
+def test_missing_indicators_need_a_built_in_family(raw):
+    raw["features"]["dense_missing_indicators"] = True
+    assert parse_spec(copy.deepcopy(raw)).features.dense_missing_indicators
+    raw["student"] = {"model": "custom", "factory": "pipeline.models.plugin:build_custom"}
+    _error(raw, r"features\.dense_missing_indicators .*custom model would get NaN")
+
+
 def test_custom_model_needs_a_factory(raw):
     raw["student"] = {"model": "custom"}
     _error(raw, r"student: model: custom needs factory: 'package\.module:function'")

@@ -43,7 +43,7 @@ class Normaliser:
         f = spec.log_features  # teacher-only columns too: a read for a teacher with extra features holds them
         ids = [f.id, f.group, *f.categorical, *spec.split_keys]
         return cls(ids=tuple(dict.fromkeys(c for c in ids if c)), dense=tuple(f.dense),
-                   dense_fill=None if getattr(f, "dense_missing_indicators", False) else f.dense_fill,
+                   dense_fill=None if f.dense_missing_indicators else f.dense_fill,
                    label=f.label, label_threshold=f.label_threshold,
                    sequence=f.sequence.column if f.sequence else None,
                    sequence_of=f.sequence.embedding_of if f.sequence else None,

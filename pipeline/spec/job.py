@@ -102,6 +102,11 @@ class JobSpec(Section):
                 "label.gpus_per_actor > 0 but train.use_gpu is false; set train.use_gpu: true on a GPU cluster "
                 "or label.gpus_per_actor: 0"
             )
+        custom = [m.model for m in (*self.teacher, self.student) if m.model == "custom"]
+        if self.features.dense_missing_indicators and custom:
+            raise ValueError("features.dense_missing_indicators is built into the model families' input encoder; a "
+                             "custom model would get NaN for each missing dense value: turn the indicators off, or "
+                             "train a built-in family (mlp, fm, dcn_v2, deepfm, bst)")
         if self.schedule is not None and self.data.evaluation is not None:
             raise ValueError("data.evaluation holds out rows of the eval days, but a nightly cycle (schedule) "
                              "evaluates on the new day, held out whole: remove data.evaluation from the nightly "

@@ -179,6 +179,9 @@ class FeaturesSpec(Section):
     label_threshold: float | None = Field(None, description="label is 1 where the label column >= this "
                                           "(e.g. 4 for rating >= 4), else 0")
     dense_fill: float = Field(0.0, description="what a null or NaN dense value becomes")
+    dense_missing_indicators: bool = Field(False, description="also flag each missing dense value in one more 0/1 "
+                                           "input per dense column (the model fills and flags it, in its exported "
+                                           "graph too): missing is then a signal of its own, not only dense_fill")
 
     @model_validator(mode="after")
     def _consistent(self) -> FeaturesSpec:

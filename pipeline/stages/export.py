@@ -12,12 +12,14 @@ import dataclasses
 import hashlib
 import datetime as dt
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
+from pipeline.data.split import RowSplit
 from pipeline.errors import ParityError, UserError
 from pipeline.calibration import Calibrator
 from pipeline.export import (Exported, calibrated, check_parity, eager_logits, eager_predictor, export_model,
@@ -53,11 +55,16 @@ class ParityRows:
 
 def parity_rows(spec: JobSpec, layout: FeatureLayout, rows: int | None = None,
                 days: list[dt.date] | None = None) -> ParityRows:
-    """Up to `export.parity_rows` good rows of the evaluation days (or of `days`)."""
-    label = spec.features.label
-    raw = raw_rows(spec, days or spec.data.eval_days.days(), list(dict.fromkeys([label, *layout.columns])),
-                   rows or spec.export.parity_rows)
+    """Up to `export.parity_rows` good rows of the evaluation days (or of `days`): with `data.evaluation`, of the
+    evaluation rows only, the rows the evaluation scored."""
+    label, wanted = spec.features.label, rows or spec.export.parity_rows
+    held_out = [spec.evaluation_key] if spec.evaluation_key and days is None else []
+    read = math.ceil(wanted / spec.data.evaluation.fraction) if held_out else wanted  # about `wanted` of them held out
+    raw = raw_rows(spec, days or spec.data.eval_days.days(), list(dict.fromkeys([label, *layout.columns, *held_out])),
+                   read)
     table = normalise(raw, Normaliser.from_spec(spec))
+    if held_out:
+        table = RowSplit.from_spec(spec).keep(table, "evaluation").slice(0, wanted)
     labels = table.column(label).to_numpy() if spec.features.task == "binary" else None
     return ParityRows(table_to_arrays(table, layout), labels, column_kinds(raw.schema, layout))
 
