@@ -69,7 +69,8 @@ def start_local_ray(attempts: int = 3, **options) -> None:
         try:
             with _environment(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=address):
                 ray.init(address="local", **options)
-            _local_ray_address = address  # what `ray.get_runtime_context().gcs_address` gives there
+            if ray.is_initialized():  # (a test may stand in for ray.init)
+                _local_ray_address = address  # what `ray.get_runtime_context().gcs_address` gives there
             return
         except Exception as exc:  # Ray raises a bare Exception for a node start-up timeout
             if "timed out during startup" not in str(exc) or attempt == attempts:
