@@ -87,6 +87,31 @@ def test_the_row_split_is_stable_and_keeps_each_key_on_one_side():
     assert not set(train.column("x").to_pylist()) & set(held.column("x").to_pylist())
 
 
+def test_the_gate_reads_recorded_scores_only_for_a_teacher_this_run_trained(raw, tmp_path):
+    """A trained (or searched) teacher's and the baseline's kept-epoch scores come from their training records;
+    a given checkpoint or an ensemble is scored afresh (None here), as is a record without positives."""
+    from pipeline import storage
+    from pipeline.stages.gate import recorded_scores
+
+    raw["data"]["validation"] = {"fraction": 0.2}
+    raw["output"]["root"] = str(tmp_path / "runs")
+    spec = parse_spec(raw)
+    models = Path(spec.run_dir, "models")
+    epoch = {"val_auc": 0.7, "val_log_loss": 0.3, "val_rows": 500, "val_positives": 40}
+    for role, auc in (("teacher", 0.71), ("student_hard", 0.69)):
+        storage.atomic_write_json(str(models / f"{role}.json"), {"fingerprint": "x", "steps": [], "restarts": 0,
+                                  "best_epoch": 2, "history": [epoch | {"val_auc": 0.5}, epoch | {"val_auc": auc}]})
+    paths = {"teacher": str(models / "teacher.pt")}
+    scores = recorded_scores(spec, paths, str(models / "student_hard.pt"))
+    assert scores == {"teacher": {"auc": 0.71, "log_loss": 0.3, "rows": 500, "positives": 40},
+                      "student_hard": {"auc": 0.69, "log_loss": 0.3, "rows": 500, "positives": 40}}
+    given = parse_spec(raw | {"teacher": raw["teacher"] | {"checkpoint": str(tmp_path / "t.pt")}})
+    assert recorded_scores(given, {"teacher": str(tmp_path / "t.pt")}, str(models / "student_hard.pt")) is None
+    storage.atomic_write_json(str(models / "student_hard.json"), {"fingerprint": "x", "steps": [], "restarts": 0,
+                              "best_epoch": 1, "history": [{k: v for k, v in epoch.items() if k != "val_positives"}]})
+    assert recorded_scores(spec, paths, str(models / "student_hard.pt")) is None  # a record from before positives
+
+
 def test_the_recommendation_is_the_hard_label_student_when_distillation_loses():
     lost = recommend({"student_distilled": {"auc": 0.701}, "student_hard": {"auc": 0.704}}, "auc")
     assert lost["recommended"] == "student_hard" and not lost["distillation_helped"]
@@ -175,7 +200,7 @@ def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cl
     tiny_spec_dict["distill"] |= {"min_teacher_lift": 0.0, "on_weak_teacher": "warn",  # judged, never stopped
                                   "search": {"soft_loss": ["mse", "kd"], "alpha": [0.3], "temperature": [2.0]}}
     tiny_spec_dict["teacher"]["epochs"] = 1
-    tiny_spec_dict["train"]["epochs"] = 1
+    tiny_spec_dict["train"] |= {"epochs": 1, "num_workers": 1, "cpus_per_worker": 1, "zero_stage": 0}  # test_job: 2
     tiny_spec_dict["eval"] = {"calibration": "platt"}
     spec = parse_spec(tiny_spec_dict)
 
@@ -195,6 +220,11 @@ def test_a_run_with_a_row_split_fits_on_one_side_and_chooses_on_the_other(ray_cl
     calls = sorted(p.name.split("-")[0] for p in Path(spec.run_dir, "train").iterdir())
     assert calls == ["student_distilled", "teacher+student_hard"], calls  # two training calls in all
     assert all(e["val_rows"] == held_out and 0 <= e["val_auc"] <= 1 for e in training["teacher"]["history"])
+    # The gate read the scores the training workers computed for the kept epochs (no second scoring pass).
+    kept = {role: training[role]["history"][training[role]["best_epoch"] - 1] for role in ("teacher", "student_hard")}
+    gate = selection["gate"]
+    assert (gate["teacher"], gate["hard"]) == (kept["teacher"]["val_auc"], kept["student_hard"]["val_auc"])
+    assert gate["positives"] == kept["student_hard"]["val_positives"] > 0
     assert metrics["label"]["total_rows"] == 16_000  # a row split labels every row; training skips the held-out
     assert selection["recommended"] in ("student_distilled", "student_hard")
     report = Path(spec.run_dir, "report.md").read_text()

@@ -1,20 +1,24 @@
 """The teacher gate: before a teacher labels anything, it must beat the hard-label student on validation.
 
 Distillation only helps with a strong teacher. The gate takes the hard-label student trained on the click
-logs in the teacher's pass (the run keeps it as its `student_hard`), scores both on the validation split in
-one actor-pool pass,
-and stops the run (`distill.on_weak_teacher: fail`, exit 1) or goes on and says so (`warn`) when the
-teacher's lead is below `distill.min_teacher_lift`. An ensemble is gated as the weighted mean it labels with.
+logs in the teacher's pass (the run keeps it as its `student_hard`) and compares both on the validation
+split: with the scores their training workers computed for their kept epochs (what early stopping and the
+student's selection also read), or, for an ensemble or a teacher given as a checkpoint, by scoring them in
+one actor-pool pass. It stops the run (`distill.on_weak_teacher: fail`, exit 1) or goes on and says so
+(`warn`) when the teacher's lead is below `distill.min_teacher_lift`. An ensemble is gated as the weighted
+mean it labels with.
 """
 
 from __future__ import annotations
 
 import logging
 
+from pipeline import storage
 from pipeline.errors import WeakTeacher
 from pipeline.spec import JobSpec
 from pipeline.stages import scoring
 from pipeline.stages.students import HARD
+from pipeline.stages.training import teacher_role, training_records
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +32,10 @@ def gate_teacher(spec: JobSpec, teachers: dict[str, str], baseline: str) -> dict
     """
     if spec.data.validation is None:
         return None
-    checkpoints, combine = scoring.teacher_models(spec, teachers)
-    scores = scoring.validation_scores(spec, checkpoints | {HARD: baseline}, combine)
+    scores = recorded_scores(spec, teachers, baseline)
+    if scores is None:
+        checkpoints, combine = scoring.teacher_models(spec, teachers)
+        scores = scoring.validation_scores(spec, checkpoints | {HARD: baseline}, combine)
     metric = spec.selection_metric
     teacher, hard = scores["teacher"][metric], scores[HARD][metric]
     verdict = {"metric": metric, "teacher": teacher, "hard": hard, "lift": teacher - hard,
@@ -43,6 +49,30 @@ def gate_teacher(spec: JobSpec, teachers: dict[str, str], baseline: str) -> dict
     if not verdict["passed"]:
         log.warning("teacher gate: %s; going on (distill.on_weak_teacher: warn)", describe(verdict))
     return verdict
+
+
+def recorded_scores(spec: JobSpec, teachers: dict[str, str], baseline: str) -> dict | None:
+    """{"teacher": ..., HARD: ...} validation scores of the kept epochs, from the training records this run
+    wrote beside the two models, or None when there are none to trust: an ensemble (its weighted mean was
+    never trained), a teacher given as a checkpoint (a record beside it would be an older run's), a record
+    from before positives were counted."""
+    (teacher,) = spec.teacher if len(spec.teacher) == 1 else (None,)
+    if teacher is None or teacher.checkpoint:
+        return None
+    role, records = teacher_role(spec, teacher), training_records(spec.run_dir)
+    trained = {"teacher": (role, teachers[teacher.name]), HARD: (HARD, baseline)}
+    scores = {}
+    for name, (recorded, path) in trained.items():
+        record = records.get(recorded)
+        if record is None or path != storage.join(spec.run_dir, "models", f"{recorded}.pt"):
+            return None
+        epoch = record["history"][record["best_epoch"] - 1]
+        if epoch.get("val_positives") is None and spec.features.task == "binary":
+            return None
+        metric = spec.selection_metric
+        scores[name] = {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"],
+                        "positives": epoch.get("val_positives")}
+    return scores
 
 
 def describe(verdict: dict) -> str:

@@ -144,7 +144,8 @@ def _scores(y: np.ndarray, z: np.ndarray, task: str) -> dict:
         names = ("val_auc", "val_log_loss")
     if torch.distributed.is_initialized():
         values = _collective(torch.distributed.broadcast, values, src=0)
-    return dict(zip(names, values.tolist())) | {"val_rows": int(len(y))}
+    counts = {"val_rows": int(len(y))} | ({"val_positives": int(y.sum())} if task != "multiclass" else {})
+    return dict(zip(names, values.tolist())) | counts
 
 
 def _collective(op, tensor: torch.Tensor, **kwargs) -> torch.Tensor:
