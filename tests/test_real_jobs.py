@@ -35,6 +35,7 @@ def _job(name: str, tmp_path, monkeypatch) -> dict:
     raw["output"]["root"] = str(tmp_path / "runs")
     raw["train"]["epochs"] = raw["teacher"]["epochs"] = 1
     raw["export"] = {"formats": ["onnx"], "serving_batches": []}  # the artifact on real columns; no timing
+    raw["tracking"] = {"enabled": False}  # tests/test_tracking.py reads MLflow back; here it is 3-4 s of set-up
     return raw
 
 
