@@ -50,9 +50,14 @@ def test_criteo_raw_hex_ids_and_raw_counts(capsys, tmp_path):
     assert (features["label"], features["id"], features["group"]) == ("Label", "Id", None)
     assert features["categorical"] == [f"C{i}" for i in range(1, 27)]  # the hex strings
     assert features["dense"] == [f"I{i}" for i in range(1, 14)]        # the raw counts, nulls and all
-    assert "data" not in proposed                                        # one file, no time: no days to split
     assert re.search(r"# I12 +double +77\.7%", text)  # the null rate, measured
-    parse_spec(_spec(_two_days(str(path)), features, tmp_path))
+    assert features["dense_missing_indicators"] is True and "(I12: 78%)" in text
+    # One file, no time: one nominal day, evaluated on a hash fraction of its rows
+    data = proposed["data"]
+    assert data["partitions"] == {"2026-01-01": str(path)} and data["train_days"] == data["eval_days"]
+    assert data["evaluation"] == {"fraction": 0.2, "by": "Id"} and data["validation"] == {"fraction": 0.1, "by": "Id"}
+    spec = parse_spec(_spec(data, features, tmp_path))
+    assert spec.evaluation_key == spec.validation_key == "Id" and spec.features.dense_missing_indicators
 
 
 @needs_shared

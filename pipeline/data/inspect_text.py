@@ -11,6 +11,8 @@ import yaml
 from pipeline.data.inspect import LogSummary
 from pipeline.data.propose import Proposal
 
+NOMINAL_DAY = dt.date(2026, 1, 1)  # the day a log without days is given (any date would do)
+
 
 def render(target: str, summary: LogSummary, proposal: Proposal) -> str:
     """The summary as `#` lines, then `data:` (where the days allow) and `features:`."""
@@ -44,8 +46,7 @@ def _data_lines(summary: LogSummary, proposal: Proposal) -> list[str]:
         return [f"# data: set data.time_column: {time_column} (and data.timezone) to derive days; run "
                 f"`distill inspect PATH --time-column {time_column}` to see them"]
     if len(days) < 2:
-        return ["# data: the log has fewer than two days, so no train/eval split by day; give data.partitions "
-                "a file per day or a data.time_column"]
+        return _held_out_rows(summary, proposal, days)
     data = {"source": "csv" if source.format == "csv" else "parquet"}
     if isinstance(source.location, dict):
         data["partitions"] = {d.isoformat(): p for d, p in source.location.items()}
@@ -70,6 +71,31 @@ def _data_lines(summary: LogSummary, proposal: Proposal) -> list[str]:
     return lines
 
 
+def _held_out_rows(summary: LogSummary, proposal: Proposal, days: list[dt.date]) -> list[str]:
+    """A log of one day, or of none (a file without partitions or time): trained and evaluated on that day
+    (a nominal one), the evaluation rows held out by a hash of a row key (`data.evaluation`)."""
+    key = proposal.id or proposal.group
+    if key is None:
+        return ["# data: the log has fewer than two days and no row id or user column to hold evaluation rows out "
+                "by; give data.partitions a file per day or a data.time_column"]
+    source = summary.source
+    day = days[0] if days else NOMINAL_DAY
+    data = {"source": "csv" if source.format == "csv" else "parquet"}
+    if days and not isinstance(source.location, dict):
+        data["path"] = source.location
+        data.update({"partition_key": source.partition_key} if source.partition_key else {})
+    else:
+        location = source.location if not isinstance(source.location, dict) else source.location[day]
+        data["partitions"] = {day.isoformat(): location}
+    data |= {"train_days": {"start": day.isoformat(), "end": day.isoformat()},
+             "eval_days": {"start": day.isoformat(), "end": day.isoformat()},
+             "evaluation": {"fraction": 0.2, "by": key}, "validation": {"fraction": 0.1, "by": key}}
+    notes = {"partitions": "a log without days is one nominal day", "eval_days": "the same day: evaluation is by rows",
+             "evaluation": f"a fifth of the rows, by a stable hash of {key}: scored, never trained or chosen on"}
+    return ["data:"] + [f"  {k}: {_flow(v)}" + (f"   # {notes[k]}" if k in notes and not (k == "partitions" and days)
+                                                 else "") for k, v in data.items()]
+
+
 def _eval_start(rows_by_day: dict[dt.date, int]) -> int:
     """Index of the first evaluation day: the last days hold about a tenth of the rows (one day at least,
     and one training day at least)."""
@@ -88,6 +114,8 @@ def _feature_lines(proposal: Proposal) -> list[str]:
     for key, value in proposal.features().items():
         if key == "sequence":
             reason = proposal.reasons.get(value["column"])
+        elif key == "dense_missing_indicators":
+            reason = proposal.reasons.get(key)
         else:
             reason = proposal.reasons.get(value) if isinstance(value, str) else unset.get(key) if value is None else None
         lines.append(f"  {key}: {_flow(value)}" + (f"   # {reason}" if reason else ""))

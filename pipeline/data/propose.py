@@ -30,6 +30,7 @@ ID_HINTS = {"id", "code", "level", "class", "seg", "group", "type", "cat", "cate
             "customer", "gender", "occupation", "device", "position", "pos", "hour", "pid", "campaign", "shop",
             "item", "sku", "ad", "city", "region", "country", "os", "channel", "slot", "site", "app"}
 DELIMITERS = ("^", "|", ";", ",")
+MISSING_INDICATOR_RATE = 0.05  # a dense column at least this often null gets features.dense_missing_indicators
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Proposal:
     categorical: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     sequence: dict | None = None
+    missing_indicators: bool = False  # features.dense_missing_indicators
     reasons: dict[str, str] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
 
@@ -54,6 +56,8 @@ class Proposal:
             section["label_threshold"] = self.label_threshold
         if self.dense:
             section["dense"] = self.dense
+        if self.missing_indicators:
+            section["dense_missing_indicators"] = True
         if self.sequence:
             section["sequence"] = self.sequence
         return section
@@ -79,7 +83,18 @@ def propose(summary: LogSummary) -> Proposal:
             _place(proposal, column, sample, summary)
     if proposal.sequence:
         _pick_embedding_of(proposal, sample)
+    _missing_indicators(proposal, columns)
     return proposal
+
+
+def _missing_indicators(proposal: Proposal, columns: dict[str, ColumnProfile]) -> None:
+    """Missing indicators when a dense column is often null: that a count is missing may say something."""
+    sparse = [name for name in proposal.dense if columns[name].null_rate >= MISSING_INDICATOR_RATE]
+    if sparse:
+        proposal.missing_indicators = True
+        worst = max(sparse, key=lambda name: columns[name].null_rate)
+        proposal.reasons["dense_missing_indicators"] = (f"{len(sparse)} dense column(s) {MISSING_INDICATOR_RATE:.0%} "
+                                                        f"null or more ({worst}: {columns[worst].null_rate:.0%})")
 
 
 def _pick_label(proposal: Proposal, columns: dict[str, ColumnProfile], sample: pa.Table) -> None:
