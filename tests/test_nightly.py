@@ -41,16 +41,15 @@ def nights(ray_cluster, tmp_path_factory):
     spec = parse_spec(raw)
     out = {"spec": spec, "raw": raw, "tmp": tmp}
     out[1] = run_cycle(spec, NIGHT[0])
+    # Touch one old partition (a late upsert, say): the next night relabels it beside its new day, nothing else.
+    touched = next((tmp / "clicks" / "date=2026-11-03").glob("*.parquet"))
+    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 60))
     out[2] = run_cycle(spec, NIGHT[1])
     out["versions_after_night2"] = registry.list_versions(spec.schedule.registry, "nightly")
     shard_file = _shard_files(spec, "2026-11-02")[0]
     out["mtime_day2_after_night2"] = os.path.getmtime(shard_file)
     out["rerun"] = run_cycle(spec, NIGHT[1])
     out["versions_after_rerun"] = registry.list_versions(spec.schedule.registry, "nightly")
-    # Touch one old partition (a late upsert, say): only it should be relabelled.
-    touched = next((tmp / "clicks" / "date=2026-11-03").glob("*.parquet"))
-    os.utime(touched, (touched.stat().st_atime, touched.stat().st_mtime + 60))
-    out[3] = run_cycle(spec, NIGHT[2])
     # A deliberately worse challenger: a learning rate that cannot move the weights, no warm start.
     worse = copy.deepcopy(raw)
     worse["train"]["lr"] = 1e-12
@@ -61,7 +60,7 @@ def nights(ray_cluster, tmp_path_factory):
     worse["eval"] = {"calibration": "platt"}
     worse["schedule"]["gate"]["max_ece"] = 1e-4
     out["champion_before_worse"] = registry.current(spec.schedule.registry, "nightly")
-    out[4] = run_cycle(parse_spec(worse), NIGHT[3])
+    out[3] = run_cycle(parse_spec(worse), NIGHT[2])
     # A new teacher invalidates every shard; that night's export runtime is also subtly wrong: its parity
     # fails, and nothing may be published (one cycle for both, the suite's time being short).
     import numpy as np
@@ -75,7 +74,7 @@ def nights(ray_cluster, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(stage, "exported_predictor", lambda exported, threads=1: (
             lambda arrays: real(exported, threads)(arrays) + np.float32(1e-3)))
-        out[5] = run_cycle(parse_spec(new_teacher), NIGHT[4])
+        out[4] = run_cycle(parse_spec(new_teacher), NIGHT[3])
     return out
 
 
@@ -104,10 +103,10 @@ def test_first_night_labels_its_window_and_promotes(nights):
     assert first["challenger"]["auc"] > 0.55
 
 
-def test_second_night_labels_only_the_new_day(nights):
+def test_second_night_labels_only_the_new_day_and_a_touched_one(nights):
     second = nights[2]
-    assert second["relabelled"] == ["2026-11-04"]
-    assert second["reused"] == ["2026-11-02", "2026-11-03"]
+    assert second["relabelled"] == ["2026-11-03", "2026-11-04"]  # 11-03's file changed since night one labelled it
+    assert second["reused"] == ["2026-11-02"]
     assert second["champion"] is not None  # evaluated against the champion on the same day
 
 
@@ -118,14 +117,8 @@ def test_rerunning_a_night_changes_nothing(nights):
     assert nights["versions_after_rerun"] == nights["versions_after_night2"]  # no duplicate version
 
 
-def test_touching_an_old_partition_relabels_only_it(nights):
-    third = nights[3]
-    assert third["relabelled"] == ["2026-11-03", "2026-11-05"]
-    assert third["reused"] == ["2026-11-04"]
-
-
 def test_worse_challenger_is_refused_and_the_drifted_champion_recalibrated(nights):
-    worse, spec = nights[4], nights["spec"]
+    worse, spec = nights[3], nights["spec"]
     root, champion = spec.schedule.registry, nights["champion_before_worse"]
     assert worse["decision"] in ("rejected", "recalibrated"), worse
     assert worse["version"] != worse["champion_after"] and registry.current(root, "nightly") == worse["champion_after"]
@@ -170,9 +163,9 @@ def test_the_ece_gate_refuses_a_miscalibrated_challenger():
 
 
 def test_new_teacher_relabels_everything(nights):
-    fifth = nights[5]
-    assert fifth["relabelled"] == ["2026-11-05", "2026-11-06", "2026-11-07"] and fifth["reused"] == []
-    assert fifth["teacher_sha256"] != nights[3]["teacher_sha256"]
+    fourth = nights[4]
+    assert fourth["relabelled"] == ["2026-11-04", "2026-11-05", "2026-11-06"] and fourth["reused"] == []
+    assert fourth["teacher_sha256"] != nights[3]["teacher_sha256"]
 
 
 def test_cycle_records_and_registry_lineage(nights):
@@ -191,11 +184,11 @@ def test_cycle_records_and_registry_lineage(nights):
 
     client = MlflowClient(tracking_uri=local_store(spec.output.root)[0])
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("nightly").experiment_id])}
-    assert sorted(runs) == [night.isoformat() for night in NIGHT[:5]]
-    fourth = runs[NIGHT[3].isoformat()].data
-    assert fourth.tags["decision"] == nights[4]["decision"] and fourth.tags["registry_version"] == nights[4]["version"]
-    assert fourth.metrics["challenger_ece"] == pytest.approx(nights[4]["challenger_ece"])
-    assert fourth.metrics["challenger.auc"] == pytest.approx(nights[4]["challenger"]["auc"])
+    assert sorted(runs) == [night.isoformat() for night in NIGHT[:4]]
+    third = runs[NIGHT[2].isoformat()].data
+    assert third.tags["decision"] == nights[3]["decision"] and third.tags["registry_version"] == nights[3]["version"]
+    assert third.metrics["challenger_ece"] == pytest.approx(nights[3]["challenger_ece"])
+    assert third.metrics["challenger.auc"] == pytest.approx(nights[3]["challenger"]["auc"])
 
 
 def test_each_version_ships_parity_checked_exports_and_a_model_card(nights, tmp_path, capsys):
@@ -223,12 +216,12 @@ def test_each_version_ships_parity_checked_exports_and_a_model_card(nights, tmp_
     os.remove(page)
     assert main(["history", str(spec_file)]) == 0 and f"wrote {page}" in capsys.readouterr().out
     text = storage.read_bytes(page).decode()
-    assert all(night.isoformat() in text for night in NIGHT[:5]) and text.count('src="data:image/png;base64,') == 3
-    assert "recalibrated" in text or "not better, champion kept" in text  # night 4's decision is listed
+    assert all(night.isoformat() in text for night in NIGHT[:4]) and text.count('src="data:image/png;base64,') == 3
+    assert "recalibrated" in text or "not better, champion kept" in text  # night 3's decision is listed
 
 
 def test_an_export_failing_parity_publishes_nothing(nights):
-    bad, spec = nights[5], nights["spec"]
+    bad, spec = nights[4], nights["spec"]
     assert bad["decision"] == "rejected" and "export parity failed, nothing published" in bad["reason"]
     assert "max |logit diff| 0.001" in bad["reason"]
     assert bad["version"] not in registry.list_versions(spec.schedule.registry, "nightly")
