@@ -103,8 +103,8 @@ def test_the_gate_reads_recorded_scores_only_for_a_teacher_this_run_trained(raw,
                                   "best_epoch": 2, "history": [epoch | {"val_auc": 0.5}, epoch | {"val_auc": auc}]})
     paths = {"teacher": str(models / "teacher.pt")}
     scores = recorded_scores(spec, paths, str(models / "student_hard.pt"))
-    assert scores == {"teacher": {"auc": 0.71, "log_loss": 0.3, "rows": 500, "positives": 40},
-                      "student_hard": {"auc": 0.69, "log_loss": 0.3, "rows": 500, "positives": 40}}
+    assert scores == {"teacher": {"auc": 0.71, "log_loss": 0.3, "rows": 500, "positives": 40, "epoch": 2},
+                      "student_hard": {"auc": 0.69, "log_loss": 0.3, "rows": 500, "positives": 40, "epoch": 2}}
     given = parse_spec(raw | {"teacher": raw["teacher"] | {"checkpoint": str(tmp_path / "t.pt")}})
     assert recorded_scores(given, {"teacher": str(tmp_path / "t.pt")}, str(models / "student_hard.pt")) is None
     storage.atomic_write_json(str(models / "student_hard.json"), {"fingerprint": "x", "steps": [], "restarts": 0,

@@ -56,22 +56,17 @@ def recorded_scores(spec: JobSpec, teachers: dict[str, str], baseline: str) -> d
     wrote beside the two models, or None when there are none to trust: an ensemble (its weighted mean was
     never trained), a teacher given as a checkpoint (a record beside it would be an older run's), a record
     from before positives were counted."""
-    (teacher,) = spec.teacher if len(spec.teacher) == 1 else (None,)
-    if teacher is None or teacher.checkpoint:
+    if len(spec.teacher) != 1 or spec.teacher[0].checkpoint:
         return None
-    role, records = teacher_role(spec, teacher), training_records(spec.run_dir)
-    trained = {"teacher": (role, teachers[teacher.name]), HARD: (HARD, baseline)}
+    teacher, records = spec.teacher[0], training_records(spec.run_dir)
+    trained = {"teacher": (teacher_role(spec, teacher), teachers[teacher.name]), HARD: (HARD, baseline)}
     scores = {}
-    for name, (recorded, path) in trained.items():
-        record = records.get(recorded)
-        if record is None or path != storage.join(spec.run_dir, "models", f"{recorded}.pt"):
+    for name, (role, path) in trained.items():
+        if role not in records or path != storage.join(spec.run_dir, "models", f"{role}.pt"):
             return None
-        epoch = record["history"][record["best_epoch"] - 1]
-        if epoch.get("val_positives") is None and spec.features.task == "binary":
+        scores[name] = scoring.kept_scores(records[role], spec.selection_metric)
+        if scores[name]["positives"] is None and spec.features.task == "binary":
             return None
-        metric = spec.selection_metric
-        scores[name] = {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"],
-                        "positives": epoch.get("val_positives")}
     return scores
 
 

@@ -102,16 +102,17 @@ def selection(spec: JobSpec, training: dict[str, dict], gate: dict | None, stude
                 "reason": "no validation split (data.validation): the distilled student, unchosen"}
     metric = spec.selection_metric
     kept = {DISTILLED: students.chosen, HARD: HARD}
-    scores = {role: _kept_scores(training[record], metric) for role, record in kept.items()}
-    candidates = [{"role": role, **settings, **_kept_scores(training[role], metric), "chosen": role == students.chosen}
+    scores = {role: kept_scores(training[record], metric) for role, record in kept.items()}
+    candidates = [{"role": role, **settings, **kept_scores(training[role], metric), "chosen": role == students.chosen}
                   for role, settings in students.candidates.items()]
     return {"on": "validation", "gate": gate, "scores": scores, "candidates": candidates} | recommend(scores, metric)
 
 
-def _kept_scores(record: dict, metric: str) -> dict:
+def kept_scores(record: dict, metric: str) -> dict:
+    """A model's validation scores at its kept epoch, as its training workers computed them (from its record)."""
     epoch = record["history"][record["best_epoch"] - 1]
     return {metric: epoch[f"val_{metric}"], "log_loss": epoch["val_log_loss"], "rows": epoch["val_rows"],
-            "epoch": record["best_epoch"]}
+            "positives": epoch.get("val_positives"), "epoch": record["best_epoch"]}
 
 
 def recommend(scores: dict[str, dict], metric: str) -> dict:
