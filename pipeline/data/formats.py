@@ -189,7 +189,7 @@ def dictionary_paths(uri: str, columns: list[str]) -> list[str]:
         parquet = pq.ParquetFile(handle)
         arrow, schema = parquet.schema_arrow, parquet.schema
     text = set()
-    for name in columns:
+    for name in (c for c in columns if c in arrow.names):  # a column a file lacks is the file checks' to name
         kind = arrow.field(name).type
         if pa.types.is_list(kind) or pa.types.is_large_list(kind):
             kind = kind.value_type
