@@ -1,5 +1,5 @@
 """Serving speed, side by side in one process: the demo's teacher and student in eager PyTorch, TorchScript and
-ONNX Runtime (and the student with INT8 embeddings), per call at batch 1, 64, 512 and 4096, one call at a time
+ONNX Runtime (and the student with INT8 and with FP16 embeddings), per call at batch 1, 64, 512 and 4096, one call at a time
 on one intra-op thread; then where the student's ONNX Runtime time goes at batch 512 (per-op profile).
 
 The models are the demo's architectures, untrained (weights do not change speed), exported by the pipeline's own
@@ -45,11 +45,12 @@ def runtimes(role: str, arrays: dict, threads: int) -> tuple[dict, dict]:
     sizes = {"params": count_parameters(model)["total"], "onnx_bytes": len(exports["onnx"].model),
              "onnx_nodes": len(onnx.load_from_string(exports["onnx"].model).graph.node)}
     if role == "student":
-        int8 = quantize_embeddings(exports["onnx"].model)
-        predictors["onnxruntime-int8"] = exported_predictor(Exported(int8, exports["onnx"].signature), threads)
-        sizes["onnx_int8_bytes"] = len(int8)
         reference = predictors["eager"](arrays)
-        sizes["int8_max_abs_diff"] = float(np.abs(predictors["onnxruntime-int8"](arrays) - reference).max())
+        for mode in ("int8", "fp16"):
+            smaller = quantize_embeddings(exports["onnx"].model, mode)
+            predictors[f"onnxruntime-{mode}"] = exported_predictor(Exported(smaller, exports["onnx"].signature), threads)
+            sizes[f"onnx_{mode}_bytes"] = len(smaller)
+            sizes[f"{mode}_max_abs_diff"] = float(np.abs(predictors[f"onnxruntime-{mode}"](arrays) - reference).max())
     return predictors, sizes | {"onnx_model": exports["onnx"].model}
 
 
@@ -147,7 +148,8 @@ def render(args, measured: dict, sizes: dict, profiles: dict, floors: dict, load
     lines = [
         f"Demo teacher (DCN-v2, {sizes['teacher']['params']:,} parameters, ONNX {sizes['teacher']['onnx_bytes']:,} "
         f"bytes) and student (MLP, {sizes['student']['params']:,} parameters, ONNX {sizes['student']['onnx_bytes']:,} "
-        f"bytes, {sizes['student']['onnx_int8_bytes']:,} with INT8 embeddings), untrained; rows of a demo-world log; "
+        f"bytes, {sizes['student']['onnx_int8_bytes']:,} with INT8 embeddings, {sizes['student']['onnx_fp16_bytes']:,} "
+        f"with FP16), untrained; rows of a demo-world log; "
         f"{args.threads} intra-op thread(s); one call at a time, p50 / p99 per call and rows/s.",
         "",
         common.table(rows, ("model", "runtime", *(f"batch {b}" for b in BATCHES)), left=2),
@@ -162,11 +164,12 @@ def render(args, measured: dict, sizes: dict, profiles: dict, floors: dict, load
         f"best runtime ({', '.join(f'{k} {v}' for k, v in found['batch512_best'].items())}) (target >= 15x).",
         f"- Where ONNX Runtime spends the student's time at batch 512 (kernel time by op type): {student_ops}. The "
         f"teacher's: {teacher_ops}.",
-        f"- INT8 embeddings: max |logit diff| {sizes['student']['int8_max_abs_diff']:.2g} against eager on these rows "
-        "(untrained weights; the AUC check is the run's, on evaluation days).",
+        f"- INT8 embeddings: max |logit diff| {sizes['student']['int8_max_abs_diff']:.2g} against eager on these rows, "
+        f"FP16: {sizes['student']['fp16_max_abs_diff']:.2g} (untrained weights; the AUC check is the run's, on "
+        "evaluation days).",
     ]
-    notes = ("The student's ONNX graph is mostly its input path: the id hash (int64 Mul, Mod, the arithmetic-shift "
-             "emulation and Xor), the embedding Gathers and the masked mean over the behaviour sequence, the same "
+    notes = ("The student's ONNX graph is mostly its input path: the id hash (int64 Mul, the arithmetic shift as "
+             "BitwiseAnd and Div, Xor, Mod), the embedding Gathers and the masked mean over the behaviour sequence, the same "
              "work per id the teacher does; its MLP (FusedGemm) is a small share of it (see the profile line). That shared per-id work bounds "
              "the batch-512 ratio, and on those int64 element-wise ops ONNX Runtime's kernels are not faster than "
              "torch's, so eager and TorchScript can beat it there.")

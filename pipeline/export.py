@@ -148,6 +148,16 @@ def _shape(name: str, layout: FeatureLayout) -> list:
     return ["batch", width[name]]
 
 
+def _arithmetic_right_shift(values, shift: int):
+    """int64 `values >> shift` (arithmetic, as torch computes it) in two ONNX ops instead of the exporter's seven
+    (ONNX's BitShift is unsigned-only, so it emulates the sign with Less, Cast, BitShift, Or, Cast, Cast, Where):
+    clearing the low `shift` bits leaves floor(values / 2**shift) * 2**shift in two's complement, which an
+    integer Div then divides exactly. The id hash's mixing step does one of these per id."""
+    from onnxscript import opset18 as op
+
+    return op.Div(op.BitwiseAnd(values, op.Constant(value_int=-(1 << shift))), op.Constant(value_int=1 << shift))
+
+
 def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
     names = input_names(layout)
     with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript", "onnx_ir"):
@@ -155,7 +165,8 @@ def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
         program = torch.onnx.export(wrapped, example_inputs(layout), dynamo=True, opset_version=OPSET,
                                     input_names=list(names), output_names=["logit"], external_data=False,
                                     dynamic_shapes=(tuple({0: torch.export.Dim("batch")} for _ in names),),
-                                    verbose=False)
+                                    verbose=False,
+                                    custom_translation_table={torch.ops.aten.__rshift__.Scalar: _arithmetic_right_shift})
     return program.model_proto.SerializeToString()
 
 
@@ -213,19 +224,61 @@ def check_parity(model: nn.Module, exported_logits: np.ndarray, arrays: dict[str
     return parity_report(eager_logits(model, arrays), exported_logits, labels, TOLERANCE[fmt])
 
 
-def quantize_embeddings(onnx_model: bytes) -> bytes:
-    """The ONNX model with weight-only INT8 embedding tables (ONNX Runtime's quantiser on the Gather ops: each
-    looked-up row is dequantised; the dense layers stay fp32). Embeddings are most of a CTR model's bytes."""
+def quantize_embeddings(onnx_model: bytes, mode: str = "int8") -> bytes:
+    """The ONNX model with weight-only embedding tables in `mode`; the dense layers stay fp32. Embeddings are
+    most of a CTR model's bytes.
+
+    int8: ONNX Runtime's quantiser on the Gather ops (each looked-up row is dequantised).
+    fp16: each fp32 table a Gather reads is stored in fp16 and the looked-up rows cast back to fp32.
+    """
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load_from_string(onnx_model)
+    if mode == "fp16":
+        return _fp16_embeddings(model).SerializeToString()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     del model.graph.value_info[:]  # the exporter's intermediate shapes trip the quantiser's shape inference
     with tempfile.TemporaryDirectory() as scratch, _quiet(""):  # the quantiser logs to the root logger
         out = os.path.join(scratch, "model.onnx")
         quantize_dynamic(model, out, op_types_to_quantize=["Gather"], weight_type=QuantType.QInt8)
         with open(out, "rb") as handle:
             return handle.read()
+
+
+def _fp16_embeddings(model):
+    """Embedding tables stored as fp16, each lookup followed by a Cast to fp32.
+
+    Not onnxruntime.transformers' `convert_float_to_float16`: told to convert only the Gathers, it wraps every
+    other node in Casts (47 for the demo student) and names two of them alike, which ONNX Runtime refuses.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    readers: dict[str, set] = {}  # initializer -> (op type, input slot) of each node that reads it
+    for node in model.graph.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, set()).add((node.op_type, slot))
+    # Embedding tables: 2-D fp32 initializers read only as a Gather's data (not, e.g., calibration knots).
+    tables = {init.name: init for init in model.graph.initializer
+              if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and readers.get(init.name) == {("Gather", 0)}}
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        if node.op_type != "Gather" or node.input[0] not in tables:
+            continue
+        table = tables[node.input[0]]
+        if table.data_type == TensorProto.FLOAT:  # a table two Gathers share is converted once
+            table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table).astype(np.float16), table.name))
+        half = f"{node.output[0]}_fp16"
+        nodes.append(helper.make_node("Cast", [half], [node.output[0]], name=f"{node.name or half}_to_fp32",
+                                      to=TensorProto.FLOAT))
+        node.output[0] = half
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]  # the lookups' outputs changed type
+    onnx.checker.check_model(model)
+    return model
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ class Signature:
     about: dict  # role, family, checkpoint hash, exporter versions
     missing_id: int = MISSING_ID
     string_id_hash: str = STRING_ID_HASH
-    quantized: str | None = None  # "int8": weight-only INT8 embedding tables
+    quantized: str | None = None  # "int8" or "fp16": weight-only embedding tables in that type
     calibration: dict | None = None  # the calibrator inside the graph (`Calibrator.to_dict()`): the logit is calibrated
 
     @property

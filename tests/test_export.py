@@ -47,7 +47,7 @@ def world(tmp_path_factory):
     raw = yaml.safe_load((ROOT / "jobs" / "tiny.yaml").read_text())
     raw["data"]["path"], raw["output"]["root"] = str(root / "clicks"), str(root / "runs")
     raw["data"]["synthetic"]["rows_per_day"] = 3000
-    raw["export"] = {"quantize": ["int8"], "serving_batches": [1, 64], "serving_runs": 20}
+    raw["export"] = {"quantize": ["int8", "fp16"], "serving_batches": [1, 64], "serving_runs": 20}
     spec = parse_spec(raw)
     generate(spec)
     return spec, FeatureLayout.from_spec(spec.features), root
@@ -87,6 +87,33 @@ def test_every_family_exports_with_parity(world, tmp_path, family):
         assert storage.exists(f"{results[fmt]['dir']}/{SIGNATURE}")
     assert json.loads(open(f"{results['onnx']['dir']}/parity.json").read())["max_abs_diff"] == \
         results["onnx"]["parity"]["max_abs_diff"]
+
+
+def test_the_id_hash_in_the_graph_is_torchs_on_extreme_ids(world):
+    """The graph's arithmetic shift (`export._arithmetic_right_shift`, two ops) gives the eager hash's buckets
+    for ids at and near the int64 limits, negative ids and 0: a wrong bucket would pick another embedding row."""
+    import onnx
+    import onnxruntime as ort
+
+    _, layout, _ = world
+    model, config = spread_model("mlp", layout)
+    exported = export_model(model, config, layout, "onnx", raw_columns={}, dense_fill=0.0, sequence_delimiter=None,
+                            about={"role": "student"})
+    ops = {node.op_type for node in onnx.load_from_string(exported.model).graph.node}
+    assert not ops & {"BitShift", "Where"}, ops  # not the exporter's seven-op emulation of the sign
+    extremes = np.array([-2**63, 2**63 - 1, -1, 0, 1, -2**29, 2**29, -2**29 - 1, 2**35 + 7, -2**62 + 3], np.int64)
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([extremes, rng.integers(-2**63, 2**63 - 1, 990, dtype=np.int64, endpoint=True)])
+    fields = len(layout.categorical)
+    arrays = {"categorical": np.stack([np.roll(ids, shift) for shift in range(fields)], axis=1),
+              "dense": rng.normal(size=(len(ids), len(layout.dense))).astype(np.float32)}
+    if layout.sequence_length:
+        arrays["sequence"] = np.stack([np.roll(ids, -shift) for shift in range(layout.sequence_length)], axis=1)
+    session = ort.InferenceSession(exported.model, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {i.name: arrays[i.name] for i in session.get_inputs()})[0]
+    with torch.no_grad():
+        eager = model({k: torch.from_numpy(v) for k, v in arrays.items()}).numpy()
+    assert np.abs(logits - eager).max() <= TOLERANCE["onnx"] * max(1.0, np.abs(eager).max())
 
 
 @pytest.mark.parametrize("family", ["mlp", "deepfm"])
@@ -154,7 +181,7 @@ def test_signature_round_trip(world, tmp_path):
     assert session.get_inputs()[0].shape[0] not in (1, 7)  # the batch is dynamic, not the tracing example's
 
 
-def test_int8_embeddings_are_smaller_and_kept_only_within_the_auc_budget(world, tmp_path):
+def test_int8_and_fp16_embeddings_are_smaller_and_kept_only_within_the_auc_budget(world, tmp_path):
     spec, layout, _ = world
     rows = parity_rows(spec, layout)
     checkpoint = saved(tmp_path, "mlp", layout)
@@ -164,17 +191,23 @@ def test_int8_embeddings_are_smaller_and_kept_only_within_the_auc_budget(world, 
     assert results["onnx"]["bytes"] - results["onnx-int8"]["bytes"] >= 0.7 * table  # 1 byte a weight, not 4
     assert 0 < int8["max_abs_diff"] < 0.1 and abs(int8["auc_loss"]) < 0.005  # rounded on purpose, but close
     assert int8["auc_fp32"] == pytest.approx(results["onnx"]["parity"]["auc_exported"])
+    fp16 = results["onnx-fp16"]["parity"]  # 2 bytes a weight; rounding an entry of ~0.15 moves it by <= 1e-4
+    assert 0.45 * table <= results["onnx"]["bytes"] - results["onnx-fp16"]["bytes"] <= 0.55 * table
+    assert 0 < fp16["max_abs_diff"] < 0.01 and abs(fp16["auc_loss"]) <= 0.0005 and results["onnx-fp16"]["kept"]
+    assert read_signature(results["onnx-fp16"]["dir"]).quantized == "fp16"
     kept = int8["auc_loss"] <= spec.export.max_quantized_auc_loss
     assert results["onnx-int8"]["kept"] == int8["passed"] == kept
     # the budget decides: none (a loss above 0 is too much) or a loose one
     for budget, expect in ((-1.0, False), (0.01, True)):
         strict = spec.model_copy(update={"export": spec.export.model_copy(update={"max_quantized_auc_loss": budget})})
-        out = export_checkpoint(strict, "s", "student", checkpoint, rows, str(tmp_path / str(budget)))["onnx-int8"]
-        assert out["kept"] is expect and (tmp_path / str(budget) / "export" / "s" / "onnx-int8" / "model.onnx").exists() is expect
-        if expect:
-            assert read_signature(out["dir"]).quantized == "int8"
-        else:
-            assert "INT8 embeddings lose" in out["parity"]["error"]
+        exported = export_checkpoint(strict, "s", "student", checkpoint, rows, str(tmp_path / str(budget)))
+        for mode in ("int8", "fp16"):
+            out, variant = exported[f"onnx-{mode}"], tmp_path / str(budget) / "export" / "s" / f"onnx-{mode}"
+            assert out["kept"] is expect and (variant / "model.onnx").exists() is expect
+            if expect:
+                assert read_signature(out["dir"]).quantized == mode
+            else:
+                assert f"{mode.upper()} embeddings lose" in out["parity"]["error"]
 
 
 def test_an_op_the_exporter_lacks_is_named(world):

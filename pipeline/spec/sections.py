@@ -309,8 +309,9 @@ class ExportSpec(Section):
 
     formats: list[Literal["onnx", "torchscript"]] = Field(["onnx", "torchscript"],
                                                           description="export formats; [] exports nothing")
-    quantize: list[Literal["int8"]] = Field([], description="also export with weight-only INT8 embedding tables "
-                                            "(ONNX Runtime's quantiser), kept if the AUC loss is small enough")
+    quantize: list[Literal["int8", "fp16"]] = Field([], description="also export with weight-only INT8 (ONNX "
+                                                    "Runtime's quantiser) or FP16 embedding tables, each kept if "
+                                                    "its AUC loss is small enough")
     max_quantized_auc_loss: float = Field(0.0005, ge=0, description="AUC a quantised export may lose on the "
                                           "parity rows against the fp32 export")
     parity_rows: int = Field(10_000, ge=100, description="evaluation rows the exported and eager logits are "

@@ -127,15 +127,15 @@ def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
 
 def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray, rows: ParityRows,
                root: str) -> dict:
-    """The INT8-embedding variant of an ONNX export, kept when it loses at most `max_quantized_auc_loss` AUC
+    """The quantised-embedding variants of an ONNX export (`export.quantize`), each kept when it loses at most `max_quantized_auc_loss` AUC
     against the fp32 export on the parity rows (a logit tolerance does not apply: it rounds on purpose). One
     that loses more is reported and not kept; the fp32 export stands either way."""
     results = {}
     for mode in spec.export.quantize:
-        exported = Exported(model=quantize_embeddings(fp32.model),
+        exported = Exported(model=quantize_embeddings(fp32.model, mode),
                             signature=dataclasses.replace(fp32.signature, quantized=mode))
         logits = predict_in_batches(OnnxModel(exported.model, threads=spec.export.threads), rows.arrays)
-        report = _quantised_report(fp32_logits, logits, rows.labels, spec.export.max_quantized_auc_loss)
+        report = _quantised_report(fp32_logits, logits, rows.labels, spec.export.max_quantized_auc_loss, mode)
         report |= {"bytes": len(exported.model), "fp32_bytes": len(fp32.model)}
         directory = storage.join(root, f"onnx-{mode}")
         storage.atomic_write_json(storage.join(directory, "parity.json"), report)
@@ -146,7 +146,8 @@ def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray
     return results
 
 
-def _quantised_report(fp32: np.ndarray, quantised: np.ndarray, labels: np.ndarray | None, max_loss: float) -> dict:
+def _quantised_report(fp32: np.ndarray, quantised: np.ndarray, labels: np.ndarray | None, max_loss: float,
+                      mode: str) -> dict:
     from pipeline import metrics
 
     diff = np.abs(fp32.astype(np.float64) - quantised)
@@ -158,7 +159,7 @@ def _quantised_report(fp32: np.ndarray, quantised: np.ndarray, labels: np.ndarra
     return report | {"auc_fp32": before, "auc_quantized": after, "auc_loss": before - after,
                      "passed": bool(before - after <= max_loss),
                      "error": None if before - after <= max_loss else
-                     f"INT8 embeddings lose {before - after:.5f} AUC (> export.max_quantized_auc_loss {max_loss})"}
+                     f"{mode.upper()} embeddings lose {before - after:.5f} AUC (> export.max_quantized_auc_loss {max_loss})"}
 
 
 def serving_speed(spec: JobSpec, checkpoints: dict[str, str], exports: dict[str, dict], rows: ParityRows) -> dict:
@@ -179,7 +180,7 @@ def serving_speed(spec: JobSpec, checkpoints: dict[str, str], exports: dict[str,
 
 
 def _runtime_name(variant: str) -> str:
-    return {"onnx": "onnxruntime", "onnx-int8": "onnxruntime-int8"}.get(variant, variant)
+    return variant.replace("onnx", "onnxruntime", 1) if variant.startswith("onnx") else variant
 
 
 def _load_predictor(directory: str, threads: int):
