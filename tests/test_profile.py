@@ -192,3 +192,24 @@ def test_profile_counts_distinct_ids_and_nulls_then_is_reused(ray_cluster, tiny_
     pq.write_table(window[0].slice(0, 100), Path(root) / "date=2026-11-01" / "part-00001.parquet")
     monkeypatch.undo()
     assert profile.profile_click_logs(spec).rows == 12_100  # a changed partition is measured again
+
+
+@pytest.mark.ray
+def test_the_profile_leaves_out_rows_held_out_for_evaluation(ray_cluster, tiny_spec_dict, clicks):
+    """With `data.evaluation` by rows, nothing of the evaluation rows sizes a table: the profile counts only the
+    other rows, split on the key's normalised values as every read splits them."""
+    from pipeline.data.normalise import Normaliser, normalise
+    from pipeline.data.split import evaluation_mask
+
+    root, window = clicks
+    tiny_spec_dict["data"]["evaluation"] = {"fraction": 0.3, "by": "user_id"}
+    spec = _spec(tiny_spec_dict, root, teacher="auto", student="auto")
+    measured = profile.profile_click_logs(spec)
+    logs = pa.concat_tables(window)
+    keys = normalise(logs.select(["user_id"]), Normaliser.from_spec(spec)).column("user_id")
+    kept = logs.filter(pa.array(~evaluation_mask(keys, 0.3)))
+    assert 0.6 * logs.num_rows < measured.rows == kept.num_rows < 0.8 * logs.num_rows
+    users = len(kept["user_id"].drop_null().unique())
+    assert users < 0.8 * len(logs["user_id"].drop_null().unique())  # the held-out users are not counted
+    assert abs(measured.columns["user_id"].distinct - users) <= 0.03 * users
+    assert measured.columns["price"].null_rate == kept["price"].null_count / kept.num_rows

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.data import clicklogs
-from pipeline.data.normalise import sequence_ids
+from pipeline.data.normalise import Normaliser, normalise, sequence_ids
+from pipeline.data.split import RowSplit, evaluation_mask
 from pipeline.stages.click_logs import log_source
 from pipeline.errors import SpecError
 from pipeline.models import ModelConfig
@@ -155,12 +156,15 @@ def _section_path(spec: JobSpec, role: str) -> str:
 
 def profile_click_logs(spec: JobSpec) -> ClickLogProfile:
     """The training window's profile: `<run_dir>/profile.json` when it was made from the same partitions
-    (file names, sizes, versions, row counts) and columns, else measured now in one pass and written."""
+    (file names, sizes, versions, row counts), columns and evaluation split, else measured now in one pass and
+    written. Rows held out for evaluation (`data.evaluation`) are not measured."""
     days = spec.data.train_days.days()
     source = log_source(spec)
     paths = clicklogs.day_inputs(source, days)
     inputs = {"partitions": {d.isoformat(): clicklogs.partition_fingerprint(source, p) for d, p in paths.items()},
               "columns": _columns(spec), "lg_k": LG_K}
+    if spec.evaluation_key:  # the rows measured depend on the split (older profiles have no such key)
+        inputs["evaluation_rows"] = {"by": spec.evaluation_key, "fraction": spec.data.evaluation.fraction}
     path = storage.join(spec.run_dir, PROFILE_FILE)
     if storage.exists(path):
         stored = ClickLogProfile.from_dict(storage.read_json(path))
@@ -190,7 +194,13 @@ def _measure(spec: JobSpec, days) -> tuple[int, dict[str, ColumnProfile], dict[s
 
     kinds = _columns(spec)
     names = [name for group in kinds.values() for name in group]
-    dataset = clicklogs.read_click_logs(log_source(spec), days, names)  # raw values: nulls not yet filled
+    held_out = spec.evaluation_key  # evaluation rows held out of the training days: sized on nothing of theirs
+    read = list(dict.fromkeys([*names, *([held_out] if held_out else [])]))
+    dataset = clicklogs.read_click_logs(log_source(spec), days, read)  # raw values: nulls not yet filled
+    if held_out:
+        dataset = dataset.map_batches(without_evaluation_rows, batch_format="pyarrow", zero_copy_batch=True,
+                                      fn_kwargs={"split": RowSplit.from_spec(spec),
+                                                 "normaliser": Normaliser.from_spec(spec)})
     sketches = dataset.map_batches(sketch_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                                    fn_kwargs={"kinds": kinds, "delimiter": spec.log_features.sequence.delimiter
                                               if spec.log_features.sequence else None})
@@ -228,6 +238,14 @@ def _tables(spec: JobSpec, unions: dict) -> dict[str, int]:
 
 def _estimate(union) -> int:
     return round(union.get_result().get_estimate())
+
+
+def without_evaluation_rows(block: pa.Table, split: RowSplit, normaliser: Normaliser) -> pa.Table:
+    """The block's raw values less its evaluation rows, decided as every other read decides them: on the key's
+    normalised values (a text key hashed to its int64 id)."""
+    key = split.evaluation_key
+    keys = normalise(block.select([key]), normaliser).column(key)
+    return block.filter(pa.array(~evaluation_mask(keys, split.evaluation_fraction)))
 
 
 def sketch_block(block: pa.Table, kinds: dict[str, list[str]], delimiter: str | None = None) -> pa.Table:
