@@ -39,7 +39,8 @@ def _shrunk(name: str, out, **overrides) -> dict:
     raw["data"]["path"] = str(out / "clicks")
     raw["data"]["synthetic"] |= {"rows_per_day": 4000, "users": 300, "items": 1000, "categories": 10}
     raw["output"]["root"] = str(out / "runs")
-    raw["train"] |= {"epochs": 1, "batch_size": 256}
+    # One worker: a training call's fixed cost is less (test_job covers two workers under ZeRO 2)
+    raw["train"] |= {"epochs": 1, "batch_size": 256, "num_workers": 1, "cpus_per_worker": 1, "zero_stage": 0}
     raw["label"] |= {"batch_size": 1024, "shard_rows": 2000}
     for key, value in overrides.items():
         section, _, field = key.partition(".")
