@@ -152,9 +152,14 @@ def _arithmetic_right_shift(values, shift: int):
     """int64 `values >> shift` (arithmetic, as torch computes it) in two ONNX ops instead of the exporter's seven
     (ONNX's BitShift is unsigned-only, so it emulates the sign with Less, Cast, BitShift, Or, Cast, Cast, Where):
     clearing the low `shift` bits leaves floor(values / 2**shift) * 2**shift in two's complement, which an
-    integer Div then divides exactly. The id hash's mixing step does one of these per id."""
+    integer Div then divides exactly. The id hash's mixing step does one of these per id. Other dtypes and
+    shifts (a plug-in model's) take the exporter's own translation."""
+    import onnx_ir as ir
     from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.core import aten_bitwise_right_shift_tensor_scalar
 
+    if values.dtype != ir.DataType.INT64 or not isinstance(shift, int) or not 0 < shift < 63:
+        return aten_bitwise_right_shift_tensor_scalar(values, shift)
     return op.Div(op.BitwiseAnd(values, op.Constant(value_int=-(1 << shift))), op.Constant(value_int=1 << shift))
 
 

@@ -116,6 +116,31 @@ def test_the_id_hash_in_the_graph_is_torchs_on_extreme_ids(world):
     assert np.abs(logits - eager).max() <= TOLERANCE["onnx"] * max(1.0, np.abs(eager).max())
 
 
+def test_other_shifts_keep_the_exporters_translation():
+    """A plug-in's int32 shift, or an int64 shift by 63, is not the hash's: it is exported as the exporter
+    translates it, with the same values as torch's."""
+    import warnings
+
+    import onnxruntime as ort
+
+    from pipeline.export import OPSET, _arithmetic_right_shift
+
+    class Shifts(torch.nn.Module):
+        def forward(self, ids):
+            return (ids >> 29) + (ids >> 63) + (ids.to(torch.int32) >> 3).to(torch.int64)
+
+    ids = torch.cat([torch.randint(-2**62, 2**62, (300, 4)), torch.tensor([[-2**63, 2**63 - 1, -1, 0]])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Shifts(), (ids,), dynamo=True, opset_version=OPSET, verbose=False,
+                                    custom_translation_table={torch.ops.aten.__rshift__.Scalar: _arithmetic_right_shift})
+    ops = [node.op_type for node in program.model_proto.graph.node]
+    assert ops.count("Where") == 2 and ops.count("Div") == 1  # two emulated shifts, one by the hash's ops
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    np.testing.assert_array_equal(out, Shifts()(ids).numpy())
+
+
 @pytest.mark.parametrize("family", ["mlp", "deepfm"])
 def test_missing_indicators_export_with_parity_and_a_nan_in_the_signature(world, family):
     """A model with missing indicators fills and flags missing dense values inside the graph: the exports
