@@ -38,7 +38,8 @@ test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The long fault tests `make test` leaves out: 30 nightly cycles killed at random points (tests/test_soak.py;
-# SOAK_NIGHTS=N for a bounded run) and nodes lost on a multi-node cluster (tests/test_node_loss.py).
+# SOAK_NIGHTS=N for a bounded run), nodes lost on a multi-node cluster (tests/test_node_loss.py) and a teacher
+# search on one (tests/test_cluster_search.py).
 SOAK_NIGHTS ?= 30
 soak: setup
 	DISTILL_SOAK_NIGHTS=$(SOAK_NIGHTS) $(BIN)/python -m pytest -m soak -s $(PYTEST_ARGS)
