@@ -228,7 +228,8 @@ class JobsCluster:
         for node in self.nodes:  # `ray start --block` shuts its node down on SIGTERM
             with _suppress_gone(psutil):
                 os.kill(node.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(list(procs.values()), timeout=10)
+        # Raylets and GCS exit within a second or two; what lingers after that (agents, job drivers) is killed
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
         for proc in alive:
             with _suppress_gone(psutil):
                 proc.kill()
