@@ -163,6 +163,10 @@ def _arithmetic_right_shift(values, shift: int):
     return op.Div(op.BitwiseAnd(values, op.Constant(value_int=-(1 << shift))), op.Constant(value_int=1 << shift))
 
 
+# The exporter's translations this module replaces (`torch.onnx.export(custom_translation_table=...)`).
+SHIFT_TRANSLATION = {torch.ops.aten.__rshift__.Scalar: _arithmetic_right_shift}
+
+
 def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
     names = input_names(layout)
     with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript", "onnx_ir"):
@@ -170,8 +174,7 @@ def _onnx_bytes(wrapped: nn.Module, layout: FeatureLayout) -> bytes:
         program = torch.onnx.export(wrapped, example_inputs(layout), dynamo=True, opset_version=OPSET,
                                     input_names=list(names), output_names=["logit"], external_data=False,
                                     dynamic_shapes=(tuple({0: torch.export.Dim("batch")} for _ in names),),
-                                    verbose=False,
-                                    custom_translation_table={torch.ops.aten.__rshift__.Scalar: _arithmetic_right_shift})
+                                    verbose=False, custom_translation_table=SHIFT_TRANSLATION)
     return program.model_proto.SerializeToString()
 
 
@@ -265,8 +268,8 @@ def _fp16_embeddings(model):
         for slot, name in enumerate(node.input):
             readers.setdefault(name, set()).add((node.op_type, slot))
     # Embedding tables: 2-D fp32 initializers read only as a Gather's data (not, e.g., calibration knots).
-    tables = {init.name: init for init in model.graph.initializer
-              if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and readers.get(init.name) == {("Gather", 0)}}
+    tables = {init.name: init for init in model.graph.initializer if init.data_type == TensorProto.FLOAT
+              and len(init.dims) == 2 and readers.get(init.name) == {("Gather", 0)}}
     nodes = []
     for node in model.graph.node:
         nodes.append(node)

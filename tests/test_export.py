@@ -123,7 +123,7 @@ def test_other_shifts_keep_the_exporters_translation():
 
     import onnxruntime as ort
 
-    from pipeline.export import OPSET, _arithmetic_right_shift
+    from pipeline.export import OPSET, SHIFT_TRANSLATION
 
     class Shifts(torch.nn.Module):
         def forward(self, ids):
@@ -133,7 +133,7 @@ def test_other_shifts_keep_the_exporters_translation():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(Shifts(), (ids,), dynamo=True, opset_version=OPSET, verbose=False,
-                                    custom_translation_table={torch.ops.aten.__rshift__.Scalar: _arithmetic_right_shift})
+                                    custom_translation_table=SHIFT_TRANSLATION)
     ops = [node.op_type for node in program.model_proto.graph.node]
     assert ops.count("Where") == 2 and ops.count("Div") == 1  # two emulated shifts, one by the hash's ops
     session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -127,9 +127,9 @@ def _keep(exported: Exported, directory: str, parity: dict, name: str) -> dict:
 
 def _quantised(spec: JobSpec, name: str, fp32: Exported, fp32_logits: np.ndarray, rows: ParityRows,
                root: str) -> dict:
-    """The quantised-embedding variants of an ONNX export (`export.quantize`), each kept when it loses at most `max_quantized_auc_loss` AUC
-    against the fp32 export on the parity rows (a logit tolerance does not apply: it rounds on purpose). One
-    that loses more is reported and not kept; the fp32 export stands either way."""
+    """The quantised-embedding variants of an ONNX export (`export.quantize`), each kept when it loses at most
+    `max_quantized_auc_loss` AUC against the fp32 export on the parity rows (a logit tolerance does not apply: it
+    rounds on purpose). One that loses more is reported and not kept; the fp32 export stands either way."""
     results = {}
     for mode in spec.export.quantize:
         exported = Exported(model=quantize_embeddings(fp32.model, mode),
@@ -159,7 +159,8 @@ def _quantised_report(fp32: np.ndarray, quantised: np.ndarray, labels: np.ndarra
     return report | {"auc_fp32": before, "auc_quantized": after, "auc_loss": before - after,
                      "passed": bool(before - after <= max_loss),
                      "error": None if before - after <= max_loss else
-                     f"{mode.upper()} embeddings lose {before - after:.5f} AUC (> export.max_quantized_auc_loss {max_loss})"}
+                     f"{mode.upper()} embeddings lose {before - after:.5f} AUC "
+                     f"(> export.max_quantized_auc_loss {max_loss})"}
 
 
 def serving_speed(spec: JobSpec, checkpoints: dict[str, str], exports: dict[str, dict], rows: ParityRows) -> dict:

@@ -198,8 +198,8 @@ def _measure(spec: JobSpec, days) -> tuple[int, dict[str, ColumnProfile], dict[s
     read = list(dict.fromkeys([*names, *([held_out] if held_out else [])]))
     dataset = clicklogs.read_click_logs(log_source(spec), days, read)  # raw values: nulls not yet filled
     if held_out:
-        dataset = dataset.map_batches(without_evaluation_rows, batch_format="pyarrow", zero_copy_batch=True,
-                                      fn_kwargs={"split": RowSplit.from_spec(spec),
+        dataset = dataset.map_batches(without_evaluation_rows, batch_size=None, batch_format="pyarrow",
+                                      zero_copy_batch=True, fn_kwargs={"split": RowSplit.from_spec(spec),
                                                  "normaliser": Normaliser.from_spec(spec)})
     sketches = dataset.map_batches(sketch_block, batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
                                    fn_kwargs={"kinds": kinds, "delimiter": spec.log_features.sequence.delimiter
