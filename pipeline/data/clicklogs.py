@@ -98,7 +98,8 @@ def prepare_batch(batch, rules, fail: bool, quarantine_dir: str | None, normalis
 
 
 def read_click_logs(source: LogSource | str | dict, days: list[dt.date], columns: list[str], rules=None,
-                    fail: bool = True, quarantine_dir: str | None = None, normaliser: Normaliser | None = None):
+                    fail: bool = True, quarantine_dir: str | None = None, normaliser: Normaliser | None = None,
+                    task_cpus: float | None = None):
     """Streams the selected days as a Ray Dataset with only `columns`.
 
     Args:
@@ -106,18 +107,19 @@ def read_click_logs(source: LogSource | str | dict, days: list[dt.date], columns
             or stop the read when `fail`. None: no row checks. The checks run in the read tasks, so an
             actor pool downstream (the teacher) spends its time on the model alone.
         normaliser: string ids hashed, nulls filled (`pipeline.data.normalise`); None: raw values.
+        task_cpus: the CPUs each read task reserves (Ray Data's default, 1, when None).
     """
     source = LogSource.of(source)
     inputs = list(day_inputs(source, days).values())
     check_columns(inputs, columns, source)
     ragged = formats.RaggedRows(fail=fail, quarantine_dir=quarantine_dir)
     text_ids = normaliser.text_id_columns() if normaliser is not None else ()
-    dataset = formats.read_days(source, inputs, columns, ragged, text_ids)  # only `columns` are decoded
+    dataset = formats.read_days(source, inputs, columns, ragged, text_ids, task_cpus)  # only `columns` decoded
     if rules is not None or normaliser is not None:
         # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
         env = storage.worker_env() if quarantine_dir else {}
         extra = {"runtime_env": {"env_vars": env}} if env else {}
         dataset = dataset.map_batches(prepare_batch, batch_format="pyarrow", zero_copy_batch=True,
-                                      fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir,
+                                      num_cpus=task_cpus, fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir,
                                                  "normaliser": normaliser}, **extra)
     return dataset

@@ -144,11 +144,12 @@ def head(source: LogSource, uri: str, rows: int, ragged: RaggedRows | None = Non
 
 
 def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], rows: RaggedRows | None = None,
-              text_ids: tuple[str, ...] = ()):
+              text_ids: tuple[str, ...] = (), task_cpus: float | None = None):
     """The days' files as a lazy Ray Dataset of `columns` (one read task per file), time window applied.
 
     `text_ids`: the id columns (or a sequence of ids) the read will hash when they hold text; Parquet gives
     those as dictionaries (`dictionary_paths`), so each row group's distinct ids are hashed once.
+    `task_cpus`: the CPUs each read task reserves (Ray Data's default, 1, when None).
     """
     import ray.data
 
@@ -164,7 +165,7 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
         with runtime.parquet_reader_v1():  # one read task per file: see clicklogs.read_named_files
             dataset = ray.data.read_parquet(paths, filesystem=filesystem, override_num_blocks=len(paths),
                                             columns=wanted, dataset_kwargs={"read_dictionary": dictionaries}
-                                            if dictionaries else None)
+                                            if dictionaries else None, num_cpus=task_cpus)
         # A flat log's time window goes into the scan (Ray Data's predicate pushdown): row groups outside it
         # are not read.
         if time is not None and files:
@@ -173,9 +174,9 @@ def read_days(source: LogSource, inputs: list[DayInput], columns: list[str], row
                 dataset = dataset.filter(expr=pushdown)
     else:
         dataset = ray.data.read_csv(paths, filesystem=filesystem, override_num_blocks=len(paths),
-                                    file_extensions=None, **csv_options(source, wanted, rows))
+                                    file_extensions=None, num_cpus=task_cpus, **csv_options(source, wanted, rows))
     if time is not None:
-        dataset = dataset.map_batches(keep_days, batch_format="pyarrow", zero_copy_batch=True,
+        dataset = dataset.map_batches(keep_days, batch_format="pyarrow", zero_copy_batch=True, num_cpus=task_cpus,
                                       fn_kwargs={"time": time, "days": days, "columns": columns})
     return dataset
 

@@ -99,13 +99,15 @@ def generate(spec: JobSpec, days: list[dt.date] | None = None) -> list[str]:
     return paths
 
 
-def read_window(spec: JobSpec, days: list[dt.date], columns: list[str], quarantine_dir: str | None = None):
+def read_window(spec: JobSpec, days: list[dt.date], columns: list[str], quarantine_dir: str | None = None,
+                task_cpus: float | None = None):
     """The days' click logs as a lazy Ray Dataset of `columns`, with the spec's row checks in the read tasks:
-    a bad row stops the read (`on_bad_rows: fail`), or is dropped (and written to `quarantine_dir`)."""
+    a bad row stops the read (`on_bad_rows: fail`), or is dropped (and written to `quarantine_dir`).
+    `task_cpus`: what each read task reserves (Ray Data's default, 1, when None)."""
     fail = spec.data.on_bad_rows == "fail"
     return clicklogs.read_click_logs(log_source(spec), days, columns, rules=validate.RowRules.from_spec(spec),
                                      fail=fail, quarantine_dir=None if fail else quarantine_dir,
-                                     normaliser=Normaliser.from_spec(spec))
+                                     normaliser=Normaliser.from_spec(spec), task_cpus=task_cpus)
 
 
 def sample_rows(spec: JobSpec, days: list[dt.date], columns: list[str], rows: int):

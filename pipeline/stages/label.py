@@ -241,11 +241,12 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
         shards.write_manifest(day_dir, manifest)
         return manifest
     labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir, exported)
+    write_remote_args = {"num_cpus": io_task_cpus(spec)} if io_task_cpus(spec) else None
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
         try:
             labelled.write_parquet(data_path, filesystem=filesystem, min_rows_per_file=spec.label.shard_rows,
-                                   max_rows_per_file=spec.label.shard_rows)
+                                   max_rows_per_file=spec.label.shard_rows, ray_remote_args=write_remote_args)
         except Exception as exc:  # a full disk or lost permissions, deep inside a Ray write task
             if (error := storage.write_error(exc, storage.join(day_dir, "data"))) is not None:
                 raise error from None  # the day has no manifest: a rerun redoes it
@@ -270,7 +271,7 @@ def labelling_dataset(spec, day: dt.date, columns: list[str], teacher: TeacherId
                       exported: dict[str, str] | None = None):
     """One day's labelling as a lazy Ray Dataset: the Parquet read with the row checks fused into its tasks
     (bad rows quarantined, or the stage stopped), then the teacher actor pool."""
-    dataset = read_window(spec, [day], columns, quarantine_dir=quarantine_dir)
+    dataset = read_window(spec, [day], columns, quarantine_dir=quarantine_dir, task_cpus=io_task_cpus(spec))
     if spec.label.runtime == "onnxruntime" and exported is None:
         exported = teachers_for_onnxruntime(spec, teacher, [day])
     return map_with_teachers(dataset, spec, predictor_options(spec, teacher, exported))
@@ -283,6 +284,18 @@ def map_with_teachers(dataset, spec, predictor_kwargs: dict):
         # parameter for them yet; the pinned Ray accepts them, and a Ray upgrade runs the plan test.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return dataset.map_batches(TeacherPredictor, **pool_options(spec, predictor_kwargs))
+
+
+def io_task_cpus(spec) -> float | None:
+    """The CPUs each read and write task of the label stage reserves: half a CPU beside an ONNX Runtime
+    teacher, Ray Data's default (None: 1) beside an eager one.
+
+    An ONNX Runtime teacher keeps its core about half busy (it runs twice as fast as eager), so the read and
+    write tasks, not the teacher, bound the stage; at one CPU each, a 2-CPU node beside one actor runs one task
+    at a time and the actor waits. At half a CPU two run beside it (bench/label_throughput.py --runtime
+    onnxruntime). An eager teacher keeps its core busy: there, more tasks beside it gained nothing.
+    """
+    return 0.5 if spec.label.runtime == "onnxruntime" else None
 
 
 def quarantine_root(day_dir: str) -> str:
