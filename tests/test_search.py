@@ -97,6 +97,40 @@ def test_the_trials_table_shows_settings_epochs_and_outcome():
     assert lines[4] == "| a_00002 | 0.1 | 16 | 0 of 3 |  | failed: ValueError: a \\| b |"
 
 
+def _decisions(scheduler, runs: dict[str, list[float]]) -> dict[str, list[str]]:
+    """The scheduler's answer to each epoch's validation AUC of each trial, the trials' epochs interleaved."""
+    from types import SimpleNamespace
+
+    scheduler.set_search_properties("val_auc", "max")
+    trials = {name: SimpleNamespace(trial_id=name) for name in runs}
+    for trial in trials.values():
+        scheduler.on_trial_add(None, trial)
+    answers = {name: [] for name in runs}
+    for epoch in range(len(next(iter(runs.values())))):
+        for name, aucs in runs.items():
+            if "STOP" not in answers[name]:
+                answers[name].append(scheduler.on_trial_result(None, trials[name], {"epoch": epoch + 1,
+                                                                                    "val_auc": aucs[epoch]}))
+    return answers
+
+
+@pytest.mark.parametrize("epochs, grace", [(4, 1), (2, 2), (3, 1)])
+def test_a_trial_is_never_stopped_at_its_last_epoch(epochs, grace):
+    """ASHA decides at grace * 4^k epochs: a decision at the last epoch would throw away a trained model and
+    call the trial stopped early (it did with 4 epochs and grace 1, or grace = epochs). A trial better at the
+    first rung and worse at the end trains to its end; one worse at the first rung (before the end) stops."""
+    from pipeline.stages.search import _scheduler
+
+    late_loser = [0.71] + [0.72] * (epochs - 2) + [0.75]
+    winner = [0.70] + [0.72] * (epochs - 2) + [0.80]
+    answers = _decisions(_scheduler(epochs, grace), {"winner": winner, "late_loser": late_loser})
+    assert answers["late_loser"] == ["CONTINUE"] * epochs and answers["winner"] == ["CONTINUE"] * epochs
+    if grace < epochs:  # ASHA still stops a trial behind at its grace epoch
+        early_loser = [0.60] + [0.61] * (epochs - 1)
+        answers = _decisions(_scheduler(epochs, grace), {"winner": winner, "early_loser": early_loser})
+        assert answers["early_loser"] == ["STOP"] and answers["winner"] == ["CONTINUE"] * epochs
+
+
 @pytest.mark.ray
 def test_asha_stops_the_bad_trials_and_the_best_trial_is_the_teacher(ray_cluster, tiny_spec_dict, click_logs,
                                                                      capsys):

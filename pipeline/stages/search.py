@@ -125,7 +125,6 @@ def _decoded(config: dict) -> dict:
 def _run_tuner(plan: SearchPlan):
     """Runs the trials; Tune's ResultGrid."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     search, spec = plan.teacher.search, plan.spec
@@ -143,14 +142,28 @@ def _run_tuner(plan: SearchPlan):
             search_alg=BasicVariantGenerator(points_to_evaluate=[_as_written(spec, plan.teacher)],
                                              max_concurrent=_concurrency(spec.train, search.max_concurrent_trials),
                                              random_state=spec.train.seed),
-            # A trial that reaches max_t ends by itself, after exporting its model: ASHA must not stop it there.
-            scheduler=ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=search.grace_epochs,
-                                    stop_last_trials=False)),
+            scheduler=_scheduler(epochs, search.grace_epochs)),
         # Ray Train keeps each trial's checkpoints; Tune saves none (a class trainable would at its end).
         run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem,
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False), verbose=1),
     )
     return tuner.fit()
+
+
+def _scheduler(epochs: int, grace_epochs: int):
+    """ASHA on the validation metric, deciding only before a trial's last epoch; FIFO when no epoch is left
+    to decide on (grace_epochs = epochs).
+
+    ASHA decides at rungs grace * 4^k up to its max_t, and with max_t = epochs a rung can fall on the last
+    epoch: a trial that trained every epoch was stopped there, before it saved its model, and was reported as
+    stopped early. With max_t = epochs - 1 the last rung is at most one epoch short of the end, and a trial
+    past every rung runs to its end (stop_last_trials=False), where it ends by itself after saving its model.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if grace_epochs >= epochs:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="epoch", max_t=epochs - 1, grace_period=grace_epochs, stop_last_trials=False)
 
 
 def _concurrency(train: TrainSpec, wanted: int) -> int:
