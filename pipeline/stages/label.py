@@ -241,7 +241,8 @@ def _label_partition(spec, day: dt.date, day_dir: str, columns: list[str], *, te
         shards.write_manifest(day_dir, manifest)
         return manifest
     labelled = labelling_dataset(spec, day, columns, teacher, quarantine_dir, exported)
-    write_remote_args = {"num_cpus": io_task_cpus(spec)} if io_task_cpus(spec) else None
+    task_cpus = io_task_cpus(spec)
+    write_remote_args = {"num_cpus": task_cpus} if task_cpus else None
     (data_path,), filesystem = storage.arrow_paths([storage.join(day_dir, "data")])
     with bad_rows_located(spec, [day], columns):
         try:
