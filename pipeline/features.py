@@ -93,8 +93,10 @@ def _sequence(column: pa.ChunkedArray, length: int) -> np.ndarray:
     values = pc.list_flatten(array).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     if (lengths == length).all():  # the common case: fixed-length histories, one reshape
         return values.reshape(len(column), length) if len(column) else out
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    for row, (start, count) in enumerate(zip(starts, lengths)):  # ragged fallback
-        take = min(count, length)
-        out[row, :take] = values[start : start + take]
+    # Ragged: each row's first min(count, length) ids, placed by index arrays rather than a loop over rows.
+    starts = np.cumsum(lengths) - lengths  # (B,) where each row's ids begin in `values`
+    taken = np.minimum(lengths, length)
+    rows = np.repeat(np.arange(len(column)), taken)
+    positions = np.arange(taken.sum()) - np.repeat(np.cumsum(taken) - taken, taken)  # 0.. within each row
+    out[rows, positions] = values[np.repeat(starts, taken) + positions]
     return out

@@ -36,6 +36,16 @@ def test_table_to_inputs_shapes_and_padding():
     assert inputs["sequence"].tolist()[0] == [1, 2, 3]
 
 
+def test_ragged_histories_are_truncated_or_padded_row_by_row():
+    lists = [[1, 2, 3, 4, 5], [], None, [7, None, 8], [9], [10, 11, 12]]  # longer, empty, null, null id, short
+    column = pa.chunked_array([pa.array(lists[:2], pa.list_(pa.int64())), pa.array(lists[2:], pa.list_(pa.int64()))])
+    layout = FeatureLayout(categorical=(), dense=(), sequence="hist", sequence_length=3)
+    expected = [[1, 2, 3], [0, 0, 0], [0, 0, 0], [7, 0, 8], [9, 0, 0], [10, 11, 12]]
+    assert table_to_inputs(pa.table({"hist": column}), layout)["sequence"].tolist() == expected
+    sliced = pa.table({"hist": column}).slice(3, 2)  # an Arrow slice: offsets into the parent's values
+    assert table_to_inputs(sliced, layout)["sequence"].tolist() == expected[3:5]
+
+
 def test_hashing_stays_in_range_for_any_id():
     ids = torch.tensor([0, 1, -7, 2**62, 10**18, -(2**63)])
     buckets = hash_ids(ids, 97)
