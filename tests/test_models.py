@@ -176,6 +176,25 @@ def test_deepfm_logit_is_first_order_plus_pairwise_interactions_plus_deep():
         assert torch.allclose(model(inputs), first + pairwise + deep, atol=1e-6)
 
 
+def test_mean_pooling_averages_the_real_history_items_and_their_gradients_only():
+    torch.manual_seed(0)
+    model = build_model(_config("mlp", sequence_pooling="mean"), LAYOUT)
+    inputs = table_to_inputs(_table(4), LAYOUT)
+    inputs["sequence"][1] = 0  # a row of padding only pools to zeros
+    inputs["sequence"][2] = torch.tensor([0, 7, 0])  # padding before and after a real item
+    padding_row = int(hash_ids(torch.tensor(0), 64)) + 64  # where id 0 lands in the item table
+    with torch.no_grad():
+        model.encoder.embedding.weight[padding_row] = 1000.0  # a padded slot that counted would show
+    pooled = model.encoder.embed(inputs)[:, -1]  # (B, dim)
+    rows = hash_ids(inputs["sequence"], 64) + 64
+    weight = model.encoder.embedding.weight
+    expected = torch.stack([weight[rows[0]].mean(0), torch.zeros(4), weight[rows[2, 1]], weight[rows[3, 0]]])
+    assert torch.allclose(pooled, expected, atol=1e-4)  # 1e-4: 1000s cancel in float32
+    grad, = torch.autograd.grad(pooled.sum(), weight)
+    assert float(grad[padding_row].abs().max()) < 1e-6  # id 0 is no item: it learns nothing
+    assert torch.allclose(grad[rows[2, 1]], torch.ones(4))  # the lone real item of row 2 gets all of it
+
+
 @pytest.mark.parametrize("pooling", ["mean", "attention"])
 def test_bst_ignores_padded_history_positions(pooling):
     torch.manual_seed(0)

@@ -44,6 +44,7 @@ def _encoder(config: ModelConfig, layout: FeatureLayout, with_sequence: bool = T
         pooling=config.sequence_pooling,
         missing_indicators=layout.missing_indicators,
         dense_fill=layout.dense_fill,
+        sequence_length=layout.sequence_length,
     )
 
 
