@@ -74,15 +74,22 @@ class FeatureEncoder(nn.Module):
         self.output_dim = self.num_vectors * dim + self.dense_dim
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.embed(inputs).flatten(1), self.dense(inputs)], dim=1)  # (B, output_dim)
+        """(B, output_dim): embed(inputs).flatten(1), then the dense values, joined in one concatenation (each op
+        is a fixed cost of a served call at batch 1)."""
+        fields, pooled = self._vectors(inputs)
+        return torch.cat([fields.flatten(1), *([] if pooled is None else [pooled]), self.dense(inputs)], dim=1)
 
     def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, num_vectors, dim): one vector per field, then the pooled sequence (if any) as one more."""
-        fields = self.embedding(hash_ids(inputs["categorical"], self.sizes) + self.offsets)  # (B, F, dim)
+        fields, pooled = self._vectors(inputs)
+        return fields if pooled is None else torch.cat([fields, pooled.unsqueeze(1)], dim=1)
+
+    def _vectors(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, F, dim) field vectors, and the (B, dim) pooled sequence or None."""
+        fields = self.embedding(hash_ids(inputs["categorical"], self.sizes) + self.offsets)
         if self.sequence_field < 0:
-            return fields
-        pooled = self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field])  # (B, dim)
-        return torch.cat([fields, pooled.unsqueeze(1)], dim=1)
+            return fields, None
+        return fields, self._pool_sequence(inputs["sequence"], fields[:, self.sequence_field])
 
     def dense(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, D) transformed dense values, or (B, 2D) with each missing (NaN) value's 0/1 indicator after them."""
