@@ -14,13 +14,16 @@ import dataclasses
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from pipeline import storage
 from pipeline.features import FeatureLayout, table_to_inputs
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "_MANIFEST.json"
 FORMAT_VERSION = 1
@@ -253,6 +256,8 @@ class ShardCollate:
         self.targets = targets.columns if targets else []
 
     def __call__(self, batch) -> dict[str, torch.Tensor]:
+        import torch  # here, not at the top: the label stage's ONNX Runtime actors import this module without torch
+
         tensors = table_to_inputs(batch, self.layout)
         label = batch.column(self.label).to_numpy()
         tensors["label"] = torch.from_numpy(label.astype("int64" if self.task == "multiclass" else "float32"))
@@ -269,6 +274,8 @@ class ShardCollate:
 
 def _matrix(column, dtype: str) -> torch.Tensor:
     """A list column whose rows all have the same length -> (B, K) tensor, without per-row Python."""
+    import torch
+
     rows = len(column)
     values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(dtype)
     return torch.from_numpy(values.reshape(rows, -1) if rows else values.reshape(0, 0))

@@ -175,3 +175,28 @@ def test_onnxruntime_teacher_labels_every_row_as_the_eager_one_does(labelled_set
 
     assert export_for_labelling(ort_spec, "teacher", teacher, []) == str(export)  # same teacher: reused as is
     assert (export / "model.onnx").stat().st_mtime_ns == written
+    _an_onnxruntime_actor_runs_without_torch(export, onnx.slice(0, 300), tmp_path)
+
+
+def _an_onnxruntime_actor_runs_without_torch(export, labelled, tmp_path) -> None:
+    """The actor's code in a process where importing torch fails: the same logits as the stage wrote."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    rows = tmp_path / "rows.parquet"
+    pq.write_table(labelled.drop_columns(["teacher_logit"]), rows)
+    script = ("import sys\nclass _NoTorch:\n    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'torch' or name.startswith('torch.'):\n"
+              "            raise ImportError('torch is blocked in this process')\n"
+              "sys.meta_path.insert(0, _NoTorch())\n"
+              "import pyarrow.parquet as pq\nfrom pipeline.stages.label import TeacherPredictor\n"
+              "actor = TeacherPredictor({'teacher_logit': sys.argv[1]}, runtime='onnxruntime')\n"
+              "pq.write_table(actor(pq.read_table(sys.argv[2])), sys.argv[3])\n")
+    out = tmp_path / "out.parquet"
+    proc = subprocess.run([sys.executable, "-c", script, str(export), str(rows), str(out)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got, want = pq.read_table(out).column("teacher_logit").to_numpy(), labelled.column("teacher_logit").to_numpy()
+    assert len(got) == 300 and np.array_equal(got, want)

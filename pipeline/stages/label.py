@@ -16,19 +16,21 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline import shards, storage
 from pipeline.data import clicklogs
 from pipeline.errors import DataError, UserError
 from pipeline.features import FeatureLayout, table_to_arrays, table_to_inputs
-from pipeline.models import load_model
 from pipeline.serving import OnnxModel, read_signature
 from pipeline.shards import Manifest, ShardSet, TeacherIdentity, TeacherMember
 from pipeline.stages.click_logs import bad_rows_located, log_source, read_window
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +50,26 @@ class TeacherPredictor:
                  device: str = "cpu", keep_columns: list[str] | None = None, combine: Ensemble | None = None,
                  hidden: str | None = None, top_k: int | None = None, precision: str = "fp32",
                  runtime: str = "torch"):
-        torch.set_num_threads(max(1, threads))
-        self.device = torch.device(device)
         # Each model's own inputs: a teacher with extra features reads columns the students do not.
         self.models, self.onnx, self.layouts = {}, {}, {}
-        for column, path in checkpoints.items():
-            if runtime == "onnxruntime":  # `path` is an export directory (pipeline/stages/export.py)
+        self.logit_dtype = np.dtype(logit_dtype)
+        self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
+        if runtime == "onnxruntime":  # each path is an export directory (pipeline/stages/export.py)
+            # No torch here: an ONNX Runtime teacher needs none, and importing it cost each day's new actor 0.9 CPU-s.
+            for column, path in checkpoints.items():
                 signature = read_signature(path)
                 self.onnx[column] = OnnxModel(storage.join(path, signature.file), threads=max(1, threads))
                 self.layouts[column] = signature.feature_layout
-                continue
+            return
+        import torch
+
+        from pipeline.models import load_model
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device(device)
+        for column, path in checkpoints.items():
             model, _, self.layouts[column] = load_model(path)
             self.models[column] = model.to(self.device)
-        self.logit_dtype = np.dtype(logit_dtype)
-        self.keep_columns, self.combine, self.hidden, self.top_k = keep_columns, combine, hidden, top_k
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -86,6 +94,8 @@ class TeacherPredictor:
         return {column: model(arrays[self.layouts[column]]) for column, model in self.onnx.items()}
 
     def _predict(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        import torch
+
         outputs = {}
         tensors = {layout: self._tensors(batch, layout) for layout in set(self.layouts.values())}  # one per layout
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
