@@ -10,6 +10,8 @@ ids hashed by `pipeline.data.ids.hash_string_ids`, a null id as `MISSING_ID`, a 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import logging
 import os
@@ -17,6 +19,7 @@ import re
 import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,10 +140,23 @@ def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, f
                 for name in input_names(layout)],
         output={"name": "logit", "dtype": "float32", "shape": ["batch"] if config.out_dim == 1
                 else ["batch", config.out_dim]},
-        about=about | {"torch": torch.__version__, **({"opset": OPSET} if fmt == "onnx" else {})},
+        about=about | {"torch": torch.__version__, "graph_code": graph_code_fingerprint(),
+                       **({"opset": OPSET} if fmt == "onnx" else {})},
         calibration=calibration,
     )
     return Exported(model=data, signature=signature)
+
+
+@functools.cache
+def graph_code_fingerprint() -> str:
+    """A hash of the code an exported graph is built from (this module and `pipeline/models`), recorded in the
+    signature: an export kept for reuse is made again when that code changed (`stages.export.export_for_labelling`)."""
+    import pipeline.models
+
+    digest = hashlib.sha256()
+    for path in [Path(__file__), *sorted(Path(pipeline.models.__file__).parent.glob("*.py"))]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _shape(name: str, layout: FeatureLayout) -> list:

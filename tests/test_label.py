@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -175,6 +177,12 @@ def test_onnxruntime_teacher_labels_every_row_as_the_eager_one_does(labelled_set
 
     assert export_for_labelling(ort_spec, "teacher", teacher, []) == str(export)  # same teacher: reused as is
     assert (export / "model.onnx").stat().st_mtime_ns == written
+    signature = json.loads((export / "signature.json").read_text())
+    signature["about"]["graph_code"] = "0123456789abcdef"  # as an older pipeline's exporter would have made it
+    (export / "signature.json").write_text(json.dumps(signature))
+    export_for_labelling(ort_spec, "teacher", teacher, [])
+    assert (export / "model.onnx").stat().st_mtime_ns != written  # made again by this code
+    assert json.loads((export / "signature.json").read_text())["about"]["graph_code"] != "0123456789abcdef"
     _an_onnxruntime_actor_runs_without_torch(export, onnx.slice(0, 300), tmp_path)
 
 

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
@@ -23,7 +24,8 @@ from pipeline.data.split import RowSplit
 from pipeline.errors import ParityError, UserError
 from pipeline.calibration import Calibrator
 from pipeline.export import (Exported, calibrated, check_parity, eager_logits, eager_predictor, export_model,
-                             exported_predictor, quantize_embeddings, torch_threads, write_export)
+                             exported_predictor, graph_code_fingerprint, quantize_embeddings, torch_threads,
+                             write_export)
 from pipeline.features import FeatureLayout, table_to_arrays
 from pipeline.models import load_model
 from pipeline.serving import (MODEL_FILES, SIGNATURE, OnnxModel, column_kinds, describe_parity_failure,
@@ -284,10 +286,13 @@ def export_finished_run(run_dir: str, model: str | None = None, fmt: str | None 
 def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[dt.date]) -> str:
     """`label.runtime: onnxruntime`: the teacher exported to ONNX beside its checkpoint (`<name>-onnx/`), its
     logits within LABEL_TOLERANCE of the eager teacher's on the first rows of `days`; reused while the
-    checkpoint is the same. Returns the export directory. Raises ParityError."""
+    checkpoint, torch and the code that builds the graph are the same. Returns the export directory. Raises
+    ParityError."""
     directory, sha = checkpoint.removesuffix(".pt") + "-onnx", file_sha256(checkpoint)
     if storage.exists(storage.join(directory, SIGNATURE)) and storage.exists(storage.join(directory, MODEL_FILES["onnx"])):
-        if read_signature(directory).about.get("checkpoint_sha256") == sha:
+        made = read_signature(directory).about
+        if made.get("checkpoint_sha256") == sha and made.get("torch") == torch.__version__ \
+                and made.get("graph_code") == graph_code_fingerprint():
             return directory
     model, config, layout = load_model(checkpoint)
     rows = parity_rows(spec, layout, days=days)
