@@ -111,7 +111,7 @@ class FeatureEncoder(nn.Module):
         return self._mean_of_history(seq, history)
 
     def _mean_of_history(self, seq: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-        """(B, dim) mean of the vectors of the non-padding (id 0) positions; zeros for a row of padding only.
+        """(B, dim) mean of the vectors of the non-padding (id 0) positions; zeros (to rounding) for padding only.
 
         Computed as the sum over every position, minus the padding's share (id 0 always embeds to the same
         row), with the sum as one MatMul by L stacked (dim, dim) identities. The same numbers, to float rounding,
