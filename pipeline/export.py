@@ -140,7 +140,8 @@ def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, f
                 for name in input_names(layout)],
         output={"name": "logit", "dtype": "float32", "shape": ["batch"] if config.out_dim == 1
                 else ["batch", config.out_dim]},
-        about=about | {"torch": torch.__version__, "graph_code": graph_code_fingerprint(),
+        about=about | {"torch": torch.__version__, "graph_code": graph_code_fingerprint(config.factory),
+                       **({"factory": config.factory} if config.factory else {}),
                        **({"opset": OPSET} if fmt == "onnx" else {})},
         calibration=calibration,
     )
@@ -148,13 +149,23 @@ def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, f
 
 
 @functools.cache
-def graph_code_fingerprint() -> str:
-    """A hash of the code an exported graph is built from (this module and `pipeline/models`), recorded in the
-    signature: an export kept for reuse is made again when that code changed (`stages.export.export_for_labelling`)."""
+def graph_code_fingerprint(factory: str | None = None) -> str:
+    """A hash of the code an exported graph is built from (this module, `pipeline/models` and, for a `custom`
+    model, its factory's module), recorded in the signature: an export kept for reuse is made again when that
+    code changed (`stages.export.export_for_labelling`)."""
+    import importlib.util
+
     import pipeline.models
 
+    paths = [Path(__file__), *sorted(Path(pipeline.models.__file__).parent.glob("*.py"))]
+    if factory:
+        try:
+            spec = importlib.util.find_spec(factory.split(":")[0])
+        except (ImportError, ValueError):  # not importable here: the model could not be built either
+            spec = None
+        paths += [Path(spec.origin)] if spec and spec.origin else []
     digest = hashlib.sha256()
-    for path in [Path(__file__), *sorted(Path(pipeline.models.__file__).parent.glob("*.py"))]:
+    for path in paths:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

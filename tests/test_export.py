@@ -19,7 +19,7 @@ from pipeline import storage
 from pipeline.cli import main
 from pipeline.data.normalise import normalise
 from pipeline.errors import DataError, ParityError
-from pipeline.export import ExportError, TOLERANCE, export_model
+from pipeline.export import ExportError, TOLERANCE, export_model, graph_code_fingerprint
 from pipeline.features import FeatureLayout
 from pipeline.models import ModelConfig, build_model, save_model
 from pipeline.serving import SIGNATURE, check_log_schema, read_signature, score_log
@@ -87,6 +87,9 @@ def test_every_family_exports_with_parity(world, tmp_path, family):
         assert storage.exists(f"{results[fmt]['dir']}/{SIGNATURE}")
     assert json.loads(open(f"{results['onnx']['dir']}/parity.json").read())["max_abs_diff"] == \
         results["onnx"]["parity"]["max_abs_diff"]
+    about = read_signature(results["onnx"]["dir"]).about  # what decides whether a kept export is made again
+    assert about["graph_code"] == graph_code_fingerprint(FAMILIES[family].get("factory"))
+    assert (about["graph_code"] != graph_code_fingerprint()) == (family == "custom")  # the plug-in's code counts
 
 
 def test_the_id_hash_in_the_graph_is_torchs_on_extreme_ids(world):

@@ -292,7 +292,7 @@ def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[d
     if storage.exists(storage.join(directory, SIGNATURE)) and storage.exists(storage.join(directory, MODEL_FILES["onnx"])):
         made = read_signature(directory).about
         if made.get("checkpoint_sha256") == sha and made.get("torch") == torch.__version__ \
-                and made.get("graph_code") == graph_code_fingerprint():
+                and made.get("graph_code") == graph_code_fingerprint(made.get("factory")):
             return directory
     model, config, layout = load_model(checkpoint)
     rows = parity_rows(spec, layout, days=days)
