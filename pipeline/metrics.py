@@ -41,18 +41,26 @@ def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
 
 
 def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
-    """Group AUC: per-group AUC weighted by the group's impressions, over groups with both classes."""
-    labels, scores, groups = np.asarray(labels), np.asarray(scores), np.asarray(groups)
-    order = np.argsort(groups, kind="stable")
-    labels, scores, groups = labels[order], scores[order], groups[order]
-    boundaries = np.flatnonzero(groups[1:] != groups[:-1]) + 1
-    weighted, weight = 0.0, 0
-    for lab, sco in zip(np.split(labels, boundaries), np.split(scores, boundaries)):
-        value = auc(lab, sco)
-        if not np.isnan(value):
-            weighted += value * len(lab)
-            weight += len(lab)
-    return weighted / weight if weight else float("nan")
+    """Group AUC: per-group AUC weighted by the group's impressions, over groups with both classes; rows without
+    a group (null) are left out.
+
+    Every group at once: ranks within each group (pandas' grouped rank), then each group's Mann-Whitney U from
+    sums per group, with no Python loop over groups (an evaluation day can hold millions of users)."""
+    labels = np.asarray(labels).astype(bool)
+    codes = pd.factorize(np.asarray(groups))[0]  # (N,) group number, -1 for a null group
+    kept = codes >= 0
+    labels, codes, scores = labels[kept], codes[kept], np.asarray(scores)[kept]
+    ranks = pd.Series(scores).groupby(codes).rank(method="average").to_numpy()  # 1-based, within the group
+    rows = np.bincount(codes).astype(np.float64)
+    positives = np.bincount(codes, weights=labels, minlength=len(rows))
+    positive_ranks = np.bincount(codes, weights=ranks * labels, minlength=len(rows))
+    negatives = rows - positives
+    both = (positives > 0) & (negatives > 0)
+    if not both.any():
+        return float("nan")
+    p, n = positives[both], negatives[both]
+    aucs = (positive_ranks[both] - p * (p + 1) / 2) / (p * n)
+    return float((aucs * rows[both]).sum() / rows[both].sum())
 
 
 def calibration(labels: np.ndarray, probs: np.ndarray, bins: int = 10, strategy: str = "uniform") -> dict:

@@ -66,6 +66,21 @@ def test_gauc_on_a_hand_made_example():
     assert gauc(labels, scores, groups.astype(str)) == pytest.approx((1.0 * 3 + 0.25 * 4) / 7)  # string user ids
 
 
+def test_gauc_equals_the_impression_weighted_mean_of_each_groups_auc():
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 300, 20_000)
+    labels = rng.random(20_000) < 0.2
+    scores = np.round(rng.normal(size=20_000), 1)  # many ties inside groups
+    per_group = [(auc(labels[groups == g], scores[groups == g]), (groups == g).sum()) for g in np.unique(groups)]
+    kept = [(value, rows) for value, rows in per_group if not np.isnan(value)]
+    assert len(kept) > 250  # most groups have both classes, some do not
+    expected = sum(value * rows for value, rows in kept) / sum(rows for _, rows in kept)
+    assert gauc(labels, scores, groups) == pytest.approx(expected, abs=1e-12)
+    with_nulls = np.where(groups < 30, None, groups.astype(str)).astype(object)  # rows without a user
+    known = groups >= 30
+    assert gauc(labels, scores, with_nulls) == pytest.approx(gauc(labels[known], scores[known], groups[known]))
+
+
 def test_ece_on_a_hand_made_example():
     # 10 bins: bin 0 {0.05: no click} -> |0 - 0.05|; bin 1 {0.15: no, 0.12: click} -> |0.5 - 0.135| twice;
     # bin 8 {0.85: click} -> |1 - 0.85|; bin 9 {0.95: click} -> |1 - 0.95|.
