@@ -119,7 +119,7 @@ def read_click_logs(source: LogSource | str | dict, days: list[dt.date], columns
         # Quarantine files may go to S3: give the read tasks the endpoint, as the label actors get it.
         env = storage.worker_env() if quarantine_dir else {}
         extra = {"runtime_env": {"env_vars": env}} if env else {}
-        dataset = dataset.map_batches(prepare_batch, batch_format="pyarrow", zero_copy_batch=True,
-                                      num_cpus=task_cpus, fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir,
+        dataset = dataset.map_batches(prepare_batch, batch_format="pyarrow", zero_copy_batch=True, num_cpus=task_cpus,
+                                      fn_kwargs={"rules": rules, "fail": fail, "quarantine_dir": quarantine_dir,
                                                  "normaliser": normaliser}, **extra)
     return dataset
