@@ -140,12 +140,17 @@ def export_model(model: nn.Module, config: ModelConfig, layout: FeatureLayout, f
                 for name in input_names(layout)],
         output={"name": "logit", "dtype": "float32", "shape": ["batch"] if config.out_dim == 1
                 else ["batch", config.out_dim]},
-        about=about | {"torch": torch.__version__, "graph_code": graph_code_fingerprint(config.factory),
-                       **({"factory": config.factory} if config.factory else {}),
-                       **({"opset": OPSET} if fmt == "onnx" else {})},
+        about=(about | made_by(config.factory) | ({"factory": config.factory} if config.factory else {})
+               | ({"opset": OPSET} if fmt == "onnx" else {})),
         calibration=calibration,
     )
     return Exported(model=data, signature=signature)
+
+
+def made_by(factory: str | None = None) -> dict:
+    """What an export depends on besides the model's weights, as its signature's `about` records it: torch's
+    version and `graph_code_fingerprint`. An export whose `about` holds other values was made by other code."""
+    return {"torch": torch.__version__, "graph_code": graph_code_fingerprint(factory)}
 
 
 @functools.cache

@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from pipeline import storage
 from pipeline.data.normalise import Normaliser, normalise
@@ -24,8 +23,7 @@ from pipeline.data.split import RowSplit
 from pipeline.errors import ParityError, UserError
 from pipeline.calibration import Calibrator
 from pipeline.export import (Exported, calibrated, check_parity, eager_logits, eager_predictor, export_model,
-                             exported_predictor, graph_code_fingerprint, quantize_embeddings, torch_threads,
-                             write_export)
+                             exported_predictor, made_by, quantize_embeddings, torch_threads, write_export)
 from pipeline.features import FeatureLayout, table_to_arrays
 from pipeline.models import load_model
 from pipeline.serving import (MODEL_FILES, SIGNATURE, OnnxModel, column_kinds, describe_parity_failure,
@@ -290,9 +288,8 @@ def export_for_labelling(spec: JobSpec, name: str, checkpoint: str, days: list[d
     ParityError."""
     directory, sha = checkpoint.removesuffix(".pt") + "-onnx", file_sha256(checkpoint)
     if storage.exists(storage.join(directory, SIGNATURE)) and storage.exists(storage.join(directory, MODEL_FILES["onnx"])):
-        made = read_signature(directory).about
-        if made.get("checkpoint_sha256") == sha and made.get("torch") == torch.__version__ \
-                and made.get("graph_code") == graph_code_fingerprint(made.get("factory")):
+        about = read_signature(directory).about
+        if about.get("checkpoint_sha256") == sha and made_by(about.get("factory")).items() <= about.items():
             return directory
     model, config, layout = load_model(checkpoint)
     rows = parity_rows(spec, layout, days=days)
