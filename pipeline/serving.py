@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -267,6 +268,7 @@ def score_log(model_dir: str, log: str, out: str, *, threads: int = 1, batch_row
                         "(export one with `distill export RUN_DIR --format onnx`)")
     model = OnnxModel(storage.join(model_dir, signature.file), threads=threads)
     files = _log_files(log)
+    storage.check_writable(_folder_of(out), setting="--out")  # makes a missing folder; names an unwritable one
     fs, path = storage.filesystem(out)
     partial = f"{path}.partial"  # renamed to `out` once complete: a crash never leaves a short file there
     rows, writer = 0, None
@@ -284,6 +286,10 @@ def score_log(model_dir: str, log: str, out: str, *, threads: int = 1, batch_row
         raise DataError(f"{log} has no rows to score")
     fs.mv(partial, path)
     return {"rows": rows, "files": len(files), "out": out}
+
+
+def _folder_of(uri: str) -> str:
+    return uri.rsplit("/", 1)[0] if storage.is_remote(uri) else os.path.dirname(os.path.abspath(uri))
 
 
 def _log_files(log: str) -> list[str]:

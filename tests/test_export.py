@@ -383,6 +383,20 @@ def test_score_names_missing_and_mistyped_columns(world, exported_student, tmp_p
     check_log_schema(day.schema, signature, "ok")  # the evaluation day itself passes
 
 
+def test_score_makes_a_missing_out_folder_and_names_an_unwritable_one(world, exported_student, tmp_path, capsys):
+    spec, _, _ = world
+    log = str(tmp_path / "log.parquet")
+    pq.write_table(pq.read_table(f"{spec.data.path}/date=2026-11-03").slice(0, 50), log)
+    out = tmp_path / "new" / "folder" / "scored.parquet"
+    assert main(["score", str(exported_student), log, "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 50
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["score", str(exported_student), log, "--out", str(tmp_path / "a-file" / "scored.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "output directory" in err and "a-file is not writable" in err and "set --out" in err
+    assert "Traceback" not in err
+
+
 def test_parity_allows_an_auc_change_only_as_large_as_near_ties_explain():
     from pipeline.serving import parity_report
 
