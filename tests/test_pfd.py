@@ -170,3 +170,44 @@ def test_a_pfd_ensemble_job_end_to_end(ray_cluster, tiny_spec_dict):
     exported = export_finished_run(spec.run_dir, model="teacher_pfd", fmt="onnx")
     assert exported["onnx"]["parity"]["passed"]
     assert PRIVILEGED_COLUMN in read_signature(exported["onnx"]["dir"]).feature_layout.dense
+
+
+def test_a_teacher_only_history_labels_with_the_history_and_the_student_serves_without_it(tiny_spec_dict, tmp_path):
+    """jobs/demo_pfd.yaml's shape: only the teacher reads the click history. The teacher's logits change with the
+    history, the shards do not carry it, and the student's export neither asks for it nor needs it to score."""
+    from pipeline.export import eager_logits, export_model, write_export
+    from pipeline.features import table_to_arrays
+    from pipeline.serving import column_kinds, read_signature, score_log
+
+    tiny_spec_dict["teacher"]["extra_features"] = {"sequence": tiny_spec_dict["features"].pop("sequence")}
+    spec = parse_spec(tiny_spec_dict)
+    (day,) = generate_click_logs(spec.data.path, start_date=dt.date(2026, 11, 1), days=1, rows_per_day=300,
+                                 users=300, items=1000, categories=10, seq_len=5)
+    log = pq.read_table(f"{day}/part-00000.parquet")
+    layouts = {"teacher": FeatureLayout.from_spec(spec.teacher_features(spec.teacher[0])),
+               "student": FeatureLayout.from_spec(spec.features)}
+    assert layouts["teacher"].sequence == "hist_item_ids" and layouts["student"].sequence is None
+    configs = {"teacher": ModelConfig.from_section(spec.teacher[0]), "student": ModelConfig.from_section(spec.student)}
+    models = {role: build_model(configs[role], layouts[role]) for role in layouts}
+    teacher_path = str(tmp_path / "teacher.pt")
+    save_model(teacher_path, models["teacher"], configs["teacher"], layouts["teacher"])
+
+    labelled = TeacherPredictor({"teacher_logit": teacher_path}, keep_columns=label_columns(spec))(log)
+    assert "hist_item_ids" not in labelled.column_names and labelled.num_rows == log.num_rows
+    with_history = table_to_arrays(log, layouts["teacher"])
+    without = with_history | {"sequence": np.zeros_like(with_history["sequence"])}
+    np.testing.assert_allclose(labelled["teacher_logit"].to_numpy(), eager_logits(models["teacher"], with_history),
+                               atol=1e-5)
+    assert not np.allclose(eager_logits(models["teacher"], without), eager_logits(models["teacher"], with_history))
+
+    student = models["student"]
+    exported = export_model(student, configs["student"], layouts["student"], "onnx",
+                            raw_columns=column_kinds(log.schema, layouts["student"]), dense_fill=0.0,
+                            sequence_delimiter=None, about={"role": "student_distilled"})
+    model_dir = str(tmp_path / "student")
+    write_export(exported, model_dir)
+    assert [i["name"] for i in read_signature(model_dir).inputs] == ["categorical", "dense"]
+    pq.write_table(log.drop_columns(["hist_item_ids"]), tmp_path / "served.parquet")  # serving has no history
+    assert score_log(model_dir, str(tmp_path / "served.parquet"), str(tmp_path / "scored.parquet"))["rows"] == 300
+    scored = pq.read_table(tmp_path / "scored.parquet")["logit"].to_numpy()
+    np.testing.assert_allclose(scored, eager_logits(student, table_to_arrays(log, layouts["student"])), atol=1e-5)
