@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import itertools
+import json
 import os
 import platform
 import subprocess
@@ -118,34 +120,40 @@ def _generated_files(count: int, file_rows: int) -> list[Path]:
     return paths
 
 
-def demo_yaml() -> dict:
-    return yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+def demo_yaml(job: str = "demo") -> dict:
+    """A shipped job spec, `jobs/<job>.yaml`, as raw YAML (the demo's by default)."""
+    return yaml.safe_load((ROOT / "jobs" / f"{job}.yaml").read_text())
 
 
-def model_config(role: str):
-    """The `ModelConfig` of demo.yaml's `teacher` or `student` section, as the pipeline builds it."""
+def model_config(role: str, job: str = "demo"):
+    """The `ModelConfig` of a shipped job's `teacher` or `student` section, as the pipeline builds it."""
     from pipeline.models import ModelConfig
     from pipeline.spec import StudentSpec, TeacherSpec
 
-    section = (TeacherSpec if role == "teacher" else StudentSpec).model_validate(demo_yaml()[role])
+    section = (TeacherSpec if role == "teacher" else StudentSpec).model_validate(demo_yaml(job)[role])
     return ModelConfig.from_section(section)  # out_dim 1: a binary CTR logit
 
 
-def ensure_teacher(role: str = "teacher") -> str:
-    """An untrained model of the demo's `teacher` (or `student`) architecture, saved like a trained teacher:
-    weights do not change throughput."""
+def ensure_teacher(role: str = "teacher", job: str = "demo") -> str:
+    """An untrained model of a shipped job's `teacher` (or `student`) architecture reading the job's `features`,
+    saved like a trained teacher: weights do not change throughput. Cached under a name that changes with the
+    job's model section and features, so an edited spec builds a new one."""
     from pipeline.features import FeatureLayout
     from pipeline.models import build_model, save_model
     from pipeline.spec import FeaturesSpec
 
-    raw = demo_yaml()
-    config = model_config(role)
-    path = DATA / f"labeller-demo-{role}-{config.model}.pt"
+    raw = demo_yaml(job)
+    if (raw[role] or {}).get("extra_features"):
+        raise ValueError(f"jobs/{job}.yaml's {role} reads teacher-only columns, which this builder leaves out; "
+                         "time a teacher that reads them through `features` (jobs/demo.yaml's)")
+    config = model_config(role, job)
+    layout = FeatureLayout.from_spec(FeaturesSpec.model_validate(raw["features"]))
+    digest = hashlib.sha256(json.dumps([config.to_dict(), layout.to_dict()], sort_keys=True).encode()).hexdigest()
+    path = DATA / f"labeller-{job}-{role}-{config.model}-{digest[:8]}.pt"
     if not path.exists():
         import torch
 
         torch.manual_seed(0)
-        layout = FeatureLayout.from_spec(FeaturesSpec.model_validate(raw["features"]))
         save_model(str(path), build_model(config, layout), config, layout)
     return str(path)
 
