@@ -18,7 +18,7 @@ BENCH = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH / "results"
 RESULTS_MD = BENCH / "RESULTS.md"
 # The benchmarks, in RESULTS.md's order; a benchmark not listed here follows them, by name.
-ORDER = ("label_throughput", "label_throughput_onnxruntime", "train_throughput", "train_step_costs", "label_step_costs", "serving", "candidates", "memory", "memory_string_ids", "demo", "regularisation", "quality", "quality_pfd", "gpu_check")
+ORDER = ("label_throughput", "label_throughput_onnxruntime", "train_throughput", "train_step_costs", "label_step_costs", "serving", "candidates", "memory", "memory_string_ids", "demo", "regularisation", "quality", "quality_pfd", "student_history", "student_history_movielens", "gpu_check")
 HEADER = """# Benchmark results
 
 Current figures only: the newest run of each benchmark, with its date, command, machine and target.

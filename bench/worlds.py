@@ -89,9 +89,11 @@ def marketplace_world(root: Path, days: int = 4, rows_per_day: int = 50_000, see
     return _write_days(root / f"marketplace-{days}x{rows_per_day}-s{seed}", tables)
 
 
-def movielens_days(root: Path, ratings: Path, days: int = 5) -> dict[str, str]:
+def movielens_days(root: Path, ratings: Path, days: int = 5, history: int = 0) -> dict[str, str]:
     """{day: parquet path}: the ratings sorted by time and cut into `days` slices of equal size, with
-    `hour` and `weekday` of the rating and a row id; label = rating >= 4 (as shipped)."""
+    `hour` and `weekday` of the rating and a row id; label = rating >= 4 (as shipped). With `history`, also
+    `hist_movie_ids`: the movies the user rated just before, most recent first, 0 padding a user's first
+    ratings (a behaviour sequence made of real behaviour)."""
     table = pq.read_table(ratings).sort_by("timestamp")
     seconds = table.column("timestamp").to_numpy().astype(np.int64)
     when = seconds.astype("datetime64[s]")
@@ -99,8 +101,27 @@ def movielens_days(root: Path, ratings: Path, days: int = 5) -> dict[str, str]:
     table = table.append_column("hour", pa.array(((seconds // 3600) % 24).astype(np.int64)))
     table = table.append_column("weekday", pa.array(((when.astype("datetime64[D]").astype(np.int64) + 3) % 7)))
     table = table.drop_columns(["rating"])  # the label is made of it: never a feature
+    if history:
+        previous = previous_items(table.column("userId").to_numpy(), table.column("movieId").to_numpy(), history)
+        table = table.append_column("hist_movie_ids", pa.ListArray.from_arrays(
+            pa.array(np.arange(0, previous.size + 1, history, dtype=np.int32)), pa.array(previous.ravel())))
     bounds = np.linspace(0, len(table), days + 1).astype(int)
-    return _write_days(root / f"movielens-{days}", [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+    name = f"movielens-{days}" + (f"-history{history}" if history else "")
+    return _write_days(root / name, [table.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def previous_items(users: np.ndarray, items: np.ndarray, length: int) -> np.ndarray:
+    """(rows, length): for each row (rows in time order), the items of the same user's `length` rows before
+    it, the latest first; 0 where the user has fewer."""
+    order = np.lexsort((np.arange(len(users)), users))  # by user, then in time order
+    users, items = users[order], items[order]
+    previous = np.zeros((len(users), length), dtype=np.int64)
+    for back in range(1, length + 1):
+        same_user = users[back:] == users[:-back]
+        previous[back:, back - 1] = np.where(same_user, items[:-back], 0)
+    unsorted = np.empty_like(previous)
+    unsorted[order] = previous
+    return unsorted
 
 
 def criteo_with_ids(root: Path, train: Path, test: Path) -> dict[str, str]:
