@@ -120,7 +120,7 @@ def _generated_files(count: int, file_rows: int) -> list[Path]:
     return paths
 
 
-def demo_yaml(job: str = "demo") -> dict:
+def job_yaml(job: str = "demo") -> dict:
     """A shipped job spec, `jobs/<job>.yaml`, as raw YAML (the demo's by default)."""
     return yaml.safe_load((ROOT / "jobs" / f"{job}.yaml").read_text())
 
@@ -130,7 +130,7 @@ def model_config(role: str, job: str = "demo"):
     from pipeline.models import ModelConfig
     from pipeline.spec import StudentSpec, TeacherSpec
 
-    section = (TeacherSpec if role == "teacher" else StudentSpec).model_validate(demo_yaml(job)[role])
+    section = (TeacherSpec if role == "teacher" else StudentSpec).model_validate(job_yaml(job)[role])
     return ModelConfig.from_section(section)  # out_dim 1: a binary CTR logit
 
 
@@ -142,7 +142,7 @@ def ensure_teacher(role: str = "teacher", job: str = "demo") -> str:
     from pipeline.models import build_model, save_model
     from pipeline.spec import FeaturesSpec
 
-    raw = demo_yaml(job)
+    raw = job_yaml(job)
     if (raw[role] or {}).get("extra_features"):
         raise ValueError(f"jobs/{job}.yaml's {role} reads teacher-only columns, which this builder leaves out; "
                          "time a teacher that reads them through `features` (jobs/demo.yaml's)")
@@ -163,7 +163,7 @@ def bench_spec(data_path: Path, days: list[dt.date], run_root: Path, **sections)
     e.g. label={"batch_size": 8192}, ray={"object_store_memory_mb": 100}."""
     from pipeline.spec import parse_spec
 
-    raw = demo_yaml()
+    raw = job_yaml()
     raw["name"] = "bench"
     raw["distill"] = dict(BENCH_DISTILL)
     raw["data"] |= {"source": "parquet", "path": str(data_path),

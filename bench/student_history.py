@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import common
 import results as bench_results
 import worlds
+from pipeline.metrics import auc
 from pipeline.job import run_job
 from pipeline.serving import score_log
 from pipeline.spec import JobSpec, load_spec, parse_spec
@@ -67,7 +68,7 @@ def movielens_jobs(seed: int, scratch: Path) -> dict[str, JobSpec]:
             "train_days": {"start": days[0], "end": days[3]}, "eval_days": {"start": days[4], "end": days[4]}}
     jobs = {}
     for name in JOBS:
-        raw = common.demo_yaml("demo")
+        raw = common.job_yaml("demo")
         raw |= {"name": f"{name}-movielens-seed{seed}", "data": data, "output": {"root": str(scratch / "runs")},
                 "features": MOVIELENS_FEATURES | ({"sequence": MOVIELENS_HISTORY} if name == "demo" else {})}
         raw["train"]["seed"] = seed
@@ -104,10 +105,8 @@ def run_seed(data_set: str, seed: int, scratch: Path) -> dict:
                       "job_seconds": metrics["wall_seconds"]}
     labels, logits = shipped_logits(jobs, specs["demo"].features.label, scratch / "scored" / f"{data_set}{seed}")
     bootstrap = paired_bootstrap(labels, logits, BOOTSTRAP_ROUNDS, pairs={"pfd_minus_demo": ("demo_pfd", "demo")})
-    from pipeline import metrics as point
-
     return {"data": data_set, "seed": seed, "jobs": jobs, "eval_rows": len(labels), "eval_positives": int(labels.sum()),
-            "shipped_auc": {name: point.auc(labels, z) for name, z in logits.items()},
+            "shipped_auc": {name: auc(labels, z) for name, z in logits.items()},
             "shipped_pfd_minus_demo_ci": bootstrap["differences"]["pfd_minus_demo"],
             "seconds": round(time.perf_counter() - started, 1), "load_avg": [load_at_start, os.getloadavg()[0]]}
 

@@ -18,6 +18,7 @@ import datetime as dt
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -113,15 +114,8 @@ def movielens_days(root: Path, ratings: Path, days: int = 5, history: int = 0) -
 def previous_items(users: np.ndarray, items: np.ndarray, length: int) -> np.ndarray:
     """(rows, length): for each row (rows in time order), the items of the same user's `length` rows before
     it, the latest first; 0 where the user has fewer."""
-    order = np.lexsort((np.arange(len(users)), users))  # by user, then in time order
-    users, items = users[order], items[order]
-    previous = np.zeros((len(users), length), dtype=np.int64)
-    for back in range(1, length + 1):
-        same_user = users[back:] == users[:-back]
-        previous[back:, back - 1] = np.where(same_user, items[:-back], 0)
-    unsorted = np.empty_like(previous)
-    unsorted[order] = previous
-    return unsorted
+    by_user = pd.Series(items).groupby(users)  # a shift within each user keeps the rows' (time) order
+    return np.stack([by_user.shift(back).fillna(0).to_numpy(np.int64) for back in range(1, length + 1)], axis=1)
 
 
 def criteo_with_ids(root: Path, train: Path, test: Path) -> dict[str, str]:
